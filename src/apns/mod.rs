@@ -1,0 +1,2 @@
+//! Everything that speaks to APNs.
+pub mod frame;

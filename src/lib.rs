@@ -1,0 +1,3 @@
+//! apnsd: consumes push jobs from RabbitMQ and delivers them to APNs.
+pub mod apns;
+pub mod job;
