@@ -1,3 +1,23 @@
 //! apnsd: consumes push jobs from RabbitMQ and delivers them to APNs.
+//!
+//! The flow of one job, module by module:
+//!
+//! ```text
+//! [jobs queue] → pipeline (intake: job::Job::decode) → apns::pool (route by token)
+//!      → apns::lane (TLS socket, apns::frame, apns::window) → APNs
+//!      → apns::Outcome → pipeline (ledger, results::Event) → amqp::Publisher (confirms)
+//!      → ledger::AckPlanner → basic.ack
+//! feedback::Poller → pipeline → [results exchange]
+//! ```
+//!
+//! `daemon` wires it together with the configuration, signals and systemd;
+//! `simulator` is the APNs stand-in the tests and the quick start run against.
+pub mod amqp;
 pub mod apns;
+pub mod backoff;
+pub mod feedback;
 pub mod job;
+pub mod ledger;
+pub mod metrics;
+pub mod pipeline;
+pub mod results;

@@ -1,0 +1,483 @@
+//! One persistent TLS connection to the binary gateway, and the policy around
+//! it: coalesced writes, the settle window, resends ahead of new work, retries
+//! of transient statuses, reconnects with capped backoff.
+//!
+//! The lane owns its socket. A small reader task waits for the only thing the
+//! gateway ever writes (a 6-byte error response) or the close; the lane task
+//! writes, keeps the [`Window`] and turns its verdicts into [`Outcome`]s.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::frame::{self, ErrorResponse, Status, ERROR_RESPONSE_LEN};
+use super::window::{Kind, Verdict, Window};
+use super::{Failure, Notification, Outcome, Reason};
+use crate::backoff::Backoff;
+use crate::metrics::Stats;
+
+/// Coalesce up to this many bytes of frames into one write.
+const BATCH_BYTES: usize = 128 * 1024;
+/// After a failed write, how long to wait for the error response that probably
+/// explains it (the gateway writes it, then closes).
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// Where and as whom a lane connects. Swapped as a whole on reload: new
+/// connections use the new value, the current one keeps its identity.
+#[derive(Clone)]
+pub struct Target {
+    pub addr: String,
+    pub server_name: ServerName<'static>,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+/// Per-lane tuning, from the app's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub settle: Duration,
+    pub retain: Duration,
+    pub window: usize,
+    pub max_attempts: u8,
+    pub connect_timeout: Duration,
+    pub write_timeout: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+pub type Outcomes = mpsc::UnboundedSender<Vec<Outcome>>;
+
+pub struct Lane {
+    app: Arc<str>,
+    index: usize,
+    target: watch::Receiver<Arc<Target>>,
+    settings: Settings,
+    rx: mpsc::Receiver<Vec<Notification>>,
+    outcomes: Outcomes,
+    stats: Arc<Stats>,
+}
+
+/// What the reader saw.
+enum Answer {
+    Error(ErrorResponse),
+    Closed,
+    Garbage,
+    Failed(io::Error),
+}
+
+/// How a connection ended, for the reconnect policy.
+enum End {
+    /// The sender side closed and everything is final: the lane is done.
+    Drained,
+    /// The gateway answered or accepted something: it works, reconnect at once.
+    Healthy,
+    /// Closed, stalled or broken without progress: back off before reconnecting.
+    Broken,
+}
+
+impl Lane {
+    /// Starts a lane task. It ends once the returned sender is dropped and every
+    /// notification it was given has an outcome.
+    pub fn spawn(
+        app: Arc<str>,
+        index: usize,
+        target: watch::Receiver<Arc<Target>>,
+        settings: Settings,
+        outcomes: Outcomes,
+        stats: Arc<Stats>,
+    ) -> (mpsc::Sender<Vec<Notification>>, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(16);
+        let lane = Lane {
+            app,
+            index,
+            target,
+            settings,
+            rx,
+            outcomes,
+            stats,
+        };
+        (tx, tokio::spawn(lane.run()))
+    }
+
+    async fn run(mut self) {
+        let mut queue = VecDeque::new();
+        let mut backoff = Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max);
+        let mut rx_open = true;
+        let mut first = true;
+        loop {
+            // Connect eagerly once, then only when there is work: an idle lane
+            // holds no socket open against a gateway that closes idle ones.
+            if queue.is_empty() && !first {
+                match self.rx.recv().await {
+                    Some(batch) => queue.extend(batch),
+                    None => return,
+                }
+            }
+            first = false;
+            let target = self.target.borrow().clone();
+            let stream = match connect(&target, self.settings.connect_timeout).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    self.stats.connect_failures.inc();
+                    let delay = backoff.next_delay();
+                    tracing::warn!(app = %self.app, lane = self.index, addr = %target.addr,
+                        error = %e, retry_in = ?delay, "cannot connect to the gateway");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
+            tracing::debug!(app = %self.app, lane = self.index, addr = %target.addr, "connected");
+            self.stats.connections.inc();
+            self.stats.connections_up.add(1);
+            let end = self.connection(stream, &mut queue, &mut rx_open).await;
+            self.stats.connections_up.add(-1);
+            match end {
+                End::Drained => return,
+                End::Healthy => backoff.reset(),
+                End::Broken => {
+                    let delay = backoff.next_delay();
+                    tracing::debug!(app = %self.app, lane = self.index, retry_in = ?delay, "reconnecting after backoff");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+            if !rx_open && queue.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Drives one connection until it ends; every notification written on it
+    /// has a verdict by then.
+    async fn connection(
+        &mut self,
+        stream: TlsStream<TcpStream>,
+        queue: &mut VecDeque<Notification>,
+        rx_open: &mut bool,
+    ) -> End {
+        let s = self.settings;
+        let (rd, mut wr) = tokio::io::split(stream);
+        let mut reader = tokio::spawn(read_answer(rd));
+        let mut window = Window::new(s.settle, s.retain, s.window);
+        let mut verdicts = Vec::new();
+        let mut out: Vec<u8> = Vec::with_capacity(BATCH_BYTES + frame::MAX_FRAME_BODY + 5);
+        let mut written = 0usize;
+        let mut flushing = false;
+        let mut in_batch = 0u64;
+        let mut write_started: Option<Instant> = None;
+        let mut next_id: u32 = 1;
+        let mut accepted_any = false;
+
+        let end = loop {
+            if out.is_empty() {
+                in_batch = self.fill(queue, &mut window, &mut next_id, &mut out, rx_open);
+                if !out.is_empty() {
+                    write_started = Some(Instant::now());
+                }
+            }
+            if out.is_empty() && !*rx_open && queue.is_empty() && window.is_empty() {
+                let _ = wr.shutdown().await;
+                break End::Drained;
+            }
+            if next_id > u32::MAX - 1024 && out.is_empty() && window.is_empty() {
+                // Identifiers are about to wrap: start a fresh connection cleanly.
+                break End::Healthy;
+            }
+            // A write that cannot make progress means what was written before it
+            // may still sit in buffers, unread: do not let it settle meanwhile.
+            let stalled = write_started.is_some_and(|t| t.elapsed() > s.settle / 2);
+            let settle_at = window.next_deadline().filter(|_| !stalled);
+            let stall_at = write_started.map(|t| t + s.write_timeout);
+            let can_take = *rx_open
+                && out.is_empty()
+                && queue.is_empty()
+                && window.len() < s.window
+                && next_id < u32::MAX - 1024;
+
+            tokio::select! {
+                biased;
+                answer = &mut reader => {
+                    let answer = answer.unwrap_or(Answer::Closed);
+                    break self.finish(answer, &mut window, &mut verdicts, queue, accepted_any);
+                }
+                r = write_or_flush(&mut wr, &out[written..]), if written < out.len() || flushing => match r {
+                    Ok(n) if n > 0 => {
+                        written += n;
+                        flushing = written == out.len();
+                    }
+                    Ok(_) if flushing => {
+                        window.flushed(Instant::now());
+                        self.stats.written.add(in_batch);
+                        out.clear();
+                        written = 0;
+                        flushing = false;
+                        write_started = None;
+                    }
+                    _ => break self.broken_write(reader, &mut window, &mut verdicts, queue, accepted_any).await,
+                },
+                _ = sleep_until(settle_at), if settle_at.is_some() => {
+                    window.tick(Instant::now(), &mut verdicts);
+                    accepted_any |= !verdicts.is_empty();
+                    self.apply(&mut verdicts, queue);
+                }
+                _ = sleep_until(stall_at), if stall_at.is_some() => {
+                    tracing::warn!(app = %self.app, lane = self.index,
+                        "gateway stopped reading for {:?}: dropping the connection", s.write_timeout);
+                    self.stats.stalls.inc();
+                    reader.abort();
+                    window.on_close(&mut verdicts);
+                    self.apply(&mut verdicts, queue);
+                    break End::Broken;
+                }
+                batch = self.rx.recv(), if can_take => match batch {
+                    Some(batch) => queue.extend(batch),
+                    None => *rx_open = false,
+                },
+            }
+        };
+        end
+    }
+
+    /// Encodes queued notifications (resends first, they sit at the front) into
+    /// one write, taking more from the channel only when the queue is empty.
+    /// Returns how many frames it encoded.
+    fn fill(
+        &mut self,
+        queue: &mut VecDeque<Notification>,
+        window: &mut Window<Notification>,
+        next_id: &mut u32,
+        out: &mut Vec<u8>,
+        rx_open: &mut bool,
+    ) -> u64 {
+        let now = Instant::now();
+        let unix_now = unix_now();
+        let mut count = 0;
+        let mut expired = Vec::new();
+        while out.len() < BATCH_BYTES && window.len() < self.settings.window && *next_id < u32::MAX - 1024 {
+            if queue.is_empty() && *rx_open {
+                match self.rx.try_recv() {
+                    Ok(batch) => queue.extend(batch),
+                    Err(mpsc::error::TryRecvError::Disconnected) => *rx_open = false,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
+            }
+            let Some(n) = queue.pop_front() else { break };
+            let env = &n.envelope;
+            if env.expiry.is_some_and(|e| e != 0 && u64::from(e) < unix_now) {
+                let attempts = n.attempts;
+                expired.push(Outcome {
+                    notification: n,
+                    result: Err(Failure {
+                        reason: Reason::Expired,
+                        attempts,
+                    }),
+                });
+                continue;
+            }
+            let id = *next_id;
+            *next_id += 1;
+            frame::Notification {
+                identifier: id,
+                token: &n.token,
+                payload: &env.payload,
+                expiry: env.expiry,
+                priority: env.priority.map(|p| p.code()),
+            }
+            .encode(out);
+            window.push(id, n, now);
+            count += 1;
+        }
+        if !expired.is_empty() {
+            self.stats.failed.add(expired.len() as u64);
+            let _ = self.outcomes.send(expired);
+        }
+        count
+    }
+
+    /// The connection's last word: verdicts for everything in its window.
+    fn finish(
+        &mut self,
+        answer: Answer,
+        window: &mut Window<Notification>,
+        verdicts: &mut Vec<Verdict<Notification>>,
+        queue: &mut VecDeque<Notification>,
+        accepted_any: bool,
+    ) -> End {
+        let end = match answer {
+            Answer::Error(resp) => {
+                let level_shutdown = resp.status == Status::Shutdown;
+                if level_shutdown {
+                    tracing::info!(app = %self.app, lane = self.index, last = resp.identifier,
+                        "gateway is shutting down the connection");
+                } else {
+                    tracing::debug!(app = %self.app, lane = self.index, status = resp.status.code(),
+                        identifier = resp.identifier, "gateway answered an error");
+                }
+                window.on_error(resp, verdicts);
+                End::Healthy
+            }
+            silent => {
+                if !window.is_empty() {
+                    let why = match silent {
+                        Answer::Failed(e) => e.to_string(),
+                        Answer::Garbage => "bytes that are not an error response".into(),
+                        _ => "end of stream".into(),
+                    };
+                    tracing::warn!(app = %self.app, lane = self.index, unsettled = window.len(), %why,
+                        "gateway closed without an answer: resending what it may not have processed");
+                }
+                window.on_close(verdicts);
+                if accepted_any {
+                    End::Healthy
+                } else {
+                    End::Broken
+                }
+            }
+        };
+        self.apply(verdicts, queue);
+        end
+    }
+
+    /// A write failed: most likely the gateway answered and closed. Give its
+    /// answer a moment to arrive before treating the close as silent.
+    async fn broken_write(
+        &mut self,
+        reader: JoinHandle<Answer>,
+        window: &mut Window<Notification>,
+        verdicts: &mut Vec<Verdict<Notification>>,
+        queue: &mut VecDeque<Notification>,
+        accepted_any: bool,
+    ) -> End {
+        let abort = reader.abort_handle();
+        let answer = match tokio::time::timeout(ANSWER_GRACE, reader).await {
+            Ok(Ok(answer)) => answer,
+            _ => {
+                abort.abort();
+                Answer::Closed
+            }
+        };
+        self.finish(answer, window, verdicts, queue, accepted_any)
+    }
+
+    /// Turns verdicts into outcomes and resends; resends go to the front of the
+    /// queue in their original order, ahead of new work.
+    fn apply(&mut self, verdicts: &mut Vec<Verdict<Notification>>, queue: &mut VecDeque<Notification>) {
+        if verdicts.is_empty() {
+            return;
+        }
+        let mut outcomes = Vec::new();
+        let mut resend = Vec::new();
+        for v in verdicts.drain(..) {
+            let mut n = v.item;
+            n.reported |= v.late;
+            match v.kind {
+                Kind::Accepted => {
+                    self.stats.accepted.inc();
+                    outcomes.push(Outcome {
+                        notification: n,
+                        result: Ok(()),
+                    });
+                }
+                Kind::Failed(status) => outcomes.push(fail(n, status)),
+                Kind::Retry(status) => {
+                    n.attempts = n.attempts.saturating_add(1);
+                    if n.attempts >= self.settings.max_attempts {
+                        outcomes.push(fail(n, status));
+                    } else {
+                        self.stats.retried.inc();
+                        resend.push(n);
+                    }
+                }
+                Kind::Resend => {
+                    self.stats.resent_after_error.inc();
+                    resend.push(n);
+                }
+                Kind::Ambiguous => {
+                    self.stats.resent_after_close.inc();
+                    resend.push(n);
+                }
+            }
+        }
+        let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+        self.stats.failed.add(failed as u64);
+        for n in resend.into_iter().rev() {
+            queue.push_front(n);
+        }
+        if !outcomes.is_empty() {
+            // The receiver only goes away when the daemon is being torn down.
+            let _ = self.outcomes.send(outcomes);
+        }
+    }
+}
+
+fn fail(n: Notification, status: Status) -> Outcome {
+    let attempts = n.attempts.max(1);
+    Outcome {
+        notification: n,
+        result: Err(Failure {
+            reason: Reason::Apns(status),
+            attempts,
+        }),
+    }
+}
+
+/// Writes what is left of the batch, or flushes it once all is written
+/// (returning 0). Both are cancel-safe, which the lane's `select!` needs.
+async fn write_or_flush(wr: &mut WriteHalf<TlsStream<TcpStream>>, rest: &[u8]) -> io::Result<usize> {
+    if rest.is_empty() {
+        wr.flush().await.map(|()| 0)
+    } else {
+        wr.write(rest).await
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn connect(target: &Target, timeout: Duration) -> io::Result<TlsStream<TcpStream>> {
+    let attempt = async {
+        let tcp = TcpStream::connect(&target.addr).await?;
+        tcp.set_nodelay(true)?;
+        TlsConnector::from(target.tls.clone())
+            .connect(target.server_name.clone(), tcp)
+            .await
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")))
+}
+
+/// Waits for the gateway's error response or the end of the stream.
+async fn read_answer(mut rd: ReadHalf<TlsStream<TcpStream>>) -> Answer {
+    let mut buf = [0u8; ERROR_RESPONSE_LEN];
+    let mut filled = 0;
+    loop {
+        match rd.read(&mut buf[filled..]).await {
+            Ok(0) => return Answer::Closed,
+            Ok(n) => {
+                filled += n;
+                if filled == ERROR_RESPONSE_LEN {
+                    return ErrorResponse::decode(&buf).map_or(Answer::Garbage, Answer::Error);
+                }
+            }
+            Err(e) => return Answer::Failed(e),
+        }
+    }
+}

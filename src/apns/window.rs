@@ -1,0 +1,467 @@
+//! What APNs' silence means: the window of notifications written on one
+//! binary-interface connection, and the verdict for each when the connection
+//! answers, closes, or stays quiet long enough.
+//!
+//! Pure policy, no I/O: the lane feeds it writes, flushes, clock ticks, error
+//! responses and closes, and acts on the verdicts. Identifiers on a connection
+//! are contiguous from 1, so an entry is found by subtraction, not search.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::frame::{Disposition, ErrorResponse, Status};
+
+/// What the lane must do with one notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict<T> {
+    pub item: T,
+    pub kind: Kind,
+    /// The item had already settled as accepted (it was retained): its job may be
+    /// final already, so it must not be counted a second time.
+    pub late: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// APNs took it: it settled, or a later notification was named in an error.
+    Accepted,
+    /// An error response named it with a permanent status.
+    Failed(Status),
+    /// An error response named it with a transient status: try again, counting the attempt.
+    Retry(Status),
+    /// Written after the one that failed: APNs dropped it. Resend, not an attempt.
+    Resend,
+    /// The connection closed without saying what it processed: resend, maybe twice.
+    Ambiguous,
+}
+
+struct Entry<T> {
+    id: u32,
+    item: T,
+    /// Meaningful only once flushed: the time the bytes reached the socket.
+    at: Instant,
+}
+
+/// The notifications written on one connection, oldest first.
+pub struct Window<T> {
+    /// Written but not yet settled; identifiers contiguous and increasing.
+    unsettled: VecDeque<Entry<T>>,
+    /// How many entries at the front of `unsettled` have been flushed to the socket.
+    flushed: usize,
+    /// Settled as accepted, kept for `retain` so a late error can still be acted on.
+    retained: VecDeque<Entry<T>>,
+    settle: Duration,
+    retain: Duration,
+    retain_cap: usize,
+}
+
+impl<T: Clone> Window<T> {
+    pub fn new(settle: Duration, retain: Duration, retain_cap: usize) -> Self {
+        Window {
+            unsettled: VecDeque::new(),
+            flushed: 0,
+            retained: VecDeque::new(),
+            settle,
+            retain,
+            retain_cap,
+        }
+    }
+
+    /// Unsettled entries: the number the lane bounds with its `window` setting.
+    pub fn len(&self) -> usize {
+        self.unsettled.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.unsettled.is_empty()
+    }
+
+    /// Records a notification about to be written. `id` must follow the last one.
+    pub fn push(&mut self, id: u32, item: T, now: Instant) {
+        debug_assert!(self
+            .unsettled
+            .back()
+            .or(self.retained.back())
+            .is_none_or(|e| e.id.wrapping_add(1) == id));
+        self.unsettled.push_back(Entry { id, item, at: now });
+    }
+
+    /// Everything pushed so far has reached the socket: its settle clock starts now.
+    pub fn flushed(&mut self, now: Instant) {
+        for e in self.unsettled.range_mut(self.flushed..) {
+            e.at = now;
+        }
+        self.flushed = self.unsettled.len();
+    }
+
+    /// When `tick` next has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let settle = (self.flushed > 0)
+            .then(|| self.unsettled.front().map(|e| e.at + self.settle))
+            .flatten();
+        let expire = self.retained.front().map(|e| e.at + self.retain);
+        match (settle, expire) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Settles entries that have been on the wire for `settle` and forgets
+    /// retained ones older than `retain`. Call only while the connection is healthy.
+    pub fn tick(&mut self, now: Instant, out: &mut Vec<Verdict<T>>) {
+        while self.flushed > 0 {
+            match self.unsettled.front() {
+                Some(e) if e.at + self.settle <= now => {}
+                _ => break,
+            }
+            let Some(e) = self.unsettled.pop_front() else { break };
+            self.flushed -= 1;
+            if !self.retain.is_zero() && self.retain_cap > 0 {
+                self.retained.push_back(Entry {
+                    id: e.id,
+                    item: e.item.clone(),
+                    at: now,
+                });
+            }
+            out.push(verdict(e.item, Kind::Accepted, false));
+        }
+        while let Some(e) = self.retained.front() {
+            if e.at + self.retain > now && self.retained.len() <= self.retain_cap {
+                break;
+            }
+            self.retained.pop_front();
+        }
+    }
+
+    /// The gateway answered `resp` and is closing: every entry gets its verdict and
+    /// the window is left empty, as the connection is dead.
+    pub fn on_error(&mut self, resp: ErrorResponse, out: &mut Vec<Verdict<T>>) {
+        let first = self
+            .retained
+            .front()
+            .or(self.unsettled.front())
+            .map(|e| e.id);
+        let last = self
+            .unsettled
+            .back()
+            .or(self.retained.back())
+            .map(|e| e.id);
+        let (Some(first), Some(last)) = (first, last) else {
+            return;
+        };
+        let id = resp.identifier;
+        let disposition = resp.status.disposition();
+        if id == 0 || id > last {
+            // Attributes nothing: what is unsettled may or may not have been processed.
+            return self.on_close(out);
+        }
+        if id < first {
+            // Older than anything kept: everything here came after it and was dropped.
+            self.drain_retained(|_| Some(Kind::Resend), out);
+            self.drain_unsettled(|_| Kind::Resend, out);
+            return;
+        }
+        let named = |e_id: u32| -> Kind {
+            use std::cmp::Ordering::*;
+            match (e_id.cmp(&id), disposition) {
+                (Less, _) | (Equal, Disposition::Shutdown) => Kind::Accepted,
+                (Equal, Disposition::Permanent) => Kind::Failed(resp.status),
+                (Equal, Disposition::Retry) => Kind::Retry(resp.status),
+                (Greater, _) => Kind::Resend,
+            }
+        };
+        // Retained entries are accepted already: only a change of mind is reported.
+        self.drain_retained(|e_id| Some(named(e_id)).filter(|k| *k != Kind::Accepted), out);
+        self.drain_unsettled(named, out);
+    }
+
+    /// The connection closed (or was abandoned) without an error response.
+    pub fn on_close(&mut self, out: &mut Vec<Verdict<T>>) {
+        self.retained.clear();
+        self.drain_unsettled(|_| Kind::Ambiguous, out);
+    }
+
+    fn drain_retained(&mut self, kind: impl Fn(u32) -> Option<Kind>, out: &mut Vec<Verdict<T>>) {
+        for e in self.retained.drain(..) {
+            if let Some(k) = kind(e.id) {
+                out.push(verdict(e.item, k, true));
+            }
+        }
+    }
+
+    fn drain_unsettled(&mut self, kind: impl Fn(u32) -> Kind, out: &mut Vec<Verdict<T>>) {
+        self.flushed = 0;
+        for e in self.unsettled.drain(..) {
+            out.push(verdict(e.item, kind(e.id), false));
+        }
+    }
+}
+
+fn verdict<T>(item: T, kind: Kind, late: bool) -> Verdict<T> {
+    Verdict { item, kind, late }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SETTLE: Duration = Duration::from_millis(500);
+    const RETAIN: Duration = Duration::from_secs(2);
+
+    fn window_with(n: u32, t0: Instant) -> Window<u32> {
+        let mut w = Window::new(SETTLE, RETAIN, 1000);
+        for id in 1..=n {
+            w.push(id, id, t0);
+        }
+        w.flushed(t0);
+        w
+    }
+
+    fn kinds(v: &[Verdict<u32>]) -> Vec<(u32, Kind, bool)> {
+        v.iter().map(|v| (v.item, v.kind, v.late)).collect()
+    }
+
+    fn err(status: Status, identifier: u32) -> ErrorResponse {
+        ErrorResponse { status, identifier }
+    }
+
+    #[test]
+    fn silence_settles_only_flushed_entries_after_settle() {
+        let t0 = Instant::now();
+        let mut w = window_with(2, t0);
+        w.push(3, 3, t0);
+        let mut out = Vec::new();
+        w.tick(t0 + SETTLE - Duration::from_millis(1), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(w.next_deadline(), Some(t0 + SETTLE));
+        w.tick(t0 + SETTLE, &mut out);
+        assert_eq!(kinds(&out), vec![(1, Kind::Accepted, false), (2, Kind::Accepted, false)]);
+        assert_eq!(w.len(), 1, "the unflushed entry waits for its flush");
+        w.flushed(t0 + SETTLE);
+        out.clear();
+        w.tick(t0 + SETTLE * 2, &mut out);
+        assert_eq!(kinds(&out), vec![(3, Kind::Accepted, false)]);
+    }
+
+    #[test]
+    fn permanent_status_fails_the_named_one_and_resends_the_rest() {
+        let mut w = window_with(5, Instant::now());
+        let mut out = Vec::new();
+        w.on_error(err(Status::InvalidToken, 3), &mut out);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (1, Kind::Accepted, false),
+                (2, Kind::Accepted, false),
+                (3, Kind::Failed(Status::InvalidToken), false),
+                (4, Kind::Resend, false),
+                (5, Kind::Resend, false),
+            ]
+        );
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn every_permanent_and_transient_status() {
+        for code in [1u8, 2, 3, 4, 5, 6, 7, 8, 128, 255] {
+            let status = Status::from_code(code);
+            let mut w = window_with(3, Instant::now());
+            let mut out = Vec::new();
+            w.on_error(err(status, 2), &mut out);
+            let want = match code {
+                1 | 255 => Kind::Retry(status),
+                _ => Kind::Failed(status),
+            };
+            assert_eq!(
+                kinds(&out),
+                vec![(1, Kind::Accepted, false), (2, want, false), (3, Kind::Resend, false)],
+                "status {code}"
+            );
+        }
+    }
+
+    #[test]
+    fn shutdown_names_the_last_processed() {
+        let mut w = window_with(4, Instant::now());
+        let mut out = Vec::new();
+        w.on_error(err(Status::Shutdown, 2), &mut out);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (1, Kind::Accepted, false),
+                (2, Kind::Accepted, false),
+                (3, Kind::Resend, false),
+                (4, Kind::Resend, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn silent_close_and_unattributable_errors_are_ambiguous() {
+        for resp in [None, Some(err(Status::InvalidToken, 0)), Some(err(Status::InvalidToken, 99))] {
+            let t0 = Instant::now();
+            let mut w = window_with(3, t0);
+            let mut out = Vec::new();
+            w.tick(t0 + SETTLE, &mut out);
+            w.push(4, 4, t0);
+            w.push(5, 5, t0);
+            out.clear();
+            match resp {
+                Some(r) => w.on_error(r, &mut out),
+                None => w.on_close(&mut out),
+            }
+            assert_eq!(
+                kinds(&out),
+                vec![(4, Kind::Ambiguous, false), (5, Kind::Ambiguous, false)],
+                "{resp:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn late_error_on_a_retained_entry_resends_what_followed() {
+        let t0 = Instant::now();
+        let mut w = window_with(3, t0);
+        let mut out = Vec::new();
+        w.tick(t0 + SETTLE, &mut out);
+        w.push(4, 4, t0 + SETTLE);
+        out.clear();
+        w.on_error(err(Status::InvalidToken, 2), &mut out);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (2, Kind::Failed(Status::InvalidToken), true),
+                (3, Kind::Resend, true),
+                (4, Kind::Resend, false),
+            ]
+        );
+    }
+
+    #[test]
+    fn error_older_than_the_window_resends_everything() {
+        let t0 = Instant::now();
+        let mut w = Window::new(SETTLE, Duration::ZERO, 0);
+        for id in 1..=4 {
+            w.push(id, id, t0);
+        }
+        w.flushed(t0);
+        let mut out = Vec::new();
+        w.tick(t0 + SETTLE, &mut out);
+        w.push(5, 5, t0 + SETTLE);
+        w.push(6, 6, t0 + SETTLE);
+        out.clear();
+        w.on_error(err(Status::Shutdown, 3), &mut out);
+        assert_eq!(kinds(&out), vec![(5, Kind::Resend, false), (6, Kind::Resend, false)]);
+    }
+
+    #[test]
+    fn retained_entries_expire() {
+        let t0 = Instant::now();
+        let mut w = window_with(2, t0);
+        let mut out = Vec::new();
+        w.tick(t0 + SETTLE, &mut out);
+        assert_eq!(w.next_deadline(), Some(t0 + SETTLE + RETAIN));
+        w.tick(t0 + SETTLE + RETAIN, &mut out);
+        assert_eq!(w.next_deadline(), None);
+        out.clear();
+        w.on_close(&mut out);
+        assert!(out.is_empty());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write(u8),
+        Flush,
+        Tick(u16),
+        Error(u8, u32),
+        Close,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (1u8..20).prop_map(Step::Write),
+            Just(Step::Flush),
+            (0u16..1500).prop_map(Step::Tick),
+            (any::<u8>(), 0u32..60).prop_map(|(s, i)| Step::Error(s, i)),
+            Just(Step::Close),
+        ]
+    }
+
+    proptest! {
+        /// Whatever happens on the connections, every notification ends in exactly
+        /// one final outcome (accepted or failed), counting a late failure as the
+        /// final word on a notification that had settled; nothing is left behind.
+        #[test]
+        fn every_notification_ends_in_exactly_one_outcome(steps in proptest::collection::vec(step(), 1..60)) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut w: Window<u32> = Window::new(SETTLE, RETAIN, 50);
+            let mut next_item = 0u32;
+            let mut next_id = 1u32;
+            let mut queue: VecDeque<u32> = VecDeque::new();
+            // item -> (times accepted non-late, final failure count)
+            let mut accepted = std::collections::HashMap::<u32, u32>::new();
+            let mut failed = std::collections::HashMap::<u32, u32>::new();
+            // Items resent after settling: the lane marks them reported, so a
+            // second acceptance is not counted again.
+            let mut reported = std::collections::HashSet::<u32>::new();
+            let mut out = Vec::new();
+            let mut apply = |out: &mut Vec<Verdict<u32>>, queue: &mut VecDeque<u32>,
+                             accepted: &mut std::collections::HashMap<u32, u32>,
+                             failed: &mut std::collections::HashMap<u32, u32>| {
+                let mut resend = Vec::new();
+                for v in out.drain(..) {
+                    match v.kind {
+                        Kind::Accepted => {
+                            prop_assert!(!v.late);
+                            if !reported.contains(&v.item) {
+                                *accepted.entry(v.item).or_default() += 1;
+                            }
+                        }
+                        Kind::Failed(_) | Kind::Retry(_) => { *failed.entry(v.item).or_default() += 1; }
+                        Kind::Resend | Kind::Ambiguous => {
+                            if v.late { reported.insert(v.item); }
+                            resend.push(v.item)
+                        }
+                    }
+                }
+                for item in resend.into_iter().rev() { queue.push_front(item); }
+                Ok(())
+            };
+            for s in steps {
+                match s {
+                    Step::Write(n) => {
+                        for _ in 0..n {
+                            let item = queue.pop_front().unwrap_or_else(|| { next_item += 1; next_item });
+                            w.push(next_id, item, now);
+                            next_id += 1;
+                        }
+                    }
+                    Step::Flush => w.flushed(now),
+                    Step::Tick(ms) => { now += Duration::from_millis(ms as u64); w.tick(now, &mut out); }
+                    Step::Error(code, id) => { w.on_error(err(Status::from_code(code), id), &mut out); next_id = 1; }
+                    Step::Close => { w.on_close(&mut out); next_id = 1; }
+                }
+                apply(&mut out, &mut queue, &mut accepted, &mut failed)?;
+            }
+            // Finish: a healthy connection writes the queue and lets it all settle.
+            while let Some(item) = queue.pop_front() {
+                w.push(next_id, item, now);
+                next_id += 1;
+            }
+            w.flushed(now);
+            now += SETTLE;
+            w.tick(now, &mut out);
+            apply(&mut out, &mut queue, &mut accepted, &mut failed)?;
+            prop_assert!(w.is_empty() && queue.is_empty());
+            for item in 1..=next_item {
+                let a = accepted.get(&item).copied().unwrap_or(0);
+                let f = failed.get(&item).copied().unwrap_or(0);
+                prop_assert!(a <= 1, "item {} accepted {} times", item, a);
+                prop_assert!(a + f >= 1, "item {} has no outcome", item);
+                prop_assert!(f <= 1, "item {} failed {} times", item, f);
+            }
+        }
+    }
+}
