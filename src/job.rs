@@ -46,7 +46,7 @@ impl DeviceToken {
             }
             let v = c.to_digit(16).ok_or(TokenError::NotHex(c))? as u8;
             if digits < 64 {
-                out[digits / 2] |= if digits % 2 == 0 { v << 4 } else { v };
+                out[digits / 2] |= if digits.is_multiple_of(2) { v << 4 } else { v };
             }
             digits += 1;
         }

@@ -5,6 +5,7 @@
 pub mod frame;
 pub mod lane;
 pub mod pool;
+pub mod tls;
 pub mod window;
 
 use std::sync::Arc;
