@@ -21,3 +21,4 @@ pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod results;
+pub mod simulator;

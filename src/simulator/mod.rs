@@ -1,0 +1,507 @@
+//! The built-in APNs simulator: the binary gateway and the feedback service
+//! over TLS with client-certificate checks, strict frame validation, fault
+//! injection, and a record of what it accepted for tests to compare.
+
+mod certs;
+mod faults;
+mod gateway;
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+pub use certs::{write_identity, CertError, ClientSpec, SimCerts, P12_PASSWORD};
+pub use faults::{BadRule, Faults, RefuseRule};
+
+use crate::apns::frame::{FeedbackTuple, Status};
+use crate::job::DeviceToken;
+
+/// One notification the gateway accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    pub token: DeviceToken,
+    pub payload: Vec<u8>,
+    pub identifier: u32,
+    pub expiry: Option<u32>,
+    pub priority: Option<u8>,
+    /// Which TLS session (1, 2, ...) carried it.
+    pub connection: u64,
+}
+
+pub struct SimulatorOptions {
+    pub gateway: SocketAddr,
+    pub feedback: SocketAddr,
+    pub certs: SimCerts,
+    pub faults: Faults,
+    /// Throughput mode: count accepted notifications, keep nothing per notification.
+    pub sink: bool,
+    /// Append each accepted token (hex, one per line) to this file.
+    pub record: Option<PathBuf>,
+}
+
+impl SimulatorOptions {
+    /// Both services on free loopback ports, no faults.
+    pub fn new(certs: SimCerts) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        SimulatorOptions {
+            gateway: any,
+            feedback: any,
+            certs,
+            faults: Faults::default(),
+            sink: false,
+            record: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulatorError {
+    #[error("{0}")]
+    Certs(#[from] CertError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the record file {}: {source}", path.display())]
+    Record {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by the simulator's tasks.
+pub(crate) struct Shared {
+    faults: Mutex<Faults>,
+    sink: bool,
+    accepted: Mutex<Vec<Accepted>>,
+    accepted_count: AtomicU64,
+    refused: Mutex<Vec<(DeviceToken, Status, u32)>>,
+    connections: AtomicU64,
+    handshake_failures: AtomicU64,
+    feedback: Mutex<Vec<FeedbackTuple>>,
+    record: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+}
+
+/// A poisoned lock only means a simulator task panicked; its data is still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn faults(&self) -> Faults {
+        lock(&self.faults).clone()
+    }
+
+    fn record_accepted(&self, accepted: Vec<Accepted>) {
+        if accepted.is_empty() {
+            return;
+        }
+        if let Some(record) = &self.record {
+            let mut file = lock(record);
+            for a in &accepted {
+                let _ = writeln!(file, "{}", a.token);
+            }
+            let _ = file.flush();
+        }
+        lock(&self.accepted).extend(accepted);
+    }
+
+    fn record_refusal(&self, token: DeviceToken, status: Status, identifier: u32) {
+        lock(&self.refused).push((token, status, identifier));
+    }
+
+    fn take_feedback(&self) -> Vec<FeedbackTuple> {
+        std::mem::take(&mut *lock(&self.feedback))
+    }
+}
+
+pub struct Simulator {
+    shared: Arc<Shared>,
+    certs: SimCerts,
+    gateway: SocketAddr,
+    feedback: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Simulator {
+    pub async fn start(opts: SimulatorOptions) -> Result<Simulator, SimulatorError> {
+        let acceptor = TlsAcceptor::from(opts.certs.server_config()?);
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| SimulatorError::Listen { addr, source })
+        };
+        let gateway_listener = bind(opts.gateway).await?;
+        let feedback_listener = bind(opts.feedback).await?;
+        let record = match &opts.record {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| SimulatorError::Record {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Some(Mutex::new(std::io::BufWriter::new(file)))
+            }
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            faults: Mutex::new(opts.faults),
+            sink: opts.sink,
+            accepted: Mutex::new(Vec::new()),
+            accepted_count: AtomicU64::new(0),
+            refused: Mutex::new(Vec::new()),
+            connections: AtomicU64::new(0),
+            handshake_failures: AtomicU64::new(0),
+            feedback: Mutex::new(Vec::new()),
+            record,
+        });
+        let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let gateway = local(&gateway_listener, opts.gateway);
+        let feedback = local(&feedback_listener, opts.feedback);
+        let shutdown = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(gateway::serve_gateway(
+                gateway_listener,
+                acceptor.clone(),
+                shared.clone(),
+                shutdown.clone(),
+            )),
+            tokio::spawn(gateway::serve_feedback(
+                feedback_listener,
+                acceptor,
+                shared.clone(),
+                shutdown.clone(),
+            )),
+        ];
+        Ok(Simulator {
+            shared,
+            certs: opts.certs,
+            gateway,
+            feedback,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.gateway
+    }
+
+    pub fn feedback_addr(&self) -> SocketAddr {
+        self.feedback
+    }
+
+    pub fn certs(&self) -> &SimCerts {
+        &self.certs
+    }
+
+    /// Every accepted notification, in the order accepted (empty in sink mode).
+    pub fn accepted(&self) -> Vec<Accepted> {
+        lock(&self.shared.accepted).clone()
+    }
+
+    pub fn accepted_count(&self) -> u64 {
+        self.shared.accepted_count.load(Ordering::Relaxed)
+    }
+
+    /// Notifications refused by a rule: token, status, identifier.
+    pub fn refused(&self) -> Vec<(DeviceToken, Status, u32)> {
+        lock(&self.shared.refused).clone()
+    }
+
+    /// TLS sessions established with the gateway so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Handshakes refused (no or untrusted client certificate), on either service.
+    pub fn handshake_failures(&self) -> u64 {
+        self.shared.handshake_failures.load(Ordering::Relaxed)
+    }
+
+    /// Queues a tuple for the feedback service's next reader.
+    pub fn add_feedback(&self, token: DeviceToken, timestamp: u32) {
+        lock(&self.shared.feedback).push(FeedbackTuple { timestamp, token });
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.shared.faults) = faults;
+    }
+
+    /// Stops both services and every connection.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// `apnsd simulate`.
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// Gateway listen address.
+    #[arg(long, default_value = "127.0.0.1:22195")]
+    pub gateway: SocketAddr,
+    /// Feedback service listen address.
+    #[arg(long, default_value = "127.0.0.1:22196")]
+    pub feedback: SocketAddr,
+    /// Where to write the generated CA and client identity (ca.pem, client.p12, ...).
+    #[arg(long, default_value = "simulator-certs")]
+    pub dir: PathBuf,
+    /// Topic (bundle id) of the generated client certificate.
+    #[arg(long, default_value = "com.example.app")]
+    pub topic: String,
+    /// Refuse tokens starting with HEXPREFIX with STATUS (repeatable), e.g. ff=8.
+    #[arg(long, value_name = "HEXPREFIX=STATUS", value_parser = RefuseRule::parse)]
+    pub refuse: Vec<RefuseRule>,
+    /// Answer status 10 (shutdown) and close after every N accepted notifications.
+    #[arg(long, value_name = "N")]
+    pub shutdown_every: Option<u64>,
+    /// Close silently after every N accepted notifications.
+    #[arg(long, value_name = "N")]
+    pub close_every: Option<u64>,
+    /// Stop reading once N notifications were accepted.
+    #[arg(long, value_name = "N")]
+    pub stall_after: Option<u64>,
+    /// Count accepted notifications only (throughput mode).
+    #[arg(long)]
+    pub sink: bool,
+    /// Append every accepted token (hex) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Serve HEX (with TIMESTAMP, default now) on the feedback service (repeatable).
+    #[arg(long, value_name = "HEX[:TIMESTAMP]", value_parser = parse_feedback)]
+    pub feedback_token: Vec<FeedbackTuple>,
+}
+
+fn parse_feedback(text: &str) -> Result<FeedbackTuple, String> {
+    let (hex, ts) = match text.split_once(':') {
+        Some((hex, ts)) => (hex, ts.parse::<u32>().map_err(|e| format!("timestamp: {e}"))?),
+        None => (
+            text,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as u32),
+        ),
+    };
+    let token = DeviceToken::parse(hex).map_err(|e| e.to_string())?;
+    Ok(FeedbackTuple {
+        timestamp: ts,
+        token,
+    })
+}
+
+/// Runs the simulator until `shutdown` completes.
+pub async fn run_cli(args: SimulateArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let certs = SimCerts::generate(&args.topic)?;
+    certs.write_to(&args.dir)?;
+    let opts = SimulatorOptions {
+        gateway: args.gateway,
+        feedback: args.feedback,
+        certs,
+        faults: Faults {
+            refuse: args.refuse,
+            shutdown_every: args.shutdown_every,
+            close_every: args.close_every,
+            stall_after: args.stall_after,
+            read_delay: None,
+        },
+        sink: args.sink,
+        record: args.record,
+    };
+    let sim = Simulator::start(opts).await?;
+    for t in args.feedback_token {
+        sim.add_feedback(t.token, t.timestamp);
+    }
+    tracing::info!(gateway = %sim.gateway_addr(), feedback = %sim.feedback_addr(),
+        certs = %args.dir.display(), password = P12_PASSWORD, "APNs simulator running");
+    tokio::pin!(shutdown);
+    let mut last = 0;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                let now = sim.accepted_count();
+                if now != last {
+                    tracing::info!(accepted = now, connections = sim.connections(), "simulator");
+                    last = now;
+                }
+            }
+        }
+    }
+    sim.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apns::frame::{ErrorResponse, Notification, ERROR_RESPONSE_LEN};
+    use crate::apns::tls;
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_rustls::TlsConnector;
+
+    fn token(first: u8, n: u8) -> DeviceToken {
+        let mut b = [n; 32];
+        b[0] = first;
+        DeviceToken::from_bytes(b)
+    }
+
+    fn frames(tokens: &[DeviceToken]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            Notification {
+                identifier: i as u32 + 1,
+                token: t,
+                payload: b"{\"aps\":{}}",
+                expiry: None,
+                priority: Some(10),
+            }
+            .encode(&mut out);
+        }
+        out
+    }
+
+    async fn start(faults: Faults) -> Simulator {
+        tls::install_crypto_provider();
+        let mut opts = SimulatorOptions::new(SimCerts::generate("com.example.app").unwrap());
+        opts.faults = faults;
+        Simulator::start(opts).await.unwrap()
+    }
+
+    async fn connect(sim: &Simulator, addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let config = sim.certs().client_config().unwrap();
+        TlsConnector::from(config)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap()
+    }
+
+    /// Writes `bytes`, then reads until the gateway closes.
+    async fn exchange(sim: &Simulator, bytes: &[u8]) -> Vec<u8> {
+        let mut tls = connect(sim, sim.gateway_addr()).await;
+        tls.write_all(bytes).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        answer
+    }
+
+    #[tokio::test]
+    async fn accepts_silently_and_records() {
+        let sim = start(Faults::default()).await;
+        let tokens = [token(1, 1), token(1, 2)];
+        let mut tls = connect(&sim, sim.gateway_addr()).await;
+        tls.write_all(&frames(&tokens)).await.unwrap();
+        tls.flush().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sim.accepted_count() < 2 {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let accepted = sim.accepted();
+        assert_eq!(accepted.iter().map(|a| a.token).collect::<Vec<_>>(), tokens);
+        assert_eq!((accepted[1].identifier, accepted[1].priority), (2, Some(10)));
+        assert_eq!(sim.connections(), 1);
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_answered_and_what_follows_is_dropped() {
+        let sim = start(Faults {
+            refuse: vec![RefuseRule::parse("ff=8").unwrap()],
+            ..Default::default()
+        })
+        .await;
+        let answer = exchange(&sim, &frames(&[token(1, 1), token(0xff, 2), token(1, 3)])).await;
+        let resp = ErrorResponse::decode(answer[..ERROR_RESPONSE_LEN].try_into().unwrap()).unwrap();
+        assert_eq!((resp.status, resp.identifier), (Status::InvalidToken, 2));
+        assert_eq!(answer.len(), ERROR_RESPONSE_LEN);
+        assert_eq!(sim.accepted().iter().map(|a| a.token).collect::<Vec<_>>(), [token(1, 1)]);
+        assert_eq!(sim.refused(), vec![(token(0xff, 2), Status::InvalidToken, 2)]);
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_names_the_last_processed_and_close_says_nothing() {
+        let sim = start(Faults { shutdown_every: Some(2), ..Default::default() }).await;
+        let answer = exchange(&sim, &frames(&[token(1, 1), token(1, 2), token(1, 3)])).await;
+        assert_eq!(answer, ErrorResponse { status: Status::Shutdown, identifier: 2 }.encode());
+        assert_eq!(sim.accepted_count(), 2);
+        sim.set_faults(Faults { close_every: Some(1), ..Default::default() });
+        let answer = exchange(&sim, &frames(&[token(2, 1), token(2, 2)])).await;
+        assert!(answer.is_empty());
+        assert_eq!(sim.accepted_count(), 3);
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn malformed_frames_get_a_protocol_error() {
+        let sim = start(Faults::default()).await;
+        let answer = exchange(&sim, &[9, 0, 0, 0, 0, 0]).await;
+        assert_eq!(answer, ErrorResponse { status: Status::ProtocolError, identifier: 0 }.encode());
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn clients_without_a_trusted_certificate_are_refused() {
+        let sim = start(Faults::default()).await;
+        let stranger = SimCerts::generate("com.stranger").unwrap();
+        let config = sim.certs().client_config_for(stranger.client()).unwrap();
+        let tcp = TcpStream::connect(sim.gateway_addr()).await.unwrap();
+        let result = TlsConnector::from(config)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await;
+        // With TLS 1.3 the client learns of the refusal on its first read.
+        if let Ok(mut tls) = result {
+            let _ = tls.write_all(&frames(&[token(1, 1)])).await;
+            let mut buf = Vec::new();
+            assert!(tls.read_to_end(&mut buf).await.is_err() || buf.is_empty());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while sim.handshake_failures() == 0 {
+            assert!(std::time::Instant::now() < deadline, "handshake was not refused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(sim.connections(), 0);
+        assert_eq!(sim.accepted_count(), 0);
+        sim.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn feedback_is_served_once() {
+        let sim = start(Faults::default()).await;
+        sim.add_feedback(token(3, 3), 1234);
+        async fn read(sim: &Simulator) -> Vec<u8> {
+            let mut tls = connect(sim, sim.feedback_addr()).await;
+            let mut buf = Vec::new();
+            let _ = tls.read_to_end(&mut buf).await;
+            buf
+        }
+        let first = read(&sim).await;
+        assert_eq!(
+            FeedbackTuple::decode(&first).unwrap(),
+            Some((first.len(), FeedbackTuple { timestamp: 1234, token: token(3, 3) }))
+        );
+        assert!(read(&sim).await.is_empty());
+        sim.shutdown().await;
+    }
+}
