@@ -27,6 +27,8 @@ use crate::metrics::Stats;
 
 /// Coalesce up to this many bytes of frames into one write.
 const BATCH_BYTES: usize = 128 * 1024;
+/// The smallest in-flight window a lane shrinks to after silent closes.
+const MIN_WINDOW: usize = 8;
 /// After a failed write, how long to wait for the error response that probably
 /// explains it (the gateway writes it, then closes).
 const ANSWER_GRACE: Duration = Duration::from_secs(1);
@@ -63,6 +65,11 @@ pub struct Lane {
     rx: mpsc::Receiver<Vec<Notification>>,
     outcomes: Outcomes,
     stats: Arc<Stats>,
+    /// The in-flight limit in force, at most `settings.window`. A silent close
+    /// halves it to what was unsettled; settling grows it back. A gateway that
+    /// keeps closing before anything settles would otherwise get everything
+    /// resent forever, and each close could duplicate a whole window.
+    cwnd: usize,
 }
 
 /// What the reader saw.
@@ -103,6 +110,7 @@ impl Lane {
             rx,
             outcomes,
             stats,
+            cwnd: settings.window,
         };
         (tx, tokio::spawn(lane.run()))
     }
@@ -198,7 +206,7 @@ impl Lane {
             let can_take = *rx_open
                 && out.is_empty()
                 && queue.is_empty()
-                && window.len() < s.window
+                && window.len() < self.cwnd
                 && next_id < u32::MAX - 1024;
 
             tokio::select! {
@@ -225,6 +233,7 @@ impl Lane {
                 _ = sleep_until(settle_at), if settle_at.is_some() => {
                     window.tick(Instant::now(), &mut verdicts);
                     accepted_any |= !verdicts.is_empty();
+                    self.cwnd = (self.cwnd + verdicts.len()).min(s.window);
                     self.apply(&mut verdicts, queue);
                 }
                 _ = sleep_until(stall_at), if stall_at.is_some() => {
@@ -232,6 +241,7 @@ impl Lane {
                         "gateway stopped reading for {:?}: dropping the connection", s.write_timeout);
                     self.stats.stalls.inc();
                     reader.abort();
+                    self.shrink_window(window.len());
                     window.on_close(&mut verdicts);
                     self.apply(&mut verdicts, queue);
                     break End::Broken;
@@ -260,7 +270,7 @@ impl Lane {
         let unix_now = unix_now();
         let mut count = 0;
         let mut expired = Vec::new();
-        while out.len() < BATCH_BYTES && window.len() < self.settings.window && *next_id < u32::MAX - 1024 {
+        while out.len() < BATCH_BYTES && window.len() < self.cwnd && *next_id < u32::MAX - 1024 {
             if queue.is_empty() && *rx_open {
                 match self.rx.try_recv() {
                     Ok(batch) => queue.extend(batch),
@@ -270,7 +280,10 @@ impl Lane {
             }
             let Some(n) = queue.pop_front() else { break };
             let env = &n.envelope;
-            if env.expiry.is_some_and(|e| e != 0 && u64::from(e) < unix_now) {
+            if env
+                .expiry
+                .is_some_and(|e| e != 0 && u64::from(e) < unix_now)
+            {
                 let attempts = n.attempts;
                 expired.push(Outcome {
                     notification: n,
@@ -332,6 +345,7 @@ impl Lane {
                     };
                     tracing::warn!(app = %self.app, lane = self.index, unsettled = window.len(), %why,
                         "gateway closed without an answer: resending what it may not have processed");
+                    self.shrink_window(window.len());
                 }
                 window.on_close(verdicts);
                 if accepted_any {
@@ -366,9 +380,22 @@ impl Lane {
         self.finish(answer, window, verdicts, queue, accepted_any)
     }
 
+    /// After an ambiguous close, the next connection may have at most half of
+    /// what was unsettled in flight.
+    fn shrink_window(&mut self, unsettled: usize) {
+        if unsettled > 0 {
+            self.cwnd =
+                (unsettled / 2).clamp(MIN_WINDOW.min(self.settings.window), self.settings.window);
+        }
+    }
+
     /// Turns verdicts into outcomes and resends; resends go to the front of the
     /// queue in their original order, ahead of new work.
-    fn apply(&mut self, verdicts: &mut Vec<Verdict<Notification>>, queue: &mut VecDeque<Notification>) {
+    fn apply(
+        &mut self,
+        verdicts: &mut Vec<Verdict<Notification>>,
+        queue: &mut VecDeque<Notification>,
+    ) {
         if verdicts.is_empty() {
             return;
         }
@@ -430,7 +457,10 @@ fn fail(n: Notification, status: Status) -> Outcome {
 
 /// Writes what is left of the batch, or flushes it once all is written
 /// (returning 0). Both are cancel-safe, which the lane's `select!` needs.
-async fn write_or_flush(wr: &mut WriteHalf<TlsStream<TcpStream>>, rest: &[u8]) -> io::Result<usize> {
+async fn write_or_flush(
+    wr: &mut WriteHalf<TlsStream<TcpStream>>,
+    rest: &[u8],
+) -> io::Result<usize> {
     if rest.is_empty() {
         wr.flush().await.map(|()| 0)
     } else {
