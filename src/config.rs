@@ -1,0 +1,613 @@
+//! Configuration: a TOML file plus `APNSD_<SECTION>__<KEY>` environment
+//! overrides, validated up front so that every problem is reported with the
+//! file and the key it concerns.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", file.display())]
+    Parse { file: PathBuf, message: String },
+    #[error("{}: {key}: {problem}", file.display())]
+    Key {
+        file: PathBuf,
+        key: String,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Sandbox,
+    Production,
+    /// The built-in simulator (in-process unless `gateway` points elsewhere).
+    Simulator,
+}
+
+impl Environment {
+    /// Apple's binary gateway for this environment.
+    pub fn gateway(self) -> Option<&'static str> {
+        match self {
+            Environment::Production => Some("gateway.push.apple.com:2195"),
+            Environment::Sandbox => Some("gateway.sandbox.push.apple.com:2195"),
+            Environment::Simulator => None,
+        }
+    }
+
+    pub fn feedback(self) -> Option<&'static str> {
+        match self {
+            Environment::Production => Some("feedback.push.apple.com:2196"),
+            Environment::Sandbox => Some("feedback.sandbox.push.apple.com:2196"),
+            Environment::Simulator => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "defaults::log_level")]
+    pub log_level: String,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// On SIGTERM, how long in-flight jobs may take to become final.
+    #[serde(default = "defaults::shutdown_timeout", deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+    #[serde(default)]
+    pub amqp: AmqpConfig,
+    #[serde(default)]
+    pub results: ResultsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub apps: Vec<AppConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    pub uri: String,
+    pub queue: String,
+    /// `x-queue-type` of the jobs queue: `classic` (default) or `quorum`.
+    pub queue_type: Option<String>,
+    pub prefetch: u16,
+    pub results_exchange: String,
+    pub consumer_tag: Option<String>,
+    /// A result the broker has not confirmed by then ends the broker session.
+    #[serde(deserialize_with = "duration")]
+    pub confirm_timeout: Duration,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            uri: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            queue: "apns.jobs".into(),
+            queue_type: None,
+            prefetch: 20_000,
+            results_exchange: "apns.results".into(),
+            consumer_tag: None,
+            confirm_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResultsConfig {
+    /// Also publish a `delivered` result per accepted notification.
+    pub delivered: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where to serve `/metrics`, `/healthz`, `/readyz`; absent: not served.
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub name: String,
+    pub topic: Option<String>,
+    pub environment: Environment,
+    pub certificate: Option<PathBuf>,
+    /// Resolved from `password_file` at load time.
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default = "defaults::connections")]
+    pub connections: usize,
+    pub gateway: Option<String>,
+    pub feedback: Option<String>,
+    pub ca: Option<PathBuf>,
+    #[serde(default = "defaults::feedback_interval", deserialize_with = "duration")]
+    pub feedback_interval: Duration,
+    /// Silence after which a written notification counts as accepted.
+    #[serde(default = "defaults::settle", deserialize_with = "duration")]
+    pub settle: Duration,
+    /// How long settled notifications are kept so a late error can resend what followed.
+    #[serde(default = "defaults::retain", deserialize_with = "duration")]
+    pub retain: Duration,
+    /// Most unsettled notifications per connection.
+    #[serde(default = "defaults::window")]
+    pub window: usize,
+    /// Tries for transient statuses (1 and 255).
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u8,
+    #[serde(default = "defaults::connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// A connection whose writes make no progress this long is dropped.
+    #[serde(default = "defaults::write_timeout", deserialize_with = "duration")]
+    pub write_timeout: Duration,
+    #[serde(default = "defaults::reconnect_min", deserialize_with = "duration")]
+    pub reconnect_min: Duration,
+    #[serde(default = "defaults::reconnect_max", deserialize_with = "duration")]
+    pub reconnect_max: Duration,
+}
+
+impl std::fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppConfig")
+            .field("name", &self.name)
+            .field("environment", &self.environment)
+            .field("certificate", &self.certificate)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("connections", &self.connections)
+            .field("gateway", &self.gateway)
+            .finish_non_exhaustive()
+    }
+}
+
+mod defaults {
+    use std::time::Duration;
+    pub fn log_level() -> String {
+        "info".into()
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn connections() -> usize {
+        2
+    }
+    pub fn feedback_interval() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub fn settle() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn retain() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn window() -> usize {
+        100_000
+    }
+    pub fn max_attempts() -> u8 {
+        3
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn write_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn reconnect_min() -> Duration {
+        Duration::from_millis(100)
+    }
+    pub fn reconnect_max() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+/// Parses `"500ms"`, `"30s"`, `"5m"`, `"1h"`, `"2d"`, and sums such as `"1m30s"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?} is not a duration (use e.g. \"500ms\", \"30s\", \"1h\")");
+    let mut total = Duration::ZERO;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let value: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
+            _ => return Err(bad()),
+        };
+        total += unit
+            .checked_mul(u32::try_from(value).map_err(|_| bad())?)
+            .ok_or_else(bad)?;
+        rest = &rest[unit_len..];
+    }
+    Ok(total)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+impl Config {
+    /// Loads `path` with the process environment's `APNSD_*` overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, None)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests).
+    pub fn load_with_env(
+        path: &Path,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let file = path.to_owned();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let overrides = config::Environment::with_prefix("APNSD")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .add_source(overrides)
+            .build()
+            .map_err(|e| ConfigError::Parse {
+                file: file.clone(),
+                message: e.to_string(),
+            })?;
+        let mut cfg: Config = built.try_deserialize().map_err(|e| ConfigError::Parse {
+            file: file.clone(),
+            message: explain(&e.to_string()),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve(base, &file)?;
+        cfg.validate(&file)?;
+        Ok(cfg)
+    }
+
+    /// The app a job names, or the first app when it names none.
+    pub fn app(&self, name: Option<&str>) -> Option<&AppConfig> {
+        match name {
+            None => self.apps.first(),
+            Some(n) => self.apps.iter().find(|a| a.name == n),
+        }
+    }
+
+    /// Makes file paths relative to the config file's folder and reads password files.
+    fn resolve(&mut self, base: &Path, file: &Path) -> Result<(), ConfigError> {
+        for (i, app) in self.apps.iter_mut().enumerate() {
+            for p in [
+                &mut app.certificate,
+                &mut app.key,
+                &mut app.ca,
+                &mut app.password_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            if let Some(pf) = &app.password_file {
+                if app.password.is_some() {
+                    return Err(key_error(
+                        file,
+                        format!("apps[{i}]"),
+                        "set `password` or `password_file`, not both",
+                    ));
+                }
+                let text = std::fs::read_to_string(pf).map_err(|e| {
+                    key_error(
+                        file,
+                        format!("apps[{i}].password_file"),
+                        format!("{}: {e}", pf.display()),
+                    )
+                })?;
+                app.password = Some(text.trim_end_matches(['\r', '\n']).to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let err = |key: String, problem: &str| Err(key_error(file, key, problem));
+        if self.apps.is_empty() {
+            return err("apps".into(), "at least one [[apps]] entry is needed");
+        }
+        if self.amqp.prefetch == 0 {
+            return err("amqp.prefetch".into(), "must be between 1 and 65535");
+        }
+        if let Some(kind) = &self.amqp.queue_type {
+            if kind != "classic" && kind != "quorum" {
+                return err(
+                    "amqp.queue_type".into(),
+                    "must be \"classic\" or \"quorum\"",
+                );
+            }
+        }
+        if self.amqp.queue.is_empty() {
+            return err("amqp.queue".into(), "must not be empty");
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            let at = |k: &str| format!("apps[{i}].{k}");
+            if app.name.trim().is_empty() {
+                return err(at("name"), "must not be empty");
+            }
+            if !names.insert(app.name.as_str()) {
+                return err(
+                    at("name"),
+                    &format!("{:?} is used by an earlier app", app.name),
+                );
+            }
+            if app.connections == 0 {
+                return err(at("connections"), "must be at least 1");
+            }
+            if app.window == 0 {
+                return err(at("window"), "must be at least 1");
+            }
+            if app.max_attempts == 0 {
+                return err(at("max_attempts"), "must be at least 1");
+            }
+            if app.settle.is_zero() {
+                return err(at("settle"), "must be more than 0");
+            }
+            if app.reconnect_min > app.reconnect_max {
+                return err(at("reconnect_min"), "must not exceed reconnect_max");
+            }
+            match (&app.certificate, app.environment) {
+                (None, Environment::Simulator) if app.gateway.is_none() => {}
+                (None, _) => return err(at("certificate"), "is required (PKCS#12 or PEM)"),
+                (Some(_), _) => {}
+            }
+            for (k, v) in [("gateway", &app.gateway), ("feedback", &app.feedback)] {
+                if let Some(addr) = v {
+                    let port_ok = addr
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+                    if !port_ok {
+                        return err(at(k), &format!("{addr:?} is not host:port"));
+                    }
+                }
+            }
+            if app.environment == Environment::Simulator
+                && app.gateway.is_some() != app.feedback.is_some()
+            {
+                return err(
+                    at("feedback"),
+                    "the simulator environment needs both `gateway` and `feedback`, or neither",
+                );
+            }
+            for (k, v) in [
+                ("certificate", &app.certificate),
+                ("key", &app.key),
+                ("ca", &app.ca),
+            ] {
+                if let Some(p) = v {
+                    if !p.is_file() {
+                        return err(at(k), &format!("{} does not exist", p.display()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn key_error(file: &Path, key: String, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        file: file.to_owned(),
+        key,
+        problem: problem.into(),
+    }
+}
+
+/// Rewrites config-rs's messages so the key comes first, with its full path:
+/// "unknown field `x`, expected ... for key `amqp`" → "unknown key amqp.x (expected ...)".
+fn explain(message: &str) -> String {
+    let fixed = fix_index_paths(message);
+    let Some(rest) = fixed.strip_prefix("unknown field `") else {
+        return fixed;
+    };
+    let Some((field, rest)) = rest.split_once('`') else {
+        return fixed;
+    };
+    let (expected, section) = match rest.rsplit_once(" for key `") {
+        Some((exp, sec)) => (exp, Some(sec.trim_end_matches('`'))),
+        None => (rest, None),
+    };
+    let path = match section {
+        Some(s) => format!("{s}.{field}"),
+        None => field.to_owned(),
+    };
+    format!("unknown key {path} ({})", expected.trim_start_matches(", "))
+}
+
+/// config-rs writes `apps[0]connections`; make it `apps[0].connections`.
+fn fix_index_paths(message: &str) -> String {
+    let mut out = String::with_capacity(message.len() + 4);
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == ']' && chars.peek().is_some_and(|n| n.is_ascii_alphabetic()) {
+            out.push('.');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const APP: &str = "[[apps]]\nname = \"example\"\nenvironment = \"simulator\"\n";
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "apnsd.toml", text);
+        Config::load_with_env(&p, Some(HashMap::new()))
+    }
+
+    fn message(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        for bad in ["", "5", "s", "5x", "1.5s", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_contract_example_parses_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "example.p12", "not read by load");
+        write(dir.path(), "example.pass", "s3cret\n");
+        write(dir.path(), "ca.pem", "not read by load");
+        let text = r#"
+log_level = "info"
+log_format = "text"
+[amqp]
+uri = "amqp://guest:guest@127.0.0.1:5672/%2f"
+queue = "apns.jobs"
+prefetch = 20000
+results_exchange = "apns.results"
+[results]
+delivered = false
+[metrics]
+listen = "127.0.0.1:9464"
+[[apps]]
+name = "example"
+topic = "com.example.app"
+environment = "sandbox"
+certificate = "example.p12"
+password_file = "example.pass"
+connections = 2
+gateway = "127.0.0.1:22195"
+feedback = "127.0.0.1:22196"
+ca = "ca.pem"
+feedback_interval = "1h"
+"#;
+        let p = write(dir.path(), "apnsd.toml", text);
+        let c = Config::load_with_env(&p, Some(HashMap::new())).unwrap();
+        let app = &c.apps[0];
+        assert_eq!(app.password.as_deref(), Some("s3cret"));
+        assert_eq!(
+            app.certificate.as_deref(),
+            Some(dir.path().join("example.p12").as_path())
+        );
+        assert_eq!(app.environment, Environment::Sandbox);
+        assert_eq!(app.feedback_interval, Duration::from_secs(3600));
+        assert_eq!(
+            (app.settle, app.window, app.max_attempts),
+            (Duration::from_millis(500), 100_000, 3)
+        );
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.amqp.prefetch, 20_000);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert!(!format!("{app:?}").contains("s3cret"));
+        assert_eq!(c.app(None).map(|a| a.name.as_str()), Some("example"));
+        assert!(c.app(Some("other")).is_none());
+    }
+
+    #[test]
+    fn environment_overrides_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "apnsd.toml", APP);
+        let env = HashMap::from([
+            ("APNSD_AMQP__PREFETCH".to_owned(), "10".to_owned()),
+            ("APNSD_LOG_LEVEL".to_owned(), "debug".to_owned()),
+            (
+                "APNSD_AMQP__URI".to_owned(),
+                "amqp://other:5672/%2f".to_owned(),
+            ),
+        ]);
+        let c = Config::load_with_env(&p, Some(env)).unwrap();
+        assert_eq!((c.amqp.prefetch, c.log_level.as_str()), (10, "debug"));
+        assert_eq!(c.amqp.uri, "amqp://other:5672/%2f");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        assert!(message(&format!("bogus = 1\n{APP}")).contains("unknown key bogus"));
+        assert!(message(&format!("[amqp]\nprefetchh = 3\n{APP}"))
+            .contains("unknown key amqp.prefetchh"));
+        let m = message(&format!("{APP}connectionz = 3\n"));
+        assert!(m.contains("unknown key apps[0].connectionz"), "{m}");
+        assert!(m.contains("apnsd.toml"), "{m}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        assert!(message(&format!("{APP}settle = \"fast\"\n")).contains("apps[0].settle"));
+        assert!(message(&format!("[amqp]\nprefetch = 70000\n{APP}")).contains("amqp.prefetch"));
+        assert!(message(&format!("[amqp]\nprefetch = 0\n{APP}")).contains("amqp.prefetch"));
+        assert!(message(&format!("{APP}connections = 0\n"))
+            .contains("apps[0].connections: must be at least 1"));
+        assert!(message(&format!("{APP}environment2 = 1\n")).contains("environment2"));
+        assert!(message(&format!("{APP}{APP}")).contains("apps[1].name"));
+        assert!(message("log_level = \"info\"\n").contains("at least one [[apps]]"));
+        let m = message("[[apps]]\nname = \"a\"\nenvironment = \"sandbox\"\n");
+        assert!(m.contains("apps[0].certificate: is required"), "{m}");
+        let m = message(
+            "[[apps]]\nname = \"a\"\nenvironment = \"sandbox\"\ncertificate = \"/nope/x.p12\"\n",
+        );
+        assert!(m.contains("/nope/x.p12 does not exist"), "{m}");
+        let m = message("[[apps]]\nname = \"a\"\nenvironment = \"sandbox\"\ncertificate = \"/etc/hostname\"\ngateway = \"localhost\"\n");
+        assert!(m.contains("apps[0].gateway"), "{m}");
+        let m = message(&format!(
+            "{APP}password = \"a\"\npassword_file = \"/etc/hostname\"\n"
+        ));
+        assert!(m.contains("not both"), "{m}");
+    }
+
+    #[test]
+    fn the_shipped_config_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let c = Config::load_with_env(&p, Some(HashMap::new())).unwrap();
+        assert_eq!(c.apps[0].environment, Environment::Simulator);
+        assert!(c.apps[0].gateway.is_none());
+    }
+}
