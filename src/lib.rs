@@ -15,10 +15,13 @@
 pub mod amqp;
 pub mod apns;
 pub mod backoff;
+pub mod config;
+pub mod daemon;
 pub mod feedback;
 pub mod job;
 pub mod ledger;
 pub mod metrics;
 pub mod pipeline;
 pub mod results;
+pub mod shutdown;
 pub mod simulator;
