@@ -9,9 +9,9 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueDeclareOptions,
 };
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::oneshot;
 
 use crate::ledger::JobKey;
@@ -176,11 +176,11 @@ impl Publisher {
             return std::future::pending().await;
         };
         let deadline = front.sent + self.confirm_timeout;
-        let confirmation =
-            match tokio::time::timeout_at(deadline.into(), &mut front.confirm).await {
-                Err(_) => return Err(AmqpError::ConfirmTimeout(self.confirm_timeout)),
-                Ok(result) => result?,
-            };
+        let confirmation = match tokio::time::timeout_at(deadline.into(), &mut front.confirm).await
+        {
+            Err(_) => return Err(AmqpError::ConfirmTimeout(self.confirm_timeout)),
+            Ok(result) => result?,
+        };
         let Some(done) = self.inflight.pop_front() else {
             return Ok(None);
         };

@@ -51,7 +51,9 @@ impl Poller {
                         _ = shutdown.cancelled() => return,
                     }
                 }
-                Err(e) => tracing::warn!(app = %self.app, addr = %target.addr, error = %e, "feedback poll failed"),
+                Err(e) => {
+                    tracing::warn!(app = %self.app, addr = %target.addr, error = %e, "feedback poll failed")
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
@@ -108,7 +110,12 @@ pub async fn poll(target: &Target, connect_timeout: Duration) -> io::Result<Vec<
         // The service closes without close_notify; what was read is complete tuples or not.
         Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {}
         Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "feedback read timed out")),
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "feedback read timed out",
+            ))
+        }
     }
     let mut tuples = Vec::new();
     let mut rest = &buf[..];

@@ -205,11 +205,12 @@ impl Job {
                 })
             }
         };
-        Self::from_map(map).map(|mut job| {
-            job.id = id.clone().map(Arc::from);
-            job
-        })
-        .map_err(|error| Rejection { error, id })
+        Self::from_map(map)
+            .map(|mut job| {
+                job.id = id.clone().map(Arc::from);
+                job
+            })
+            .map_err(|error| Rejection { error, id })
     }
 
     fn from_map(mut map: Map<String, Value>) -> Result<Job, JobError> {
@@ -327,8 +328,14 @@ mod tests {
         assert_eq!(DeviceToken::parse("<>"), Err(TokenError::Empty));
         assert_eq!(DeviceToken::parse("abc"), Err(TokenError::Length(3)));
         assert_eq!(DeviceToken::parse(&HEX[..62]), Err(TokenError::Length(62)));
-        assert_eq!(DeviceToken::parse(&format!("{HEX}00")), Err(TokenError::Length(66)));
-        assert_eq!(DeviceToken::parse(&HEX.replace('b', "g")), Err(TokenError::NotHex('g')));
+        assert_eq!(
+            DeviceToken::parse(&format!("{HEX}00")),
+            Err(TokenError::Length(66))
+        );
+        assert_eq!(
+            DeviceToken::parse(&HEX.replace('b', "g")),
+            Err(TokenError::NotHex('g'))
+        );
     }
 
     fn decode(body: &str) -> Result<Job, Rejection> {
@@ -352,7 +359,10 @@ mod tests {
 
     #[test]
     fn fan_out_and_message_id_fallback() {
-        let body = format!(r#"{{"tokens":["{HEX}","<{}>"],"payload":{{"aps":{{}}}}}}"#, HEX.to_uppercase());
+        let body = format!(
+            r#"{{"tokens":["{HEX}","<{}>"],"payload":{{"aps":{{}}}}}}"#,
+            HEX.to_uppercase()
+        );
         let job = Job::decode(body.as_bytes(), Some("m-1")).unwrap();
         assert_eq!(job.tokens.len(), 2);
         assert_eq!(job.id.as_deref(), Some("m-1"));
@@ -367,15 +377,39 @@ mod tests {
             ("[1,2]".into(), JobError::NotObject),
             (format!("{{{p}}}"), JobError::NoToken),
             (format!(r#"{{"tokens":[],{p}}}"#), JobError::EmptyTokens),
-            (format!(r#"{{"token":"{HEX}","tokens":["{HEX}"],{p}}}"#), JobError::BothTokenFields),
-            (format!(r#"{{"token":5,{p}}}"#), wrong("token", "a hex string")),
+            (
+                format!(r#"{{"token":"{HEX}","tokens":["{HEX}"],{p}}}"#),
+                JobError::BothTokenFields,
+            ),
+            (
+                format!(r#"{{"token":5,{p}}}"#),
+                wrong("token", "a hex string"),
+            ),
             (format!(r#"{{"token":"{HEX}"}}"#), JobError::NoPayload),
-            (format!(r#"{{"token":"{HEX}","payload":"hi"}}"#), wrong("payload", "a JSON object")),
-            (format!(r#"{{"token":"{HEX}","payload":{{"alert":1}}}}"#), JobError::NoAps),
-            (format!(r#"{{"token":"{HEX}",{p},"priority":7}}"#), JobError::BadPriority(7)),
-            (format!(r#"{{"token":"{HEX}",{p},"priority":"high"}}"#), wrong("priority", "10 or 5")),
-            (format!(r#"{{"token":"{HEX}",{p},"expiry":-1}}"#), JobError::BadExpiry("-1".into())),
-            (format!(r#"{{"token":"{HEX}",{p},"app":3}}"#), wrong("app", "a string")),
+            (
+                format!(r#"{{"token":"{HEX}","payload":"hi"}}"#),
+                wrong("payload", "a JSON object"),
+            ),
+            (
+                format!(r#"{{"token":"{HEX}","payload":{{"alert":1}}}}"#),
+                JobError::NoAps,
+            ),
+            (
+                format!(r#"{{"token":"{HEX}",{p},"priority":7}}"#),
+                JobError::BadPriority(7),
+            ),
+            (
+                format!(r#"{{"token":"{HEX}",{p},"priority":"high"}}"#),
+                wrong("priority", "10 or 5"),
+            ),
+            (
+                format!(r#"{{"token":"{HEX}",{p},"expiry":-1}}"#),
+                JobError::BadExpiry("-1".into()),
+            ),
+            (
+                format!(r#"{{"token":"{HEX}",{p},"app":3}}"#),
+                wrong("app", "a string"),
+            ),
         ];
         for (body, want) in cases {
             let got = decode(&body).unwrap_err().error;
@@ -387,18 +421,25 @@ mod tests {
         let bad = decode(&format!(r#"{{"id":"x","tokens":["{HEX}","zz"],{p}}}"#)).unwrap_err();
         assert_eq!(bad.id.as_deref(), Some("x"));
         assert!(matches!(bad.error, JobError::BadToken { index: 1, .. }));
-        assert_eq!(Job::decode(&[0xff, 0xfe], None).unwrap_err().error, JobError::NotUtf8);
+        assert_eq!(
+            Job::decode(&[0xff, 0xfe], None).unwrap_err().error,
+            JobError::NotUtf8
+        );
     }
 
     #[test]
     fn payload_limit_is_measured_on_compact_json() {
         let fits = "x".repeat(MAX_PAYLOAD - r#"{"aps":{"alert":""}}"#.len());
-        let body = format!(r#"{{"token":"{HEX}","payload":{{ "aps" : {{ "alert" : "{fits}" }} }}}}"#);
+        let body =
+            format!(r#"{{"token":"{HEX}","payload":{{ "aps" : {{ "alert" : "{fits}" }} }}}}"#);
         assert_eq!(decode(&body).unwrap().payload.len(), MAX_PAYLOAD);
         let body = format!(r#"{{"token":"{HEX}","payload":{{"aps":{{"alert":"{fits}x"}}}}}}"#);
         assert_eq!(
             decode(&body).unwrap_err().error,
-            JobError::PayloadTooLarge { size: MAX_PAYLOAD + 1, limit: MAX_PAYLOAD }
+            JobError::PayloadTooLarge {
+                size: MAX_PAYLOAD + 1,
+                limit: MAX_PAYLOAD
+            }
         );
     }
 }

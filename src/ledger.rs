@@ -174,10 +174,18 @@ mod tests {
         l.open(JobKey(1), 7, 3, 0);
         assert_eq!(l.token_done(JobKey(1), false), None);
         assert_eq!(l.token_done(JobKey(1), true), None);
-        assert_eq!(l.token_done(JobKey(1), false), None, "a result is still unconfirmed");
+        assert_eq!(
+            l.token_done(JobKey(1), false),
+            None,
+            "a result is still unconfirmed"
+        );
         assert_eq!(l.result_confirmed(JobKey(1)), Some(7));
         assert!(l.is_empty());
-        assert_eq!(l.token_done(JobKey(1), false), None, "unknown jobs are ignored");
+        assert_eq!(
+            l.token_done(JobKey(1), false),
+            None,
+            "unknown jobs are ignored"
+        );
     }
 
     #[test]
@@ -223,7 +231,10 @@ mod tests {
         for t in 2..=5 {
             p.done(t);
         }
-        assert_eq!(acks(&mut p), vec![(2, false), (3, false), (4, false), (5, false)]);
+        assert_eq!(
+            acks(&mut p),
+            vec![(2, false), (3, false), (4, false), (5, false)]
+        );
         assert_eq!(p.unacked(), 1);
         p.done(1);
         // 2..=5 are acked already: a multiple ack up to 1 never covers them twice.

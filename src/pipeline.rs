@@ -191,7 +191,11 @@ impl Pipeline {
         result
     }
 
-    async fn on_deliveries(&mut self, s: &mut Session<'_>, batch: Vec<Delivery>) -> Result<(), AmqpError> {
+    async fn on_deliveries(
+        &mut self,
+        s: &mut Session<'_>,
+        batch: Vec<Delivery>,
+    ) -> Result<(), AmqpError> {
         let mut routed: HashMap<Arc<str>, Vec<Notification>> = HashMap::new();
         for d in batch {
             self.stats.jobs_consumed.inc();
@@ -199,11 +203,16 @@ impl Pipeline {
             s.acks.delivered(tag);
             self.next_key += 1;
             let key = JobKey(self.next_key);
-            let message_id = d.properties.message_id().as_ref().map(|m| m.as_str().to_owned());
+            let message_id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned());
             let job = match Job::decode(&d.data, message_id.as_deref()) {
                 Ok(job) => job,
                 Err(rejection) => {
-                    s.reject(&self.stats, key, tag, rejection.error, d.data, rejection.id).await?;
+                    s.reject(&self.stats, key, tag, rejection.error, d.data, rejection.id)
+                        .await?;
                     continue;
                 }
             };
@@ -224,7 +233,11 @@ impl Pipeline {
                 priority: job.priority,
             });
             let list = routed.entry(route.name.clone()).or_default();
-            list.extend(job.tokens.into_iter().map(|t| Notification::new(envelope.clone(), t)));
+            list.extend(
+                job.tokens
+                    .into_iter()
+                    .map(|t| Notification::new(envelope.clone(), t)),
+            );
         }
         for (app, notifications) in routed {
             if let Some(route) = self.routes.get(&*app) {
@@ -236,7 +249,11 @@ impl Pipeline {
     }
 
     /// Handles `first` and whatever else the lanes reported meanwhile.
-    async fn on_outcomes(&mut self, s: &mut Session<'_>, first: Vec<Outcome>) -> Result<(), lapin::Error> {
+    async fn on_outcomes(
+        &mut self,
+        s: &mut Session<'_>,
+        first: Vec<Outcome>,
+    ) -> Result<(), lapin::Error> {
         let mut batch = first;
         for _ in 0..64 {
             self.on_outcome_batch(s, batch).await?;
@@ -248,7 +265,11 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn on_outcome_batch(&mut self, s: &mut Session<'_>, batch: Vec<Outcome>) -> Result<(), lapin::Error> {
+    async fn on_outcome_batch(
+        &mut self,
+        s: &mut Session<'_>,
+        batch: Vec<Outcome>,
+    ) -> Result<(), lapin::Error> {
         for o in batch {
             let n = &o.notification;
             let env = &n.envelope;
@@ -338,7 +359,12 @@ impl Session<'_> {
         self.acks.take(&mut self.ack_buf);
         for ack in self.ack_buf.drain(..) {
             self.consume
-                .basic_ack(ack.tag, BasicAckOptions { multiple: ack.multiple })
+                .basic_ack(
+                    ack.tag,
+                    BasicAckOptions {
+                        multiple: ack.multiple,
+                    },
+                )
                 .await?;
         }
         Ok(())

@@ -169,13 +169,23 @@ mod tests {
         };
         assert_eq!(rejected.routing_key(), "rejected");
         let v = parse(&rejected);
-        assert_eq!((v["error"].as_str(), v["body"].as_str(), v["id"].as_str()),
-            (Some("body is not JSON"), Some("nope"), Some("m-1")));
+        assert_eq!(
+            (v["error"].as_str(), v["body"].as_str(), v["id"].as_str()),
+            (Some("body is not JSON"), Some("nope"), Some("m-1"))
+        );
 
-        let unreg = Event::Unregistered { app: "a".into(), token, timestamp: 1234 };
+        let unreg = Event::Unregistered {
+            app: "a".into(),
+            token,
+            timestamp: 1234,
+        };
         assert_eq!(unreg.routing_key(), "unregistered");
         assert_eq!(parse(&unreg)["timestamp"], 1234);
-        let delivered = Event::Delivered { app: "a".into(), id: None, token };
+        let delivered = Event::Delivered {
+            app: "a".into(),
+            id: None,
+            token,
+        };
         assert_eq!(delivered.routing_key(), "delivered");
         assert_eq!(parse(&delivered)["token"], "ab".repeat(32));
     }

@@ -15,8 +15,7 @@ pub const ERROR_RESPONSE_LEN: usize = 6;
 pub const FEEDBACK_TUPLE_LEN: usize = 4 + 2 + DeviceToken::LEN;
 /// Largest command 2 frame body we will ever need to buffer: every item once,
 /// at its maximum size. Anything longer cannot be valid.
-pub const MAX_FRAME_BODY: usize =
-    3 + DeviceToken::LEN + 3 + MAX_PAYLOAD + 3 + 4 + 3 + 4 + 3 + 1;
+pub const MAX_FRAME_BODY: usize = 3 + DeviceToken::LEN + 3 + MAX_PAYLOAD + 3 + 4 + 3 + 4 + 3 + 1;
 
 const COMMAND_SIMPLE: u8 = 0;
 const COMMAND_ENHANCED: u8 = 1;
@@ -133,7 +132,14 @@ pub struct ErrorResponse {
 impl ErrorResponse {
     pub fn encode(&self) -> [u8; ERROR_RESPONSE_LEN] {
         let id = self.identifier.to_be_bytes();
-        [COMMAND_ERROR, self.status.code(), id[0], id[1], id[2], id[3]]
+        [
+            COMMAND_ERROR,
+            self.status.code(),
+            id[0],
+            id[1],
+            id[2],
+            id[3],
+        ]
     }
 
     /// `None` when the bytes are not an error response (wrong command byte):
@@ -438,7 +444,8 @@ impl FeedbackTuple {
         if buf.len() < 6 + len {
             return Ok(None);
         }
-        let token = DeviceToken::from_slice(&buf[6..6 + len]).ok_or(FeedbackError::TokenLength(len))?;
+        let token =
+            DeviceToken::from_slice(&buf[6..6 + len]).ok_or(FeedbackError::TokenLength(len))?;
         Ok(Some((
             6 + len,
             FeedbackTuple {
@@ -522,7 +529,10 @@ mod tests {
         want.extend_from_slice(&[0, 2, b'{', b'}']);
         assert_eq!(out, want);
         let (used, d) = decode_notification(&out).unwrap().unwrap();
-        assert_eq!((used, d.command, d.identifier, d.expiry), (out.len(), 1, 9, Some(1000)));
+        assert_eq!(
+            (used, d.command, d.identifier, d.expiry),
+            (out.len(), 1, 9, Some(1000))
+        );
 
         let mut out = Vec::new();
         encode_simple(&mut out, &t, b"{}");
@@ -595,35 +605,65 @@ mod tests {
         let big = vec![b'x'; MAX_PAYLOAD + 1];
         let cases: Vec<(Vec<u8>, Status)> = vec![
             (frame(&[(3, &id), (2, b"{}")]), Status::MissingDeviceToken),
-            (frame(&[(3, &id), (1, &[1; 31]), (2, b"{}")]), Status::InvalidTokenSize),
-            (frame(&[(3, &id), (1, t.as_bytes())]), Status::MissingPayload),
-            (frame(&[(3, &id), (1, t.as_bytes()), (2, &big)]), Status::InvalidPayloadSize),
-            (frame(&[(3, &id), (1, t.as_bytes()), (2, b"{}"), (5, &[7])]), Status::ProtocolError),
-            (frame(&[(3, &id), (1, t.as_bytes()), (2, b"{}"), (2, b"{}")]), Status::ProtocolError),
-            (frame(&[(3, &id), (9, b"x"), (1, t.as_bytes()), (2, b"{}")]), Status::ProtocolError),
+            (
+                frame(&[(3, &id), (1, &[1; 31]), (2, b"{}")]),
+                Status::InvalidTokenSize,
+            ),
+            (
+                frame(&[(3, &id), (1, t.as_bytes())]),
+                Status::MissingPayload,
+            ),
+            (
+                frame(&[(3, &id), (1, t.as_bytes()), (2, &big)]),
+                Status::InvalidPayloadSize,
+            ),
+            (
+                frame(&[(3, &id), (1, t.as_bytes()), (2, b"{}"), (5, &[7])]),
+                Status::ProtocolError,
+            ),
+            (
+                frame(&[(3, &id), (1, t.as_bytes()), (2, b"{}"), (2, b"{}")]),
+                Status::ProtocolError,
+            ),
+            (
+                frame(&[(3, &id), (9, b"x"), (1, t.as_bytes()), (2, b"{}")]),
+                Status::ProtocolError,
+            ),
         ];
         for (bytes, status) in cases {
             assert_eq!(
                 decode_notification(&bytes),
-                Err(Refusal { status, identifier: 5 }),
+                Err(Refusal {
+                    status,
+                    identifier: 5
+                }),
                 "{status:?}"
             );
         }
         assert_eq!(
             decode_notification(&[9, 0, 0]),
-            Err(Refusal { status: Status::ProtocolError, identifier: 0 })
+            Err(Refusal {
+                status: Status::ProtocolError,
+                identifier: 0
+            })
         );
         let mut huge = vec![2];
         huge.extend_from_slice(&(MAX_FRAME_BODY as u32 + 1).to_be_bytes());
         assert_eq!(
             decode_notification(&huge),
-            Err(Refusal { status: Status::ProtocolError, identifier: 0 })
+            Err(Refusal {
+                status: Status::ProtocolError,
+                identifier: 0
+            })
         );
     }
 
     #[test]
     fn feedback_tuple_round_trip() {
-        let f = FeedbackTuple { timestamp: 1_700_000_000, token: token() };
+        let f = FeedbackTuple {
+            timestamp: 1_700_000_000,
+            token: token(),
+        };
         let mut out = Vec::new();
         f.encode(&mut out);
         assert_eq!(out.len(), FEEDBACK_TUPLE_LEN);
@@ -631,6 +671,9 @@ mod tests {
         assert_eq!(FeedbackTuple::decode(&out), Ok(Some((out.len(), f))));
         assert_eq!(FeedbackTuple::decode(&out[..10]), Ok(None));
         out[5] = 31;
-        assert_eq!(FeedbackTuple::decode(&out), Err(FeedbackError::TokenLength(31)));
+        assert_eq!(
+            FeedbackTuple::decode(&out),
+            Err(FeedbackError::TokenLength(31))
+        );
     }
 }

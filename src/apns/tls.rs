@@ -137,17 +137,21 @@ impl Identity {
             path: cert_path.to_owned(),
             detail,
         })?;
-        CertifiedKey::from_der(chain.clone(), key.clone_key(), &aws_lc_rs::default_provider())
-            .map_err(|e| match e {
-                rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
-                    cert: cert_path.to_owned(),
-                    key: key_path.to_owned(),
-                },
-                other => TlsError::BadKey {
-                    path: key_path.to_owned(),
-                    detail: other.to_string(),
-                },
-            })?;
+        CertifiedKey::from_der(
+            chain.clone(),
+            key.clone_key(),
+            &aws_lc_rs::default_provider(),
+        )
+        .map_err(|e| match e {
+            rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+                cert: cert_path.to_owned(),
+                key: key_path.to_owned(),
+            },
+            other => TlsError::BadKey {
+                path: key_path.to_owned(),
+                detail: other.to_string(),
+            },
+        })?;
         Ok(Identity { chain, key, info })
     }
 }
@@ -176,7 +180,11 @@ pub fn load_identity(
                 detail: e.to_string(),
             })?;
         let key_path = key.unwrap_or(certificate);
-        let key_bytes = if key.is_some() { read(key_path)? } else { bytes };
+        let key_bytes = if key.is_some() {
+            read(key_path)?
+        } else {
+            bytes
+        };
         let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| match e {
             rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
                 path: key_path.to_owned(),
@@ -188,10 +196,12 @@ pub fn load_identity(
         })?;
         return Identity::new(chain, key, certificate, key_path);
     }
-    let store = p12_keystore::KeyStore::from_pkcs12(&bytes, password.unwrap_or(""))
-        .map_err(|e| TlsError::Pkcs12 {
-            path: certificate.to_owned(),
-            detail: e.to_string(),
+    let store =
+        p12_keystore::KeyStore::from_pkcs12(&bytes, password.unwrap_or("")).map_err(|e| {
+            TlsError::Pkcs12 {
+                path: certificate.to_owned(),
+                detail: e.to_string(),
+            }
         })?;
     let (_, chain) = store.private_key_chain().ok_or_else(|| TlsError::NoKey {
         path: certificate.to_owned(),

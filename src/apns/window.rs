@@ -114,7 +114,9 @@ impl<T: Clone> Window<T> {
                 Some(e) if e.at + self.settle <= now => {}
                 _ => break,
             }
-            let Some(e) = self.unsettled.pop_front() else { break };
+            let Some(e) = self.unsettled.pop_front() else {
+                break;
+            };
             self.flushed -= 1;
             if !self.retain.is_zero() && self.retain_cap > 0 {
                 self.retained.push_back(Entry {
@@ -141,11 +143,7 @@ impl<T: Clone> Window<T> {
             .front()
             .or(self.unsettled.front())
             .map(|e| e.id);
-        let last = self
-            .unsettled
-            .back()
-            .or(self.retained.back())
-            .map(|e| e.id);
+        let last = self.unsettled.back().or(self.retained.back()).map(|e| e.id);
         let (Some(first), Some(last)) = (first, last) else {
             return;
         };
@@ -171,7 +169,10 @@ impl<T: Clone> Window<T> {
             }
         };
         // Retained entries are accepted already: only a change of mind is reported.
-        self.drain_retained(|e_id| Some(named(e_id)).filter(|k| *k != Kind::Accepted), out);
+        self.drain_retained(
+            |e_id| Some(named(e_id)).filter(|k| *k != Kind::Accepted),
+            out,
+        );
         self.drain_unsettled(named, out);
     }
 
@@ -236,7 +237,10 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(w.next_deadline(), Some(t0 + SETTLE));
         w.tick(t0 + SETTLE, &mut out);
-        assert_eq!(kinds(&out), vec![(1, Kind::Accepted, false), (2, Kind::Accepted, false)]);
+        assert_eq!(
+            kinds(&out),
+            vec![(1, Kind::Accepted, false), (2, Kind::Accepted, false)]
+        );
         assert_eq!(w.len(), 1, "the unflushed entry waits for its flush");
         w.flushed(t0 + SETTLE);
         out.clear();
@@ -275,7 +279,11 @@ mod tests {
             };
             assert_eq!(
                 kinds(&out),
-                vec![(1, Kind::Accepted, false), (2, want, false), (3, Kind::Resend, false)],
+                vec![
+                    (1, Kind::Accepted, false),
+                    (2, want, false),
+                    (3, Kind::Resend, false)
+                ],
                 "status {code}"
             );
         }
@@ -299,7 +307,11 @@ mod tests {
 
     #[test]
     fn silent_close_and_unattributable_errors_are_ambiguous() {
-        for resp in [None, Some(err(Status::InvalidToken, 0)), Some(err(Status::InvalidToken, 99))] {
+        for resp in [
+            None,
+            Some(err(Status::InvalidToken, 0)),
+            Some(err(Status::InvalidToken, 99)),
+        ] {
             let t0 = Instant::now();
             let mut w = window_with(3, t0);
             let mut out = Vec::new();
@@ -352,7 +364,10 @@ mod tests {
         w.push(6, 6, t0 + SETTLE);
         out.clear();
         w.on_error(err(Status::Shutdown, 3), &mut out);
-        assert_eq!(kinds(&out), vec![(5, Kind::Resend, false), (6, Kind::Resend, false)]);
+        assert_eq!(
+            kinds(&out),
+            vec![(5, Kind::Resend, false), (6, Kind::Resend, false)]
+        );
     }
 
     #[test]

@@ -75,7 +75,10 @@ impl SimCerts {
         ca.distinguished_name
             .push(DnType::CommonName, "apnsd simulator CA");
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let ca_key = KeyPair::generate()?;
         let ca_cert = ca.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca, ca_key);
@@ -87,7 +90,8 @@ impl SimCerts {
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let server_key = KeyPair::generate()?;
         let server_cert = server.signed_by(&server_key, &issuer)?;
-        let server_key_der = PrivateKeyDer::from(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
+        let server_key_der =
+            PrivateKeyDer::from(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
 
         let mut certs = SimCerts {
             ca: ca_cert.der().clone(),
@@ -108,15 +112,25 @@ impl SimCerts {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CustomDnType(UID.to_vec()), spec.topic.as_str());
-        dn.push(DnType::CommonName, format!("Apple Push Services: {}", spec.topic));
+        dn.push(
+            DnType::CommonName,
+            format!("Apple Push Services: {}", spec.topic),
+        );
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         // Apple's extensions carry a DER NULL.
         if spec.sandbox {
-            params.custom_extensions.push(CustomExtension::from_oid_content(APPLE_SANDBOX, vec![5, 0]));
+            params
+                .custom_extensions
+                .push(CustomExtension::from_oid_content(APPLE_SANDBOX, vec![5, 0]));
         }
         if spec.production {
-            params.custom_extensions.push(CustomExtension::from_oid_content(APPLE_PRODUCTION, vec![5, 0]));
+            params
+                .custom_extensions
+                .push(CustomExtension::from_oid_content(
+                    APPLE_PRODUCTION,
+                    vec![5, 0],
+                ));
         }
         if spec.expired {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
@@ -150,9 +164,10 @@ impl SimCerts {
         let provider = Arc::new(aws_lc_rs::default_provider());
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.clone())?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| CertError::Verifier(e.to_string()))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| CertError::Verifier(e.to_string()))?;
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
@@ -166,7 +181,10 @@ impl SimCerts {
         self.client_config_for(&self.client)
     }
 
-    pub fn client_config_for(&self, identity: &Identity) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    pub fn client_config_for(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.clone())?;
         tls::client_config_with_roots(identity, roots)
@@ -199,7 +217,8 @@ pub fn write_identity(identity: &Identity, dir: &Path, name: &str) -> Result<(),
         .map(|c| p12_keystore::Certificate::from_der(c))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::Pkcs12(e.to_string()))?;
-    let chain = p12_keystore::PrivateKeyChain::new(identity.key.secret_der(), [1u8, 2, 3, 4], certs);
+    let chain =
+        p12_keystore::PrivateKeyChain::new(identity.key.secret_der(), [1u8, 2, 3, 4], certs);
     let mut store = p12_keystore::KeyStore::new();
     store.add_entry(name, p12_keystore::KeyStoreEntry::PrivateKeyChain(chain));
     let p12 = store
@@ -240,7 +259,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         certs.write_to(dir.path()).unwrap();
 
-        let p12 = tls::load_identity(&dir.path().join("client.p12"), Some(P12_PASSWORD), None).unwrap();
+        let p12 =
+            tls::load_identity(&dir.path().join("client.p12"), Some(P12_PASSWORD), None).unwrap();
         assert_eq!(p12.info.topic.as_deref(), Some("com.example.app"));
         assert!(p12.info.sandbox && p12.info.production);
         assert!(p12.info.not_after > p12.info.not_before);
@@ -263,12 +283,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         certs.write_to(dir.path()).unwrap();
         let other = certs
-            .mint_client(&ClientSpec { sandbox: true, production: false, ..ClientSpec::new("com.other") })
+            .mint_client(&ClientSpec {
+                sandbox: true,
+                production: false,
+                ..ClientSpec::new("com.other")
+            })
             .unwrap();
         assert!(other.info.sandbox && !other.info.production);
         write_identity(&other, dir.path(), "other").unwrap();
 
-        let err = tls::load_identity(&dir.path().join("client.p12"), Some("nope"), None).unwrap_err();
+        let err =
+            tls::load_identity(&dir.path().join("client.p12"), Some("nope"), None).unwrap_err();
         assert!(matches!(err, TlsError::Pkcs12 { .. }), "{err}");
         assert!(err.to_string().contains("client.p12"));
 
@@ -284,8 +309,10 @@ mod tests {
         let err = tls::load_identity(&dir.path().join("client.pem"), None, None).unwrap_err();
         assert!(matches!(err, TlsError::NoKey { .. }), "{err}");
 
-        let identity = tls::load_identity(&dir.path().join("client.p12"), Some(P12_PASSWORD), None).unwrap();
-        let err = tls::client_config(&identity, Some(&dir.path().join("client-key.pem"))).unwrap_err();
+        let identity =
+            tls::load_identity(&dir.path().join("client.p12"), Some(P12_PASSWORD), None).unwrap();
+        let err =
+            tls::client_config(&identity, Some(&dir.path().join("client-key.pem"))).unwrap_err();
         assert!(matches!(err, TlsError::BadCa { .. }), "{err}");
         let err = tls::load_identity(&dir.path().join("missing.p12"), None, None).unwrap_err();
         assert!(err.to_string().contains("missing.p12"), "{err}");
@@ -296,10 +323,16 @@ mod tests {
         tls::install_crypto_provider();
         let certs = SimCerts::generate("com.example.app").unwrap();
         let old = certs
-            .mint_client(&ClientSpec { expired: true, ..ClientSpec::new("com.old") })
+            .mint_client(&ClientSpec {
+                expired: true,
+                ..ClientSpec::new("com.old")
+            })
             .unwrap();
         assert!(old.info.is_expired(1_700_000_000));
         assert!(!certs.client().info.is_expired(1_700_000_000));
-        assert!(certs.client().info.expires_within(1_700_000_000, i64::MAX / 2));
+        assert!(certs
+            .client()
+            .info
+            .expires_within(1_700_000_000, i64::MAX / 2));
     }
 }

@@ -60,7 +60,10 @@ pub struct Faults {
 
 impl Faults {
     pub fn refusal(&self, token: &DeviceToken) -> Option<Status> {
-        self.refuse.iter().find(|r| r.matches(token)).map(|r| r.status)
+        self.refuse
+            .iter()
+            .find(|r| r.matches(token))
+            .map(|r| r.status)
     }
 }
 

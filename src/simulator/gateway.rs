@@ -107,13 +107,19 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) 
                             connection: number,
                         });
                     }
-                    if faults.shutdown_every.is_some_and(|n| n > 0 && count % n == 0) {
+                    if faults
+                        .shutdown_every
+                        .is_some_and(|n| n > 0 && count.is_multiple_of(n))
+                    {
                         break Some(Close::Answer(ErrorResponse {
                             status: Status::Shutdown,
                             identifier: frame.identifier,
                         }));
                     }
-                    if faults.close_every.is_some_and(|n| n > 0 && count % n == 0) {
+                    if faults
+                        .close_every
+                        .is_some_and(|n| n > 0 && count.is_multiple_of(n))
+                    {
                         break Some(Close::Silent);
                     }
                     if stalled(&shared, faults.stall_after) {

@@ -291,7 +291,10 @@ pub struct SimulateArgs {
 
 fn parse_feedback(text: &str) -> Result<FeedbackTuple, String> {
     let (hex, ts) = match text.split_once(':') {
-        Some((hex, ts)) => (hex, ts.parse::<u32>().map_err(|e| format!("timestamp: {e}"))?),
+        Some((hex, ts)) => (
+            hex,
+            ts.parse::<u32>().map_err(|e| format!("timestamp: {e}"))?,
+        ),
         None => (
             text,
             std::time::SystemTime::now()
@@ -386,7 +389,10 @@ mod tests {
         Simulator::start(opts).await.unwrap()
     }
 
-    async fn connect(sim: &Simulator, addr: SocketAddr) -> tokio_rustls::client::TlsStream<TcpStream> {
+    async fn connect(
+        sim: &Simulator,
+        addr: SocketAddr,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let config = sim.certs().client_config().unwrap();
         TlsConnector::from(config)
@@ -419,7 +425,10 @@ mod tests {
         }
         let accepted = sim.accepted();
         assert_eq!(accepted.iter().map(|a| a.token).collect::<Vec<_>>(), tokens);
-        assert_eq!((accepted[1].identifier, accepted[1].priority), (2, Some(10)));
+        assert_eq!(
+            (accepted[1].identifier, accepted[1].priority),
+            (2, Some(10))
+        );
         assert_eq!(sim.connections(), 1);
         sim.shutdown().await;
     }
@@ -435,18 +444,38 @@ mod tests {
         let resp = ErrorResponse::decode(answer[..ERROR_RESPONSE_LEN].try_into().unwrap()).unwrap();
         assert_eq!((resp.status, resp.identifier), (Status::InvalidToken, 2));
         assert_eq!(answer.len(), ERROR_RESPONSE_LEN);
-        assert_eq!(sim.accepted().iter().map(|a| a.token).collect::<Vec<_>>(), [token(1, 1)]);
-        assert_eq!(sim.refused(), vec![(token(0xff, 2), Status::InvalidToken, 2)]);
+        assert_eq!(
+            sim.accepted().iter().map(|a| a.token).collect::<Vec<_>>(),
+            [token(1, 1)]
+        );
+        assert_eq!(
+            sim.refused(),
+            vec![(token(0xff, 2), Status::InvalidToken, 2)]
+        );
         sim.shutdown().await;
     }
 
     #[tokio::test]
     async fn shutdown_names_the_last_processed_and_close_says_nothing() {
-        let sim = start(Faults { shutdown_every: Some(2), ..Default::default() }).await;
+        let sim = start(Faults {
+            shutdown_every: Some(2),
+            ..Default::default()
+        })
+        .await;
         let answer = exchange(&sim, &frames(&[token(1, 1), token(1, 2), token(1, 3)])).await;
-        assert_eq!(answer, ErrorResponse { status: Status::Shutdown, identifier: 2 }.encode());
+        assert_eq!(
+            answer,
+            ErrorResponse {
+                status: Status::Shutdown,
+                identifier: 2
+            }
+            .encode()
+        );
         assert_eq!(sim.accepted_count(), 2);
-        sim.set_faults(Faults { close_every: Some(1), ..Default::default() });
+        sim.set_faults(Faults {
+            close_every: Some(1),
+            ..Default::default()
+        });
         let answer = exchange(&sim, &frames(&[token(2, 1), token(2, 2)])).await;
         assert!(answer.is_empty());
         assert_eq!(sim.accepted_count(), 3);
@@ -457,7 +486,14 @@ mod tests {
     async fn malformed_frames_get_a_protocol_error() {
         let sim = start(Faults::default()).await;
         let answer = exchange(&sim, &[9, 0, 0, 0, 0, 0]).await;
-        assert_eq!(answer, ErrorResponse { status: Status::ProtocolError, identifier: 0 }.encode());
+        assert_eq!(
+            answer,
+            ErrorResponse {
+                status: Status::ProtocolError,
+                identifier: 0
+            }
+            .encode()
+        );
         sim.shutdown().await;
     }
 
@@ -478,7 +514,10 @@ mod tests {
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while sim.handshake_failures() == 0 {
-            assert!(std::time::Instant::now() < deadline, "handshake was not refused");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "handshake was not refused"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(sim.connections(), 0);
@@ -499,7 +538,13 @@ mod tests {
         let first = read(&sim).await;
         assert_eq!(
             FeedbackTuple::decode(&first).unwrap(),
-            Some((first.len(), FeedbackTuple { timestamp: 1234, token: token(3, 3) }))
+            Some((
+                first.len(),
+                FeedbackTuple {
+                    timestamp: 1234,
+                    token: token(3, 3)
+                }
+            ))
         );
         assert!(read(&sim).await.is_empty());
         sim.shutdown().await;
