@@ -33,6 +33,11 @@ pub enum DaemonError {
     App { app: String, what: String },
     #[error("built-in simulator: {0}")]
     Simulator(String),
+    #[error("metrics.listen: cannot listen on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running daemon: its counters, and the task to await for its end.
@@ -49,6 +54,17 @@ impl Daemon {
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         let (requests_tx, requests_rx) = mpsc::channel(1024);
 
+        if let Some(addr) = config.metrics.listen {
+            let listener = crate::metrics::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?;
+            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                stats.clone(),
+                shutdown.child_token(),
+            ));
+        }
         let simulator = start_simulator_if_needed(&config).await?;
         let mut routes = HashMap::new();
         let mut pollers = Vec::new();

@@ -1,37 +1,57 @@
-//! Counters the daemon keeps about itself. Plain atomics, owned by one daemon
-//! instance (so tests running several daemons in one process stay apart).
+//! What apnsd counts about itself, and the small HTTP endpoint that shows it:
+//! `/metrics` (Prometheus text), `/healthz` (the process answers), `/readyz`
+//! (a broker session is consuming). One registry per daemon instance, so
+//! several daemons in one test process stay apart.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+type PCounter = prometheus_client::metrics::counter::Counter<u64>;
+type PGauge = prometheus_client::metrics::gauge::Gauge<i64>;
+
+#[derive(Debug, Default, Clone)]
+pub struct Counter(PCounter);
 
 impl Counter {
     pub fn inc(&self) {
-        self.add(1);
+        self.0.inc();
     }
     pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.inc_by(n);
     }
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicI64);
+#[derive(Debug, Default, Clone)]
+pub struct Gauge(PGauge);
 
 impl Gauge {
     pub fn add(&self, n: i64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+        self.0.inc_by(n);
     }
     pub fn get(&self) -> i64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.get()
     }
 }
 
-/// Everything apnsd counts. Names follow the Prometheus names they render as.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Everything apnsd counts.
 pub struct Stats {
     pub jobs_consumed: Counter,
     pub jobs_rejected: Counter,
@@ -40,6 +60,7 @@ pub struct Stats {
     pub written: Counter,
     pub accepted: Counter,
     pub failed: Counter,
+    failed_by_reason: Family<ReasonLabel, PCounter>,
     /// Retried after a transient status (1 or 255).
     pub retried: Counter,
     /// Resent because an earlier notification on the connection failed.
@@ -47,32 +68,144 @@ pub struct Stats {
     /// Resent because a connection closed without saying what it processed:
     /// these are the only possible duplicates.
     pub resent_after_close: Counter,
+    pub results_published: Counter,
     pub connections: Counter,
     pub connect_failures: Counter,
     pub stalls: Counter,
     pub connections_up: Gauge,
     pub feedback_tokens: Counter,
+    accept_latency: Histogram,
+    ready: AtomicBool,
+    registry: Registry,
 }
 
-/// A plain copy of [`Stats`], for tests and reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StatsSnapshot {
-    pub jobs_consumed: u64,
-    pub jobs_rejected: u64,
-    pub jobs_acked: u64,
-    pub written: u64,
-    pub accepted: u64,
-    pub failed: u64,
-    pub retried: u64,
-    pub resent_after_error: u64,
-    pub resent_after_close: u64,
-    pub connections: u64,
-    pub connect_failures: u64,
-    pub stalls: u64,
-    pub feedback_tokens: u64,
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.snapshot().fmt(f)
+    }
 }
 
 impl Stats {
+    pub fn new() -> Stats {
+        let mut registry = Registry::with_prefix("apnsd");
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.0.clone());
+            c
+        };
+        let jobs_consumed = counter("jobs_consumed", "Jobs taken from the jobs queue");
+        let jobs_rejected = counter(
+            "jobs_rejected",
+            "Jobs that were unusable (rejected results)",
+        );
+        let jobs_acked = counter(
+            "jobs_acked",
+            "Jobs acknowledged after every outcome was final",
+        );
+        let written = counter(
+            "notifications_written",
+            "Notifications written to a gateway connection",
+        );
+        let accepted = counter(
+            "notifications_accepted",
+            "Notifications APNs accepted (settled or implied)",
+        );
+        let failed = counter("notifications_failed", "Notifications that failed for good");
+        let retried = counter("notifications_retried", "Retries after a transient status");
+        let resent_after_error = counter(
+            "notifications_resent_after_error",
+            "Notifications resent because an earlier one on the connection failed",
+        );
+        let resent_after_close = counter(
+            "notifications_resent_after_close",
+            "Notifications resent because a connection closed silently (possible duplicates)",
+        );
+        let results_published = counter("results_published", "Results confirmed by the broker");
+        let connections = counter("connections_opened", "Gateway connections established");
+        let connect_failures = counter("connect_failures", "Failed gateway connection attempts");
+        let stalls = counter(
+            "connection_stalls",
+            "Connections dropped because writes made no progress",
+        );
+        let feedback_tokens = counter("feedback_tokens", "Tokens reported by the feedback service");
+        let connections_up = Gauge::default();
+        registry.register(
+            "connections_up",
+            "Gateway connections open now",
+            connections_up.0.clone(),
+        );
+        let failed_by_reason = Family::<ReasonLabel, PCounter>::default();
+        registry.register(
+            "notifications_failed_by_reason",
+            "Notifications that failed for good, by reason",
+            failed_by_reason.clone(),
+        );
+        let accept_latency = Histogram::new([
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 60.0,
+        ]);
+        registry.register(
+            "consume_to_accepted_seconds",
+            "Time from consuming a job to APNs accepting its notification",
+            accept_latency.clone(),
+        );
+        Stats {
+            jobs_consumed,
+            jobs_rejected,
+            jobs_acked,
+            written,
+            accepted,
+            failed,
+            failed_by_reason,
+            retried,
+            resent_after_error,
+            resent_after_close,
+            results_published,
+            connections,
+            connect_failures,
+            stalls,
+            connections_up,
+            feedback_tokens,
+            accept_latency,
+            ready: AtomicBool::new(false),
+            registry,
+        }
+    }
+
+    pub fn failed_with(&self, reason: &str) {
+        self.failed.inc();
+        self.failed_by_reason
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn observe_accepted(&self, latency: Duration) {
+        self.accept_latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             jobs_consumed: self.jobs_consumed.get(),
@@ -84,10 +217,129 @@ impl Stats {
             retried: self.retried.get(),
             resent_after_error: self.resent_after_error.get(),
             resent_after_close: self.resent_after_close.get(),
+            results_published: self.results_published.get(),
             connections: self.connections.get(),
             connect_failures: self.connect_failures.get(),
             stalls: self.stalls.get(),
             feedback_tokens: self.feedback_tokens.get(),
         }
+    }
+}
+
+/// A plain copy of the counters, for tests and reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StatsSnapshot {
+    pub jobs_consumed: u64,
+    pub jobs_rejected: u64,
+    pub jobs_acked: u64,
+    pub written: u64,
+    pub accepted: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub resent_after_error: u64,
+    pub resent_after_close: u64,
+    pub results_published: u64,
+    pub connections: u64,
+    pub connect_failures: u64,
+    pub stalls: u64,
+    pub feedback_tokens: u64,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` over plain HTTP/1.1 until
+/// `shutdown`. Prometheus scrapes need nothing more than this.
+pub async fn serve(listener: TcpListener, stats: Arc<Stats>, shutdown: CancellationToken) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(_) => continue,
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+            let Ok(Ok(n)) = read else { return };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, content_type, body) = respond(&request, &stats);
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+fn respond(request: &str, stats: &Stats) -> (&'static str, &'static str, String) {
+    let mut parts = request.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" {
+        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
+    }
+    match path.split('?').next().unwrap_or("") {
+        "/metrics" => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            stats.render(),
+        ),
+        "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
+        "/readyz" if stats.is_ready() => ("200 OK", "text/plain", "ready\n".into()),
+        "/readyz" => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not consuming: broker session not established\n".into(),
+        ),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+/// Binds the metrics listener, so a bad address fails start-up, not later.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_reasons() {
+        let s = Stats::new();
+        s.jobs_consumed.add(3);
+        s.failed_with("invalid_token");
+        s.observe_accepted(Duration::from_millis(3));
+        let text = s.render();
+        assert!(text.contains("apnsd_jobs_consumed_total 3"), "{text}");
+        assert!(
+            text.contains("apnsd_notifications_failed_by_reason_total{reason=\"invalid_token\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("apnsd_consume_to_accepted_seconds_count 1"),
+            "{text}"
+        );
+        assert_eq!(s.snapshot().failed, 1);
+    }
+
+    #[test]
+    fn endpoints_answer() {
+        let s = Stats::new();
+        assert!(respond("GET /healthz HTTP/1.1", &s).0.starts_with("200"));
+        assert!(respond("GET /readyz HTTP/1.1", &s).0.starts_with("503"));
+        s.set_ready(true);
+        assert!(respond("GET /readyz HTTP/1.1", &s).0.starts_with("200"));
+        assert!(respond("GET /metrics HTTP/1.1", &s)
+            .2
+            .contains("apnsd_jobs_acked_total 0"));
+        assert!(respond("GET /nope HTTP/1.1", &s).0.starts_with("404"));
+        assert!(respond("POST /metrics HTTP/1.1", &s).0.starts_with("405"));
     }
 }

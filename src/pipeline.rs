@@ -122,6 +122,7 @@ impl Pipeline {
             )
             .await?;
         tracing::info!(queue = %cfg.topology.queue, prefetch = cfg.prefetch, "consuming jobs");
+        self.stats.set_ready(true);
         ready();
 
         let mut s = Session {
@@ -183,6 +184,7 @@ impl Pipeline {
                 break Err(e.into());
             }
         };
+        self.stats.set_ready(false);
         if result.is_ok() {
             let _ = s.flush_acks().await;
             let _ = consume_conn.close(200, "bye".into()).await;
@@ -197,6 +199,7 @@ impl Pipeline {
         batch: Vec<Delivery>,
     ) -> Result<(), AmqpError> {
         let mut routed: HashMap<Arc<str>, Vec<Notification>> = HashMap::new();
+        let consumed_at = Instant::now();
         for d in batch {
             self.stats.jobs_consumed.inc();
             let tag = d.delivery_tag;
@@ -231,6 +234,7 @@ impl Pipeline {
                 payload: job.payload,
                 expiry: job.expiry,
                 priority: job.priority,
+                consumed_at,
             });
             let list = routed.entry(route.name.clone()).or_default();
             list.extend(
@@ -273,6 +277,13 @@ impl Pipeline {
         for o in batch {
             let n = &o.notification;
             let env = &n.envelope;
+            match o.result {
+                Ok(()) => {
+                    self.stats.accepted.inc();
+                    self.stats.observe_accepted(env.consumed_at.elapsed());
+                }
+                Err(f) => self.stats.failed_with(f.reason.name()),
+            }
             let event = match o.result {
                 Ok(()) if s.cfg.delivered_results && !n.reported => Some(Event::Delivered {
                     app: env.app.clone(),
@@ -342,6 +353,7 @@ impl Session<'_> {
     }
 
     fn confirmed(&mut self, stats: &Stats, owner: Owner) {
+        stats.results_published.inc();
         match owner {
             Owner::Job(key) => {
                 if let Some(tag) = self.ledger.result_confirmed(key) {

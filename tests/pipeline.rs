@@ -532,3 +532,78 @@ feedback_interval = "1h"
     );
     rig.finish().await;
 }
+
+/// GET `path` from a plain HTTP server: (status line, body).
+async fn http_get(addr: &str, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_counts_what_happened() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let faults = Faults {
+        refuse: vec![RefuseRule::parse("fc=8").unwrap()],
+        ..Default::default()
+    };
+    let mut rig = rig(
+        "metrics",
+        Options {
+            faults,
+            extra: format!("[metrics]\nlisten = \"{addr}\"\n"),
+            ..Default::default()
+        },
+    )
+    .await;
+    let tokens = rig
+        .burst(100, |i| {
+            if i % 10 == 0 {
+                token(0xfc, i)
+            } else {
+                token(0x0c, i)
+            }
+        })
+        .await;
+    rig.broker.results(10, WAIT).await;
+    rig.wait_acked(100).await;
+    let (status, _) = http_get(&addr, "/readyz").await;
+    assert!(status.contains("200"), "{status}");
+    let (status, body) = http_get(&addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(metric(&body, "apnsd_jobs_consumed_total"), 100);
+    assert_eq!(metric(&body, "apnsd_jobs_acked_total"), 100);
+    assert_eq!(
+        metric(&body, "apnsd_notifications_accepted_total"),
+        rig.sim.accepted_count()
+    );
+    assert_eq!(rig.sim.accepted_count(), 90);
+    assert_eq!(
+        metric(
+            &body,
+            "apnsd_notifications_failed_by_reason_total{reason=\"invalid_token\"}"
+        ),
+        10
+    );
+    assert_eq!(metric(&body, "apnsd_consume_to_accepted_seconds_count"), 90);
+    assert_eq!(tokens.len(), 100);
+    assert!(http_get(&addr, "/healthz").await.0.contains("200"));
+    rig.finish().await;
+}

@@ -308,7 +308,6 @@ impl Lane {
             count += 1;
         }
         if !expired.is_empty() {
-            self.stats.failed.add(expired.len() as u64);
             let _ = self.outcomes.send(expired);
         }
         count
@@ -406,7 +405,6 @@ impl Lane {
             n.reported |= v.late;
             match v.kind {
                 Kind::Accepted => {
-                    self.stats.accepted.inc();
                     outcomes.push(Outcome {
                         notification: n,
                         result: Ok(()),
@@ -432,8 +430,6 @@ impl Lane {
                 }
             }
         }
-        let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
-        self.stats.failed.add(failed as u64);
         for n in resend.into_iter().rev() {
             queue.push_front(n);
         }

@@ -9,6 +9,7 @@ pub mod tls;
 pub mod window;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -26,6 +27,8 @@ pub struct Envelope {
     pub payload: Bytes,
     pub expiry: Option<u32>,
     pub priority: Option<Priority>,
+    /// When the job was consumed, for the consume-to-accepted latency.
+    pub consumed_at: Instant,
 }
 
 /// One device's copy of a job, as it travels through a lane.
