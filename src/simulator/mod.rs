@@ -174,6 +174,7 @@ impl Simulator {
         let feedback = local(&feedback_listener, opts.feedback);
         let shutdown = CancellationToken::new();
         let tasks = vec![
+            tokio::spawn(report(shared.clone(), shutdown.clone())),
             tokio::spawn(gateway::serve_gateway(
                 gateway_listener,
                 acceptor.clone(),
@@ -247,6 +248,28 @@ impl Simulator {
         self.shutdown.cancel();
         for t in self.tasks {
             let _ = t.await;
+        }
+    }
+}
+
+/// Logs what the simulator accepted, every two seconds while it changes:
+/// the quick start's only visible sign that notifications arrive.
+async fn report(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut last = 0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let now = shared.accepted_count.load(Ordering::Relaxed);
+        if now != last {
+            tracing::info!(
+                accepted = now,
+                new = now - last,
+                connections = shared.connections.load(Ordering::Relaxed),
+                "simulator: notifications accepted"
+            );
+            last = now;
         }
     }
 }
@@ -333,20 +356,7 @@ pub async fn run_cli(args: SimulateArgs, shutdown: impl Future<Output = ()>) -> 
     }
     tracing::info!(gateway = %sim.gateway_addr(), feedback = %sim.feedback_addr(),
         certs = %args.dir.display(), password = P12_PASSWORD, "APNs simulator running");
-    tokio::pin!(shutdown);
-    let mut last = 0;
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                let now = sim.accepted_count();
-                if now != last {
-                    tracing::info!(accepted = now, connections = sim.connections(), "simulator");
-                    last = now;
-                }
-            }
-        }
-    }
+    shutdown.await;
     sim.shutdown().await;
     Ok(())
 }
