@@ -28,7 +28,7 @@ pub enum AmqpError {
 }
 
 /// Where the jobs come from and the results go.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     pub queue: String,
     /// `x-queue-type` for the jobs queue (`classic` when absent, or `quorum`).

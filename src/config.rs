@@ -24,6 +24,17 @@ pub enum ConfigError {
         key: String,
         problem: String,
     },
+    /// More than one key is wrong: one line each.
+    #[error("{}", lines(.0))]
+    Several(Vec<ConfigError>),
+}
+
+fn lines(problems: &[ConfigError]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -44,6 +55,15 @@ pub enum Environment {
 }
 
 impl Environment {
+    /// The name as the configuration spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Environment::Sandbox => "sandbox",
+            Environment::Production => "production",
+            Environment::Simulator => "simulator",
+        }
+    }
+
     /// Apple's binary gateway for this environment.
     pub fn gateway(self) -> Option<&'static str> {
         match self {
@@ -125,7 +145,7 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
     pub name: String,
@@ -339,56 +359,64 @@ impl Config {
         Ok(())
     }
 
+    /// Checks every rule and reports every broken one, so an operator fixes a
+    /// file in one pass rather than one error per run.
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
-        let err = |key: String, problem: &str| Err(key_error(file, key, problem));
+        let mut problems = Vec::new();
+        let mut bad = |key: String, problem: String| problems.push(key_error(file, key, problem));
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            bad("log_level".into(), format!("{:?}: {e}", self.log_level));
+        }
         if self.apps.is_empty() {
-            return err("apps".into(), "at least one [[apps]] entry is needed");
+            bad(
+                "apps".into(),
+                "at least one [[apps]] entry is needed".into(),
+            );
         }
         if self.amqp.prefetch == 0 {
-            return err("amqp.prefetch".into(), "must be between 1 and 65535");
+            bad("amqp.prefetch".into(), "must be between 1 and 65535".into());
         }
         if let Some(kind) = &self.amqp.queue_type {
             if kind != "classic" && kind != "quorum" {
-                return err(
+                bad(
                     "amqp.queue_type".into(),
-                    "must be \"classic\" or \"quorum\"",
+                    "must be \"classic\" or \"quorum\"".into(),
                 );
             }
         }
         if self.amqp.queue.is_empty() {
-            return err("amqp.queue".into(), "must not be empty");
+            bad("amqp.queue".into(), "must not be empty".into());
         }
         let mut names = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
             let at = |k: &str| format!("apps[{i}].{k}");
             if app.name.trim().is_empty() {
-                return err(at("name"), "must not be empty");
+                bad(at("name"), "must not be empty".into());
             }
             if !names.insert(app.name.as_str()) {
-                return err(
+                bad(
                     at("name"),
-                    &format!("{:?} is used by an earlier app", app.name),
+                    format!("{:?} is used by an earlier app", app.name),
                 );
             }
-            if app.connections == 0 {
-                return err(at("connections"), "must be at least 1");
-            }
-            if app.window == 0 {
-                return err(at("window"), "must be at least 1");
-            }
-            if app.max_attempts == 0 {
-                return err(at("max_attempts"), "must be at least 1");
+            for (k, zero) in [
+                ("connections", app.connections == 0),
+                ("window", app.window == 0),
+                ("max_attempts", app.max_attempts == 0),
+            ] {
+                if zero {
+                    bad(at(k), "must be at least 1".into());
+                }
             }
             if app.settle.is_zero() {
-                return err(at("settle"), "must be more than 0");
+                bad(at("settle"), "must be more than 0".into());
             }
             if app.reconnect_min > app.reconnect_max {
-                return err(at("reconnect_min"), "must not exceed reconnect_max");
+                bad(at("reconnect_min"), "must not exceed reconnect_max".into());
             }
-            match (&app.certificate, app.environment) {
-                (None, Environment::Simulator) if app.gateway.is_none() => {}
-                (None, _) => return err(at("certificate"), "is required (PKCS#12 or PEM)"),
-                (Some(_), _) => {}
+            let builtin = app.environment == Environment::Simulator && app.gateway.is_none();
+            if app.certificate.is_none() && !builtin {
+                bad(at("certificate"), "is required (PKCS#12 or PEM)".into());
             }
             for (k, v) in [("gateway", &app.gateway), ("feedback", &app.feedback)] {
                 if let Some(addr) = v {
@@ -396,16 +424,17 @@ impl Config {
                         .rsplit_once(':')
                         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
                     if !port_ok {
-                        return err(at(k), &format!("{addr:?} is not host:port"));
+                        bad(at(k), format!("{addr:?} is not host:port"));
                     }
                 }
             }
             if app.environment == Environment::Simulator
                 && app.gateway.is_some() != app.feedback.is_some()
             {
-                return err(
+                bad(
                     at("feedback"),
-                    "the simulator environment needs both `gateway` and `feedback`, or neither",
+                    "the simulator environment needs both `gateway` and `feedback`, or neither"
+                        .into(),
                 );
             }
             for (k, v) in [
@@ -415,12 +444,16 @@ impl Config {
             ] {
                 if let Some(p) = v {
                     if !p.is_file() {
-                        return err(at(k), &format!("{} does not exist", p.display()));
+                        bad(at(k), format!("{} does not exist", p.display()));
                     }
                 }
             }
         }
-        Ok(())
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            _ => Err(ConfigError::Several(problems)),
+        }
     }
 }
 

@@ -1,24 +1,31 @@
 //! Wiring: configuration → identities → lanes and pollers per app → broker
 //! sessions (reopened with backoff when the broker goes away) → drain on
-//! shutdown. Also tells systemd how it is going.
+//! shutdown. Reloads rebuild only the apps that changed. Also tells systemd
+//! how it is going.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use sd_notify::NotifyState;
+use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Topology;
-use crate::apns::lane::{Settings, Target};
+use crate::apns::lane::{Outcomes, Settings, Target};
 use crate::apns::pool::Pool;
 use crate::apns::tls::{self, Identity};
 use crate::backoff::Backoff;
-use crate::config::{AppConfig, Config, Environment};
+use crate::config::{AppConfig, Config, ConfigError, Environment};
 use crate::feedback::Poller;
+use crate::logging::Logging;
 use crate::metrics::Stats;
-use crate::pipeline::{Pipeline, Route, SessionConfig};
+use crate::pipeline::{
+    Inputs, LiveSettings, Pipeline, Reconfigure, ResultRequest, Route, SessionConfig, SessionEnd,
+};
+use crate::shutdown::Request;
 use crate::simulator::{SimCerts, Simulator, SimulatorOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +45,63 @@ pub enum DaemonError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("the daemon has stopped")]
+    Stopped,
+    #[error("app {app:?}: cannot connect to the gateway {addr}: {source}")]
+    Connect {
+        app: String,
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
-/// A running daemon: its counters, and the task to await for its end.
+/// A running daemon: its counters, the task to await for its end, and what
+/// a reload needs to start or retire apps.
 pub struct Daemon {
     pub stats: Arc<Stats>,
+    wiring: Arc<Mutex<Wiring>>,
+    control: mpsc::Sender<Reconfigure>,
     task: JoinHandle<()>,
+}
+
+/// What is running now, kept so a reload can tell what changed.
+struct Wiring {
+    config: Config,
+    apps: HashMap<String, RunningApp>,
+    simulator: Option<Simulator>,
+    outcomes: Outcomes,
+    requests: mpsc::Sender<ResultRequest>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+}
+
+struct RunningApp {
+    config: AppConfig,
+    /// The identity files' contents when loaded: a certificate replaced in
+    /// place is a change even though the configuration reads the same.
+    material: Material,
+    /// Stops the app's feedback poller.
+    poller: CancellationToken,
+}
+
+type Material = Vec<Option<Vec<u8>>>;
+
+fn material(app: &AppConfig) -> Material {
+    [&app.certificate, &app.key, &app.ca]
+        .into_iter()
+        .map(|p| p.as_ref().and_then(|p| std::fs::read(p).ok()))
+        .collect()
+}
+
+/// What a reload changed, for the log and the caller.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub added: Vec<String>,
+    /// Apps whose settings or identity changed: new lanes, the old ones drain.
+    pub replaced: Vec<String>,
+    pub removed: Vec<String>,
+    /// The broker settings changed: the session drains and reconnects.
+    pub broker_session: bool,
 }
 
 impl Daemon {
@@ -53,6 +111,7 @@ impl Daemon {
         let stats = Arc::new(Stats::default());
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         let (requests_tx, requests_rx) = mpsc::channel(1024);
+        let (control_tx, control_rx) = mpsc::channel(4);
 
         if let Some(addr) = config.metrics.listen {
             let listener = crate::metrics::bind(addr)
@@ -65,76 +124,233 @@ impl Daemon {
                 shutdown.child_token(),
             ));
         }
-        let simulator = start_simulator_if_needed(&config).await?;
-        let mut routes = HashMap::new();
-        let mut pollers = Vec::new();
-        for app in &config.apps {
-            let (gateway, feedback) = targets(app, simulator.as_ref())?;
-            let name: Arc<str> = Arc::from(app.name.as_str());
-            let (_gateway_tx, gateway_rx) = watch::channel(Arc::new(gateway));
-            let pool = Pool::start(
-                name.clone(),
-                app.connections,
-                gateway_rx,
-                lane_settings(app),
-                outcomes_tx.clone(),
-                stats.clone(),
-            );
-            routes.insert(
-                app.name.clone(),
-                Route {
-                    name: name.clone(),
-                    pool,
-                },
-            );
-            let (_feedback_tx, feedback_rx) = watch::channel(Arc::new(feedback));
-            let poller = Poller {
-                app: name,
-                target: feedback_rx,
-                interval: app.feedback_interval,
-                connect_timeout: app.connect_timeout,
-                results: requests_tx.clone(),
-                stats: stats.clone(),
-            };
-            pollers.push(tokio::spawn(poller.run(shutdown.child_token())));
-        }
-        drop(outcomes_tx);
-        let default_app = config
+        let mut wiring = Wiring {
+            simulator: start_simulator_if_needed(&config, None).await?,
+            config: config.clone(),
+            apps: HashMap::new(),
+            outcomes: outcomes_tx,
+            requests: requests_tx,
+            stats: stats.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let targets = config
             .apps
-            .first()
-            .map(|a| a.name.clone())
-            .unwrap_or_default();
-        let pipeline = Pipeline::new(routes, default_app, outcomes_rx, requests_rx, stats.clone());
+            .iter()
+            .map(|app| targets(app, wiring.simulator.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let routes = config
+            .apps
+            .iter()
+            .zip(targets)
+            .map(|(app, (gateway, feedback))| {
+                wiring.start_app(app, material(app), gateway, feedback)
+            })
+            .collect();
+        let inputs = Inputs {
+            outcomes: outcomes_rx,
+            requests: requests_rx,
+            control: control_rx,
+        };
+        let pipeline = Pipeline::new(
+            routes,
+            default_app(&config),
+            inputs,
+            live_settings(&config),
+            stats.clone(),
+        );
         let session = session_config(&config);
-        let task = tokio::spawn(supervise(pipeline, session, shutdown, pollers, simulator));
-        Ok(Daemon { stats, task })
+        let wiring = Arc::new(Mutex::new(wiring));
+        let task = tokio::spawn(supervise(pipeline, session, shutdown, wiring.clone()));
+        Ok(Daemon {
+            stats,
+            wiring,
+            control: control_tx,
+            task,
+        })
+    }
+
+    /// Applies a new configuration without losing in-flight work. Every new
+    /// identity is loaded before anything changes, so an error leaves the
+    /// daemon exactly as it was. Logging is the caller's (it owns the subscriber).
+    pub async fn reload(&self, config: Config) -> Result<Reloaded, DaemonError> {
+        let mut w = self.wiring.lock().await;
+        w.simulator = start_simulator_if_needed(&config, w.simulator.take()).await?;
+        let mut prepared = Vec::new();
+        for app in &config.apps {
+            let material = material(app);
+            let unchanged = w
+                .apps
+                .get(&app.name)
+                .is_some_and(|r| r.config == *app && r.material == material);
+            if !unchanged {
+                let (gateway, feedback) = targets(app, w.simulator.as_ref())?;
+                prepared.push((app, material, gateway, feedback));
+            }
+        }
+        let mut done = Reloaded::default();
+        let mut upsert = Vec::new();
+        for (app, material, gateway, feedback) in prepared {
+            match w.apps.get(&app.name) {
+                Some(old) => {
+                    old.poller.cancel();
+                    done.replaced.push(app.name.clone());
+                }
+                None => done.added.push(app.name.clone()),
+            }
+            upsert.push(w.start_app(app, material, gateway, feedback));
+        }
+        w.apps.retain(|name, running| {
+            let keep = config.app(Some(name)).is_some();
+            if !keep {
+                running.poller.cancel();
+                done.removed.push(name.clone());
+            }
+            keep
+        });
+        if config.metrics.listen != w.config.metrics.listen {
+            tracing::warn!("metrics.listen changes take effect at the next start");
+        }
+        let session = session_config(&config);
+        done.broker_session = session != session_config(&w.config);
+        let (tx, rx) = oneshot::channel();
+        let change = Reconfigure {
+            upsert,
+            remove: done.removed.clone(),
+            default_app: default_app(&config),
+            live: live_settings(&config),
+            session: done.broker_session.then_some(session),
+            done: tx,
+        };
+        self.control
+            .send(change)
+            .await
+            .map_err(|_| DaemonError::Stopped)?;
+        rx.await.map_err(|_| DaemonError::Stopped)?;
+        w.config = config;
+        Ok(done)
     }
 
     /// Waits until the daemon has drained and stopped.
     pub async fn wait(self) {
         let _ = self.task.await;
     }
+
+    /// Serves reload requests until the daemon stops: each re-reads `path`.
+    /// An invalid file is logged with its file and key and changes nothing.
+    pub async fn serve(
+        mut self,
+        path: &Path,
+        mut reloads: mpsc::Receiver<Request>,
+        logging: &Logging,
+    ) {
+        loop {
+            tokio::select! {
+                _ = &mut self.task => return,
+                Some(Request::Reload) = reloads.recv() => {
+                    let mut reloading = vec![NotifyState::Reloading, NotifyState::Status("reloading the configuration")];
+                    reloading.extend(NotifyState::monotonic_usec_now().ok());
+                    notify(&reloading);
+                    let status = match self.reload_from(path, logging).await {
+                        Ok(done) => {
+                            tracing::info!(added = ?done.added, replaced = ?done.replaced, removed = ?done.removed,
+                                broker_session = done.broker_session, "configuration reloaded");
+                            "consuming jobs (configuration reloaded)".to_owned()
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reload refused: still running on the previous configuration");
+                            format!("reload failed, running on the previous configuration: {e}")
+                        }
+                    };
+                    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                }
+            }
+        }
+    }
+
+    async fn reload_from(&self, path: &Path, logging: &Logging) -> Result<Reloaded, ReloadError> {
+        let config = Config::load(path)?;
+        let done = self.reload(config.clone()).await?;
+        logging.apply(&config.log_level, config.log_format);
+        Ok(done)
+    }
 }
 
-/// Runs broker sessions until shutdown, reopening them with backoff.
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Daemon(#[from] DaemonError),
+}
+
+impl Wiring {
+    /// Starts an app's lanes and feedback poller; returns its route.
+    fn start_app(
+        &mut self,
+        app: &AppConfig,
+        material: Material,
+        gateway: Target,
+        feedback: Target,
+    ) -> Route {
+        let name: Arc<str> = Arc::from(app.name.as_str());
+        let pool = Pool::start(
+            name.clone(),
+            app.connections,
+            Arc::new(gateway),
+            lane_settings(app),
+            self.outcomes.clone(),
+            self.stats.clone(),
+        );
+        let poller = Poller {
+            app: name.clone(),
+            target: Arc::new(feedback),
+            interval: app.feedback_interval,
+            connect_timeout: app.connect_timeout,
+            results: self.requests.clone(),
+            stats: self.stats.clone(),
+        };
+        let stop = self.shutdown.child_token();
+        tokio::spawn(poller.run(stop.clone()));
+        self.apps.insert(
+            app.name.clone(),
+            RunningApp {
+                config: app.clone(),
+                material,
+                poller: stop,
+            },
+        );
+        Route { name, pool }
+    }
+}
+
+/// Runs broker sessions until shutdown, reopening them with backoff, and
+/// with new settings when a reload changed them.
 async fn supervise(
     mut pipeline: Pipeline,
-    session: SessionConfig,
+    mut session: SessionConfig,
     shutdown: CancellationToken,
-    pollers: Vec<JoinHandle<()>>,
-    simulator: Option<Simulator>,
+    wiring: Arc<Mutex<Wiring>>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    let watchdog = spawn_watchdog(shutdown.clone());
+    let watchdog = spawn_watchdog();
+    let mut first = true;
     loop {
         let ready = || {
-            let _ = sd_notify::notify(&[
-                sd_notify::NotifyState::Ready,
-                sd_notify::NotifyState::Status("consuming jobs"),
-            ]);
+            if std::mem::take(&mut first) {
+                notify(&[NotifyState::Ready, NotifyState::Status("consuming jobs")]);
+            } else {
+                notify(&[NotifyState::Status("consuming jobs")]);
+            }
         };
-        match pipeline.session(&session, &shutdown, ready).await {
-            Ok(_) => break,
+        let outcome = pipeline.session(&session, &shutdown, ready).await;
+        if let Some(next) = pipeline.take_next_session() {
+            tracing::info!(queue = %next.topology.queue, "reconnecting with the new broker settings");
+            session = next;
+        }
+        match outcome {
+            Ok(SessionEnd::Drained) => break,
+            Ok(SessionEnd::Reconfigured) => backoff.reset(),
             Err(e) if shutdown.is_cancelled() => {
                 tracing::warn!(error = %e, "broker session ended during shutdown");
                 break;
@@ -142,29 +358,38 @@ async fn supervise(
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "broker session failed; unacknowledged jobs will be redelivered");
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&format!(
-                    "broker unavailable: {e}"
-                ))]);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => break,
+                notify(&[NotifyState::Status(&format!("broker unavailable: {e}"))]);
+                let wait = tokio::time::sleep(delay);
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        _ = &mut wait => break,
+                        _ = shutdown.cancelled() => break,
+                        Some(change) = pipeline.control.recv() => {
+                            pipeline.apply(change);
+                        }
+                    }
+                }
+                if let Some(next) = pipeline.take_next_session() {
+                    session = next;
+                }
+                if shutdown.is_cancelled() {
+                    break;
                 }
             }
         }
     }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    for p in pollers {
-        p.abort();
-    }
+    notify(&[NotifyState::Stopping]);
     // Every job is final or left to the broker: what lanes still hold belongs
     // to unacked jobs, which the broker redelivers.
-    let Pipeline { routes, .. } = pipeline;
-    for (_, route) in routes {
-        for task in route.pool.close() {
-            task.abort();
-        }
+    for task in pipeline.into_lane_tasks() {
+        task.abort();
     }
-    if let Some(sim) = simulator {
+    let mut w = wiring.lock().await;
+    for app in w.apps.values() {
+        app.poller.cancel();
+    }
+    if let Some(sim) = w.simulator.take() {
         sim.shutdown().await;
     }
     if let Some(w) = watchdog {
@@ -173,16 +398,19 @@ async fn supervise(
     tracing::info!("stopped");
 }
 
-/// Pings systemd's watchdog at half its interval while the runtime is alive.
-fn spawn_watchdog(shutdown: CancellationToken) -> Option<JoinHandle<()>> {
+/// Tells systemd, when it is listening; a failure to tell it changes nothing.
+fn notify(states: &[NotifyState<'_>]) {
+    let _ = sd_notify::notify(states);
+}
+
+/// Pings systemd's watchdog at half its interval while the runtime is alive,
+/// draining included: a runtime wedged for longer gets the process restarted.
+fn spawn_watchdog() -> Option<JoinHandle<()>> {
     let interval = sd_notify::watchdog_enabled()? / 2;
     Some(tokio::spawn(async move {
         loop {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = shutdown.cancelled() => {}
-            }
+            notify(&[NotifyState::Watchdog]);
+            tokio::time::sleep(interval).await;
         }
     }))
 }
@@ -202,9 +430,22 @@ fn session_config(config: &Config) -> SessionConfig {
             .clone()
             .unwrap_or_else(|| format!("apnsd-{}", std::process::id())),
         confirm_timeout: amqp.confirm_timeout,
+    }
+}
+
+fn live_settings(config: &Config) -> LiveSettings {
+    LiveSettings {
         delivered_results: config.results.delivered,
         shutdown_timeout: config.shutdown_timeout,
     }
+}
+
+fn default_app(config: &Config) -> String {
+    config
+        .apps
+        .first()
+        .map(|a| a.name.clone())
+        .unwrap_or_default()
 }
 
 fn lane_settings(app: &AppConfig) -> Settings {
@@ -226,7 +467,14 @@ fn needs_builtin_simulator(app: &AppConfig) -> bool {
     app.environment == Environment::Simulator && app.gateway.is_none()
 }
 
-async fn start_simulator_if_needed(config: &Config) -> Result<Option<Simulator>, DaemonError> {
+/// The built-in simulator, started when an app needs it and none runs yet.
+async fn start_simulator_if_needed(
+    config: &Config,
+    running: Option<Simulator>,
+) -> Result<Option<Simulator>, DaemonError> {
+    if running.is_some() {
+        return Ok(running);
+    }
     let Some(app) = config.apps.iter().find(|a| needs_builtin_simulator(a)) else {
         return Ok(None);
     };
@@ -300,6 +548,24 @@ fn targets(
         })
     };
     Ok((target(gateway)?, target(feedback)?))
+}
+
+/// Opens (and closes) one gateway connection with the app's identity: the
+/// handshake proves the certificate is accepted. Apps on the built-in
+/// simulator have nothing to probe before it starts.
+pub async fn probe_gateway(app: &AppConfig) -> Result<(), DaemonError> {
+    if needs_builtin_simulator(app) {
+        return Ok(());
+    }
+    let (gateway, _) = targets(app, None)?;
+    crate::apns::lane::connect(&gateway, app.connect_timeout)
+        .await
+        .map(drop)
+        .map_err(|source| DaemonError::Connect {
+            app: app.name.clone(),
+            addr: gateway.addr.clone(),
+            source,
+        })
 }
 
 fn load_identity(app: &AppConfig) -> Result<Identity, DaemonError> {

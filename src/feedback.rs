@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +24,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Poller {
     pub app: Arc<str>,
-    pub target: watch::Receiver<Arc<Target>>,
+    pub target: Arc<Target>,
     pub interval: Duration,
     pub connect_timeout: Duration,
     pub results: mpsc::Sender<ResultRequest>,
@@ -32,13 +32,14 @@ pub struct Poller {
 }
 
 impl Poller {
-    /// Polls at once, then every `interval`, until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Polls at once, then every `interval`, until `stop` (a reload retiring
+    /// this poller, or shutdown).
+    pub async fn run(self, stop: CancellationToken) {
         loop {
-            let target = self.target.borrow().clone();
+            let target = self.target.clone();
             let polled = tokio::select! {
                 r = poll(&target, self.connect_timeout) => r,
-                _ = shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
             };
             match polled {
                 Ok(tuples) => {
@@ -46,10 +47,9 @@ impl Poller {
                         tracing::info!(app = %self.app, count = tuples.len(), "feedback service reported unregistered devices");
                     }
                     self.stats.feedback_tokens.add(tuples.len() as u64);
-                    tokio::select! {
-                        _ = self.publish(tuples) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
+                    // Not cut short by `stop`: APNs has forgotten these tuples,
+                    // so they are published until confirmed or the daemon is gone.
+                    self.publish(tuples).await;
                 }
                 Err(e) => {
                     tracing::warn!(app = %self.app, addr = %target.addr, error = %e, "feedback poll failed")
@@ -57,7 +57,7 @@ impl Poller {
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
-                _ = shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
             }
         }
     }

@@ -15,13 +15,16 @@
 pub mod amqp;
 pub mod apns;
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod feedback;
 pub mod job;
 pub mod ledger;
+pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod results;
+pub mod send;
 pub mod shutdown;
 pub mod simulator;

@@ -46,9 +46,38 @@ impl Gauge {
     }
 }
 
+impl Gauge {
+    pub fn set(&self, n: i64) {
+        self.0.set(n);
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppLabel {
+    app: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LaneLabel {
+    app: String,
+    lane: String,
+}
+
+/// The gateway connection metrics of one lane, labelled with its app (and
+/// lane): an operator needs to see which app cannot reach APNs.
+#[derive(Debug, Clone)]
+pub struct LaneStats {
+    pub connections_opened: Counter,
+    pub connect_failures: Counter,
+    pub stalls: Counter,
+    pub connections_up: Gauge,
+    /// Notifications written on the connection and not yet settled.
+    pub window: Gauge,
 }
 
 /// Everything apnsd counts.
@@ -69,10 +98,11 @@ pub struct Stats {
     /// these are the only possible duplicates.
     pub resent_after_close: Counter,
     pub results_published: Counter,
-    pub connections: Counter,
-    pub connect_failures: Counter,
-    pub stalls: Counter,
-    pub connections_up: Gauge,
+    connections_opened: Family<AppLabel, PCounter>,
+    connect_failures: Family<AppLabel, PCounter>,
+    stalls: Family<AppLabel, PCounter>,
+    connections_up: Family<AppLabel, PGauge>,
+    window: Family<LaneLabel, PGauge>,
     pub feedback_tokens: Counter,
     accept_latency: Histogram,
     ready: AtomicBool,
@@ -127,18 +157,35 @@ impl Stats {
             "Notifications resent because a connection closed silently (possible duplicates)",
         );
         let results_published = counter("results_published", "Results confirmed by the broker");
-        let connections = counter("connections_opened", "Gateway connections established");
-        let connect_failures = counter("connect_failures", "Failed gateway connection attempts");
-        let stalls = counter(
-            "connection_stalls",
-            "Connections dropped because writes made no progress",
-        );
         let feedback_tokens = counter("feedback_tokens", "Tokens reported by the feedback service");
-        let connections_up = Gauge::default();
+        let mut family = |name: &str, help: &str| {
+            let f = Family::<AppLabel, PCounter>::default();
+            registry.register(name, help, f.clone());
+            f
+        };
+        let connections_opened = family(
+            "connections_opened",
+            "Gateway connections established, by app",
+        );
+        let connect_failures = family(
+            "connect_failures",
+            "Failed gateway connection attempts, by app",
+        );
+        let stalls = family(
+            "connection_stalls",
+            "Connections dropped because writes made no progress, by app",
+        );
+        let connections_up = Family::<AppLabel, PGauge>::default();
         registry.register(
             "connections_up",
-            "Gateway connections open now",
-            connections_up.0.clone(),
+            "Gateway connections open now, by app",
+            connections_up.clone(),
+        );
+        let window = Family::<LaneLabel, PGauge>::default();
+        registry.register(
+            "window_notifications",
+            "Notifications written and not yet settled, by app and connection",
+            window.clone(),
         );
         let failed_by_reason = Family::<ReasonLabel, PCounter>::default();
         registry.register(
@@ -166,10 +213,11 @@ impl Stats {
             resent_after_error,
             resent_after_close,
             results_published,
-            connections,
+            connections_opened,
             connect_failures,
             stalls,
             connections_up,
+            window,
             feedback_tokens,
             accept_latency,
             ready: AtomicBool::new(false),
@@ -184,6 +232,24 @@ impl Stats {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// The connection metrics of `app`'s lane number `lane`.
+    pub fn lane(&self, app: &str, lane: usize) -> LaneStats {
+        let by_app = AppLabel {
+            app: app.to_owned(),
+        };
+        let by_lane = LaneLabel {
+            app: app.to_owned(),
+            lane: lane.to_string(),
+        };
+        LaneStats {
+            connections_opened: Counter(self.connections_opened.get_or_create(&by_app).clone()),
+            connect_failures: Counter(self.connect_failures.get_or_create(&by_app).clone()),
+            stalls: Counter(self.stalls.get_or_create(&by_app).clone()),
+            connections_up: Gauge(self.connections_up.get_or_create(&by_app).clone()),
+            window: Gauge(self.window.get_or_create(&by_lane).clone()),
+        }
     }
 
     pub fn observe_accepted(&self, latency: Duration) {
@@ -218,9 +284,6 @@ impl Stats {
             resent_after_error: self.resent_after_error.get(),
             resent_after_close: self.resent_after_close.get(),
             results_published: self.results_published.get(),
-            connections: self.connections.get(),
-            connect_failures: self.connect_failures.get(),
-            stalls: self.stalls.get(),
             feedback_tokens: self.feedback_tokens.get(),
         }
     }
@@ -239,9 +302,6 @@ pub struct StatsSnapshot {
     pub resent_after_error: u64,
     pub resent_after_close: u64,
     pub results_published: u64,
-    pub connections: u64,
-    pub connect_failures: u64,
-    pub stalls: u64,
     pub feedback_tokens: u64,
 }
 

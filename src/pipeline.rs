@@ -15,6 +15,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
@@ -39,25 +40,53 @@ pub struct Route {
 /// channel that fires once the broker confirmed it.
 pub type ResultRequest = (Event, oneshot::Sender<()>);
 
-/// Broker settings of one session.
-#[derive(Debug, Clone)]
+/// Broker settings of one session: a change to any of them needs a new session.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
     pub uri: String,
     pub topology: Topology,
     pub prefetch: u16,
     pub consumer_tag: String,
     pub confirm_timeout: Duration,
+}
+
+/// Settings that apply at once, without a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveSettings {
     pub delivered_results: bool,
+    /// How long a drain (shutdown, or a session restart on reload) may take.
     pub shutdown_timeout: Duration,
+}
+
+/// A reload, prepared off the pipeline's task (identities loaded, lanes
+/// started) so that applying it is only a swap of routes.
+pub struct Reconfigure {
+    /// New or changed apps. A route it replaces stops taking work; its lanes
+    /// finish what they hold, so nothing in flight is lost.
+    pub upsert: Vec<Route>,
+    /// Apps no longer configured: their lanes drain the same way.
+    pub remove: Vec<String>,
+    pub default_app: String,
+    pub live: LiveSettings,
+    /// New broker settings: the current session drains, then a new one starts.
+    pub session: Option<SessionConfig>,
+    /// Fires once the change is in force.
+    pub done: oneshot::Sender<()>,
 }
 
 /// What outlives a session: the routes, and the channels lanes and pollers report on.
 pub struct Pipeline {
-    pub routes: HashMap<String, Route>,
+    pub routes: HashMap<Arc<str>, Route>,
     pub default_app: String,
     pub outcomes: mpsc::UnboundedReceiver<Vec<Outcome>>,
     pub requests: mpsc::Receiver<ResultRequest>,
+    pub control: mpsc::Receiver<Reconfigure>,
     pub stats: Arc<Stats>,
+    live: LiveSettings,
+    /// Broker settings a reload asked for, in force from the next session.
+    next_session: Option<SessionConfig>,
+    /// Lane tasks of replaced or removed apps, still finishing their work.
+    retired: Vec<JoinHandle<()>>,
     next_key: u64,
 }
 
@@ -67,10 +96,12 @@ pub enum SessionEnd {
     /// Shutdown was asked for and everything in flight is final (or was left
     /// to the broker when the shutdown timeout ran out).
     Drained,
+    /// A reload changed the broker settings; the session drained the same way.
+    /// The new settings are in [`Pipeline::take_next_session`].
+    Reconfigured,
 }
 
-struct Session<'a> {
-    cfg: &'a SessionConfig,
+struct Session {
     consume: lapin::Channel,
     publisher: Publisher,
     ledger: Ledger,
@@ -78,22 +109,69 @@ struct Session<'a> {
     ack_buf: Vec<Ack>,
 }
 
+/// The channels a pipeline listens on.
+pub struct Inputs {
+    pub outcomes: mpsc::UnboundedReceiver<Vec<Outcome>>,
+    pub requests: mpsc::Receiver<ResultRequest>,
+    pub control: mpsc::Receiver<Reconfigure>,
+}
+
 impl Pipeline {
     pub fn new(
-        routes: HashMap<String, Route>,
+        routes: Vec<Route>,
         default_app: String,
-        outcomes: mpsc::UnboundedReceiver<Vec<Outcome>>,
-        requests: mpsc::Receiver<ResultRequest>,
+        inputs: Inputs,
+        live: LiveSettings,
         stats: Arc<Stats>,
     ) -> Self {
         Pipeline {
-            routes,
+            routes: routes.into_iter().map(|r| (r.name.clone(), r)).collect(),
             default_app,
-            outcomes,
-            requests,
+            outcomes: inputs.outcomes,
+            requests: inputs.requests,
+            control: inputs.control,
             stats,
+            live,
+            next_session: None,
+            retired: Vec::new(),
             next_key: 0,
         }
+    }
+
+    /// Puts a reload in force. Returns whether the broker session must change.
+    pub fn apply(&mut self, change: Reconfigure) -> bool {
+        for route in change.upsert {
+            if let Some(old) = self.routes.insert(route.name.clone(), route) {
+                self.retired.extend(old.pool.close());
+            }
+        }
+        for name in change.remove {
+            if let Some(old) = self.routes.remove(name.as_str()) {
+                self.retired.extend(old.pool.close());
+            }
+        }
+        self.retired.retain(|t| !t.is_finished());
+        self.default_app = change.default_app;
+        self.live = change.live;
+        if change.session.is_some() {
+            self.next_session = change.session;
+        }
+        let _ = change.done.send(());
+        self.next_session.is_some()
+    }
+
+    /// Broker settings a reload asked for, if any.
+    pub fn take_next_session(&mut self) -> Option<SessionConfig> {
+        self.next_session.take()
+    }
+
+    /// Every lane task, current and retired, for the final teardown.
+    pub fn into_lane_tasks(self) -> Vec<JoinHandle<()>> {
+        let mut tasks = self.retired;
+        for (_, route) in self.routes {
+            tasks.extend(route.pool.close());
+        }
+        tasks
     }
 
     /// Runs one broker session until shutdown has drained it or the broker fails.
@@ -126,7 +204,6 @@ impl Pipeline {
         ready();
 
         let mut s = Session {
-            cfg,
             consume,
             publisher,
             ledger: Ledger::default(),
@@ -135,25 +212,43 @@ impl Pipeline {
         };
         let mut consuming = true;
         let mut drain_deadline: Option<Instant> = None;
+        let mut restart = self.next_session.is_some();
+        let end = || {
+            if shutdown.is_cancelled() {
+                SessionEnd::Drained
+            } else {
+                SessionEnd::Reconfigured
+            }
+        };
         let result = loop {
+            if consuming && (restart || shutdown.is_cancelled()) {
+                consuming = false;
+                drain_deadline = Some(Instant::now() + self.live.shutdown_timeout);
+                tracing::info!(
+                    in_flight = s.ledger.len(),
+                    "stopping intake, letting in-flight jobs finish"
+                );
+                let tag = cfg.consumer_tag.as_str().into();
+                if let Err(e) = s
+                    .consume
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+                {
+                    break Err(e.into());
+                }
+            }
             if !consuming && s.ledger.is_empty() && s.publisher.is_idle() {
-                break Ok(SessionEnd::Drained);
+                break Ok(end());
             }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled(), if consuming => {
-                    consuming = false;
-                    drain_deadline = Some(Instant::now() + cfg.shutdown_timeout);
-                    tracing::info!(in_flight = s.ledger.len(), "stopping intake, letting in-flight jobs finish");
-                    if let Err(e) = s.consume.basic_cancel(cfg.consumer_tag.as_str().into(), BasicCancelOptions::default()).await {
-                        break Err(e.into());
-                    }
-                }
+                _ = shutdown.cancelled(), if consuming => {}
                 _ = sleep_until(drain_deadline), if drain_deadline.is_some() => {
                     tracing::warn!(unfinished = s.ledger.len(),
-                        "shutdown timeout: leaving unfinished jobs to the broker for redelivery");
-                    break Ok(SessionEnd::Drained);
+                        "drain timeout: leaving unfinished jobs to the broker for redelivery");
+                    break Ok(end());
                 }
+                Some(change) = self.control.recv() => restart |= self.apply(change),
                 Some(batch) = self.outcomes.recv() => {
                     if let Err(e) = self.on_outcomes(&mut s, batch).await { break Err(e.into()) }
                 }
@@ -195,7 +290,7 @@ impl Pipeline {
 
     async fn on_deliveries(
         &mut self,
-        s: &mut Session<'_>,
+        s: &mut Session,
         batch: Vec<Delivery>,
     ) -> Result<(), AmqpError> {
         let mut routed: HashMap<Arc<str>, Vec<Notification>> = HashMap::new();
@@ -255,7 +350,7 @@ impl Pipeline {
     /// Handles `first` and whatever else the lanes reported meanwhile.
     async fn on_outcomes(
         &mut self,
-        s: &mut Session<'_>,
+        s: &mut Session,
         first: Vec<Outcome>,
     ) -> Result<(), lapin::Error> {
         let mut batch = first;
@@ -271,7 +366,7 @@ impl Pipeline {
 
     async fn on_outcome_batch(
         &mut self,
-        s: &mut Session<'_>,
+        s: &mut Session,
         batch: Vec<Outcome>,
     ) -> Result<(), lapin::Error> {
         for o in batch {
@@ -285,7 +380,7 @@ impl Pipeline {
                 Err(f) => self.stats.failed_with(f.reason.name()),
             }
             let event = match o.result {
-                Ok(()) if s.cfg.delivered_results && !n.reported => Some(Event::Delivered {
+                Ok(()) if self.live.delivered_results && !n.reported => Some(Event::Delivered {
                     app: env.app.clone(),
                     id: env.id.clone(),
                     token: n.token,
@@ -326,7 +421,7 @@ impl Pipeline {
     }
 }
 
-impl Session<'_> {
+impl Session {
     async fn reject(
         &mut self,
         stats: &Stats,

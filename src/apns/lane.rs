@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -23,7 +23,7 @@ use super::frame::{self, ErrorResponse, Status, ERROR_RESPONSE_LEN};
 use super::window::{Kind, Verdict, Window};
 use super::{Failure, Notification, Outcome, Reason};
 use crate::backoff::Backoff;
-use crate::metrics::Stats;
+use crate::metrics::{LaneStats, Stats};
 
 /// Coalesce up to this many bytes of frames into one write.
 const BATCH_BYTES: usize = 128 * 1024;
@@ -60,11 +60,12 @@ pub type Outcomes = mpsc::UnboundedSender<Vec<Outcome>>;
 pub struct Lane {
     app: Arc<str>,
     index: usize,
-    target: watch::Receiver<Arc<Target>>,
+    target: Arc<Target>,
     settings: Settings,
     rx: mpsc::Receiver<Vec<Notification>>,
     outcomes: Outcomes,
     stats: Arc<Stats>,
+    lane_stats: LaneStats,
     /// The in-flight limit in force, at most `settings.window`. A silent close
     /// halves it to what was unsettled; settling grows it back. A gateway that
     /// keeps closing before anything settles would otherwise get everything
@@ -96,19 +97,20 @@ impl Lane {
     pub fn spawn(
         app: Arc<str>,
         index: usize,
-        target: watch::Receiver<Arc<Target>>,
+        target: Arc<Target>,
         settings: Settings,
         outcomes: Outcomes,
         stats: Arc<Stats>,
     ) -> (mpsc::Sender<Vec<Notification>>, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(16);
         let lane = Lane {
-            app,
+            app: app.clone(),
             index,
             target,
             settings,
             rx,
             outcomes,
+            lane_stats: stats.lane(&app, index),
             stats,
             cwnd: settings.window,
         };
@@ -130,11 +132,11 @@ impl Lane {
                 }
             }
             first = false;
-            let target = self.target.borrow().clone();
+            let target = self.target.clone();
             let stream = match connect(&target, self.settings.connect_timeout).await {
                 Ok(stream) => stream,
                 Err(e) => {
-                    self.stats.connect_failures.inc();
+                    self.lane_stats.connect_failures.inc();
                     let delay = backoff.next_delay();
                     tracing::warn!(app = %self.app, lane = self.index, addr = %target.addr,
                         error = %e, retry_in = ?delay, "cannot connect to the gateway");
@@ -143,10 +145,11 @@ impl Lane {
                 }
             };
             tracing::debug!(app = %self.app, lane = self.index, addr = %target.addr, "connected");
-            self.stats.connections.inc();
-            self.stats.connections_up.add(1);
+            self.lane_stats.connections_opened.inc();
+            self.lane_stats.connections_up.add(1);
             let end = self.connection(stream, &mut queue, &mut rx_open).await;
-            self.stats.connections_up.add(-1);
+            self.lane_stats.connections_up.add(-1);
+            self.lane_stats.window.set(0);
             match end {
                 End::Drained => return,
                 End::Healthy => backoff.reset(),
@@ -203,6 +206,7 @@ impl Lane {
             let stalled = write_started.is_some_and(|t| t.elapsed() > s.settle / 2);
             let settle_at = window.next_deadline().filter(|_| !stalled);
             let stall_at = write_started.map(|t| t + s.write_timeout);
+            self.lane_stats.window.set(window.len() as i64);
             let can_take = *rx_open
                 && out.is_empty()
                 && queue.is_empty()
@@ -239,7 +243,7 @@ impl Lane {
                 _ = sleep_until(stall_at), if stall_at.is_some() => {
                     tracing::warn!(app = %self.app, lane = self.index,
                         "gateway stopped reading for {:?}: dropping the connection", s.write_timeout);
-                    self.stats.stalls.inc();
+                    self.lane_stats.stalls.inc();
                     reader.abort();
                     self.shrink_window(window.len());
                     window.on_close(&mut verdicts);
@@ -477,7 +481,8 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn connect(target: &Target, timeout: Duration) -> io::Result<TlsStream<TcpStream>> {
+/// TCP connect and TLS handshake, bounded by `timeout`.
+pub async fn connect(target: &Target, timeout: Duration) -> io::Result<TlsStream<TcpStream>> {
     let attempt = async {
         let tcp = TcpStream::connect(&target.addr).await?;
         tcp.set_nodelay(true)?;

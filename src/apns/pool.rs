@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::lane::{Lane, Outcomes, Settings, Target};
@@ -24,7 +24,7 @@ impl Pool {
     pub fn start(
         app: Arc<str>,
         connections: usize,
-        target: watch::Receiver<Arc<Target>>,
+        target: Arc<Target>,
         settings: Settings,
         outcomes: Outcomes,
         stats: Arc<Stats>,

@@ -35,6 +35,9 @@ pub struct Accepted {
     pub priority: Option<u8>,
     /// Which TLS session (1, 2, ...) carried it.
     pub connection: u64,
+    /// The topic (UID) of the client certificate that session presented, so
+    /// tests can tell which identity a daemon used.
+    pub client_topic: Option<Arc<str>>,
 }
 
 pub struct SimulatorOptions {

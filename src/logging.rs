@@ -1,0 +1,56 @@
+//! Logs to stderr as text or JSON lines, with a level filter and a format that
+//! a reload can change while the daemon runs.
+
+use tracing_subscriber::layer::{Layer, Layered, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
+
+use crate::config::LogFormat;
+
+type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+type Output = Box<dyn Layer<Filtered> + Send + Sync>;
+
+/// Handles to the installed subscriber's filter and output.
+pub struct Logging {
+    filter: reload::Handle<EnvFilter, Registry>,
+    output: reload::Handle<Output, Filtered>,
+}
+
+impl Logging {
+    /// Installs the process-wide subscriber. `level` has been validated with
+    /// the configuration; an unusable one falls back to `info`.
+    pub fn init(level: &str, format: LogFormat) -> Logging {
+        let (filter, filter_handle) = reload::Layer::new(filter(level));
+        let (output, output_handle) = reload::Layer::new(output(format));
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(output)
+            .try_init();
+        Logging {
+            filter: filter_handle,
+            output: output_handle,
+        }
+    }
+
+    /// Switches level and format; the next event already uses them.
+    pub fn apply(&self, level: &str, format: LogFormat) {
+        if let Err(e) = self.filter.reload(filter(level)) {
+            tracing::warn!(error = %e, "cannot change the log level");
+        }
+        if let Err(e) = self.output.reload(output(format)) {
+            tracing::warn!(error = %e, "cannot change the log format");
+        }
+    }
+}
+
+fn filter(level: &str) -> EnvFilter {
+    EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+fn output(format: LogFormat) -> Output {
+    let layer = fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().boxed(),
+    }
+}
