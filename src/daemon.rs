@@ -550,23 +550,37 @@ fn targets(
     Ok((target(gateway)?, target(feedback)?))
 }
 
-/// Opens (and closes) one gateway connection with the app's identity: the
-/// handshake proves the certificate is accepted. Apps on the built-in
+/// Opens one gateway connection with the app's identity and listens briefly.
+/// Under TLS 1.3 a server refuses a client certificate only after the client
+/// thinks the handshake is done, with an alert: a gateway that stays silent
+/// for [`PROBE_LISTEN`] has accepted the identity. Apps on the built-in
 /// simulator have nothing to probe before it starts.
 pub async fn probe_gateway(app: &AppConfig) -> Result<(), DaemonError> {
+    use tokio::io::AsyncReadExt;
     if needs_builtin_simulator(app) {
         return Ok(());
     }
     let (gateway, _) = targets(app, None)?;
-    crate::apns::lane::connect(&gateway, app.connect_timeout)
+    let fail = |source| DaemonError::Connect {
+        app: app.name.clone(),
+        addr: gateway.addr.clone(),
+        source,
+    };
+    let mut stream = crate::apns::lane::connect(&gateway, app.connect_timeout)
         .await
-        .map(drop)
-        .map_err(|source| DaemonError::Connect {
-            app: app.name.clone(),
-            addr: gateway.addr.clone(),
-            source,
-        })
+        .map_err(fail)?;
+    match tokio::time::timeout(PROBE_LISTEN, stream.read(&mut [0u8; 6])).await {
+        Err(_) => Ok(()),
+        Ok(Ok(_)) => Err(fail(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "the gateway closed the connection at once",
+        ))),
+        Ok(Err(e)) => Err(fail(e)),
+    }
 }
+
+/// How long a probe waits for the gateway to refuse the identity.
+const PROBE_LISTEN: Duration = Duration::from_millis(500);
 
 fn load_identity(app: &AppConfig) -> Result<Identity, DaemonError> {
     let Some(cert) = &app.certificate else {

@@ -1,6 +1,8 @@
 //! Logs to stderr as text or JSON lines, with a level filter and a format that
 //! a reload can change while the daemon runs.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::layer::{Layer, Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
@@ -47,8 +49,11 @@ fn filter(level: &str) -> EnvFilter {
     EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
+/// Colours only on a terminal: the journal and log files get plain text.
 fn output(format: LogFormat) -> Output {
-    let layer = fmt::layer().with_writer(std::io::stderr);
+    let layer = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().boxed(),

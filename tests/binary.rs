@@ -4,60 +4,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::process::*;
 use common::*;
-
-const APNSD: &str = env!("CARGO_BIN_EXE_apnsd");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the child if the test fails before stopping it.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "process did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-async fn wait_for_file(path: &Path) {
-    eventually(
-        Duration::from_secs(30),
-        "the simulator's certificates",
-        || path.exists(),
-    )
-    .await;
-}
 
 fn read_record(path: &Path) -> HashMap<String, usize> {
     let mut counts = HashMap::new();

@@ -11,6 +11,7 @@ use apnsd::config::Config;
 use apnsd::daemon::Daemon;
 use apnsd::job::DeviceToken;
 use apnsd::simulator::{Faults, RefuseRule, SimCerts, Simulator, SimulatorOptions};
+use common::process::{http_get, metric};
 use common::*;
 use tokio_util::sync::CancellationToken;
 
@@ -531,25 +532,6 @@ feedback_interval = "1h"
         (Some(&1), Some(&1))
     );
     rig.finish().await;
-}
-
-/// GET `path` from a plain HTTP server: (status line, body).
-async fn http_get(addr: &str, path: &str) -> (String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

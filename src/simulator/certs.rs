@@ -47,6 +47,8 @@ pub struct ClientSpec {
     pub production: bool,
     /// A certificate that expired in 2020, for `apnsd check` tests.
     pub expired: bool,
+    /// A certificate that expires in ten days, for `apnsd check` tests.
+    pub expires_soon: bool,
 }
 
 impl ClientSpec {
@@ -56,6 +58,7 @@ impl ClientSpec {
             sandbox: true,
             production: true,
             expired: false,
+            expires_soon: false,
         }
     }
 }
@@ -135,6 +138,10 @@ impl SimCerts {
         if spec.expired {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
             params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        } else if spec.expires_soon {
+            let now = std::time::SystemTime::now();
+            params.not_before = (now - std::time::Duration::from_secs(86_400)).into();
+            params.not_after = (now + std::time::Duration::from_secs(10 * 86_400)).into();
         }
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;

@@ -3,14 +3,16 @@
 //! publish jobs and collect results.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
@@ -197,6 +199,23 @@ impl Broker {
                 routing_key: d.routing_key.to_string(),
                 body: serde_json::from_slice(&d.data).unwrap(),
             });
+        }
+        out
+    }
+
+    /// Takes `n` jobs off the jobs queue (as a consumer would), parsed.
+    pub async fn take_jobs(&self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let got = self
+                .ch
+                .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap();
+            let Some(message) = got else {
+                panic!("only {} of {n} jobs in the queue", out.len());
+            };
+            out.push(serde_json::from_slice(&message.delivery.data).unwrap());
         }
         out
     }

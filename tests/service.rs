@@ -1,0 +1,467 @@
+//! apnsd as a service: the real binary under SIGHUP and SIGTERM, its
+//! `/metrics` against what the simulator recorded, and `apnsd check` on every
+//! kind of bad configuration.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use apnsd::job::DeviceToken;
+use apnsd::simulator::{write_identity, ClientSpec, SimCerts, Simulator, SimulatorOptions};
+use common::process::*;
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// An in-process simulator whose certificates are written to a temp folder,
+/// for a daemon in another process.
+struct Sim {
+    sim: Simulator,
+    dir: tempfile::TempDir,
+}
+
+impl Sim {
+    async fn start() -> Sim {
+        apnsd::apns::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = SimCerts::generate("com.example.app").unwrap();
+        certs.write_to(dir.path()).unwrap();
+        let sim = Simulator::start(SimulatorOptions::new(certs))
+            .await
+            .unwrap();
+        Sim { sim, dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Mints a client identity for `topic` and writes it as `<name>.p12`.
+    fn mint(&self, name: &str, spec: ClientSpec) {
+        let identity = self.sim.certs().mint_client(&spec).unwrap();
+        write_identity(&identity, self.dir.path(), name).unwrap();
+    }
+
+    fn app(&self, name: &str, client: &str, connections: u32) -> String {
+        format!(
+            r#"
+[[apps]]
+name = "{name}"
+environment = "simulator"
+certificate = "{client}.p12"
+password = "simulator"
+ca = "ca.pem"
+gateway = "{gateway}"
+feedback = "{feedback}"
+connections = {connections}
+settle = "150ms"
+reconnect_min = "10ms"
+reconnect_max = "200ms"
+"#,
+            gateway = self.sim.gateway_addr(),
+            feedback = self.sim.feedback_addr(),
+        )
+    }
+
+    /// How often each token was accepted, and by which client identity.
+    fn accepted(&self) -> HashMap<String, Vec<String>> {
+        let mut by_token: HashMap<String, Vec<String>> = HashMap::new();
+        for a in self.sim.accepted() {
+            by_token
+                .entry(a.token.to_string())
+                .or_default()
+                .push(a.client_topic.as_deref().unwrap_or("").to_owned());
+        }
+        by_token
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+fn daemon_toml(broker: &Broker, metrics_port: u16, apps: &str) -> String {
+    format!(
+        "shutdown_timeout = \"20s\"\n{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{apps}",
+        broker.amqp_toml(1000)
+    )
+}
+
+fn app_job(id: &str, token: &str, app: &str) -> Vec<u8> {
+    let mut job: serde_json::Value = serde_json::from_slice(&common::job(id, token)).unwrap();
+    job["app"] = app.into();
+    serde_json::to_vec(&job).unwrap()
+}
+
+async fn wait_all_accepted(sim: &Sim, tokens: &[String]) {
+    eventually(WAIT, "every token accepted", || {
+        let seen = sim.accepted();
+        tokens.iter().all(|t| seen.contains_key(t))
+    })
+    .await;
+}
+
+async fn stop(daemon: &mut Guard) {
+    signal(&daemon.0, "-TERM");
+    let status = wait_exit(&mut daemon.0, WAIT);
+    assert!(status.success(), "apnsd exited with {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream() {
+    let mut broker = Broker::new("sighup").await;
+    let sim = Sim::start().await;
+    sim.mint("rotated", ClientSpec::new("com.example.rotated"));
+    let port = free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let config = sim.path("apnsd.toml");
+    let log = sim.path("apnsd.log");
+    write(
+        &config,
+        &daemon_toml(&broker, port, &sim.app("example", "client", 1)),
+    );
+    let mut daemon = spawn_daemon(&config, &log);
+
+    let before: Vec<String> = (0..600).map(|i| token(0x10, i)).collect();
+    broker
+        .publish_all(
+            before
+                .iter()
+                .enumerate()
+                .map(|(i, t)| job(&format!("a{i}"), t)),
+        )
+        .await;
+    eventually(WAIT, "the first notifications", || {
+        sim.sim.accepted_count() >= 100
+    })
+    .await;
+
+    // Mid-stream: rotate example's certificate, give it 3 connections, add an app.
+    let apps = sim.app("example", "rotated", 3) + &sim.app("second", "client", 1);
+    write(&config, &daemon_toml(&broker, port, &apps));
+    signal(&daemon.0, "-HUP");
+    let text = wait_for_log(&log, "configuration reloaded").await;
+    assert!(
+        text.contains(r#"added=["second"]"#) && text.contains(r#"replaced=["example"]"#),
+        "{text}"
+    );
+
+    let after: Vec<String> = (0..400).map(|i| token(0x20, i)).collect();
+    let second: Vec<String> = (0..200).map(|i| token(0x30, i)).collect();
+    let bodies = after
+        .iter()
+        .enumerate()
+        .map(|(i, t)| app_job(&format!("b{i}"), t, "example"))
+        .chain(
+            second
+                .iter()
+                .enumerate()
+                .map(|(i, t)| app_job(&format!("c{i}"), t, "second")),
+        );
+    broker.publish_all(bodies).await;
+
+    let everything: Vec<String> = [&before[..], &after[..], &second[..]].concat();
+    wait_all_accepted(&sim, &everything).await;
+    let seen = sim.accepted();
+    for t in &everything {
+        assert_eq!(seen[t].len(), 1, "{t} accepted exactly once");
+    }
+    assert!(
+        after.iter().all(|t| seen[t] == ["com.example.rotated"]),
+        "jobs published after the reload use the rotated certificate"
+    );
+    assert!(second.iter().all(|t| seen[t] == ["com.example.app"]));
+
+    // The new lane count is in force, and the counters match the simulator.
+    let accepted = sim.sim.accepted_count();
+    let mut metrics = String::new();
+    for _ in 0..300 {
+        metrics = http_get(&metrics_addr, "/metrics").await.1;
+        if metric(&metrics, "apnsd_connections_up{app=\"example\"}") == 3
+            && metric(&metrics, "apnsd_notifications_accepted_total") == accepted
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric(&metrics, "apnsd_connections_up{app=\"example\"}"),
+        3,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "apnsd_notifications_accepted_total"),
+        accepted,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "apnsd_jobs_acked_total"),
+        everything.len() as u64
+    );
+    assert_eq!(metric(&metrics, "apnsd_notifications_failed_total"), 0);
+
+    stop(&mut daemon).await;
+    assert!(broker
+        .no_more_results(Duration::from_millis(300))
+        .await
+        .is_empty());
+    assert_eq!(broker.queue_depth().await, 0, "nothing left unacked");
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_an_invalid_file_keeps_the_old_configuration() {
+    let mut broker = Broker::new("sighup-invalid").await;
+    let sim = Sim::start().await;
+    let config = sim.path("apnsd.toml");
+    let log = sim.path("apnsd.log");
+    let good = daemon_toml(&broker, free_port(), &sim.app("example", "client", 2));
+    write(&config, &good);
+    let mut daemon = spawn_daemon(&config, &log);
+
+    let first: Vec<String> = (0..300).map(|i| token(0x40, i)).collect();
+    broker.publish_all(first.iter().map(|t| job(t, t))).await;
+    eventually(WAIT, "the first notifications", || {
+        sim.sim.accepted_count() >= 50
+    })
+    .await;
+
+    // An unknown key, then a missing certificate: each refused, named, harmless.
+    write(&config, &good.replace("[amqp]", "[amqp]\nbogus = 1"));
+    signal(&daemon.0, "-HUP");
+    let text = wait_for_log(&log, "unknown key amqp.bogus").await;
+    assert!(text.contains("reload refused"), "{text}");
+    assert!(text.contains(&config.display().to_string()), "{text}");
+
+    write(&config, &good.replace("client.p12", "missing.p12"));
+    signal(&daemon.0, "-HUP");
+    let text = wait_for_log(&log, "apps[0].certificate").await;
+    assert!(text.contains("missing.p12 does not exist"), "{text}");
+
+    let second: Vec<String> = (0..300).map(|i| token(0x41, i)).collect();
+    broker.publish_all(second.iter().map(|t| job(t, t))).await;
+    let everything = [&first[..], &second[..]].concat();
+    wait_all_accepted(&sim, &everything).await;
+    let seen = sim.accepted();
+    assert!(everything.iter().all(|t| seen[t].len() == 1));
+    assert!(!text.contains("configuration reloaded"), "{text}");
+
+    stop(&mut daemon).await;
+    assert_eq!(broker.queue_depth().await, 0);
+    assert!(broker
+        .no_more_results(Duration::from_millis(300))
+        .await
+        .is_empty());
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_exits_zero_and_leaves_nothing_unacked() {
+    let broker = Broker::new("sigterm").await;
+    let sim = Sim::start().await;
+    let config = sim.path("apnsd.toml");
+    let log = sim.path("apnsd.log");
+    // A small prefetch keeps most jobs in the queue when the signal comes.
+    let toml = daemon_toml(&broker, free_port(), &sim.app("example", "client", 2))
+        .replace("prefetch = 1000", "prefetch = 100");
+    write(&config, &toml);
+    let mut daemon = spawn_daemon(&config, &log);
+
+    let tokens: Vec<String> = (0..3000).map(|i| token(0x50, i)).collect();
+    broker.publish_all(tokens.iter().map(|t| job(t, t))).await;
+    eventually(WAIT, "some notifications", || {
+        sim.sim.accepted_count() >= 200
+    })
+    .await;
+    stop(&mut daemon).await;
+
+    // Every job is either delivered and acked, or back in the queue untouched:
+    // a job delivered but left unacked would be counted on both sides.
+    let seen = sim.accepted();
+    assert!(seen.values().all(|v| v.len() == 1), "no duplicates");
+    let depth = broker.queue_depth().await as usize;
+    // prefetch ÷ settle bounds the rate far below 3,000 jobs in the drain's time.
+    assert!(depth > 0, "the signal came mid-stream");
+    assert_eq!(
+        seen.len() + depth,
+        tokens.len(),
+        "{} delivered + {depth} queued",
+        seen.len()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("stopping intake"), "{text}");
+    broker.cleanup().await;
+}
+
+/// `apnsd check --config FILE [extra]`: (exit code, stdout + stderr).
+fn check(config: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new(APNSD)
+        .args(["check", "--config"])
+        .arg(config)
+        .args(extra)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_every_kind_of_problem_with_exit_2() {
+    let sim = Sim::start().await;
+    sim.mint(
+        "expired",
+        ClientSpec {
+            expired: true,
+            ..ClientSpec::new("com.example.app")
+        },
+    );
+    sim.mint(
+        "soon",
+        ClientSpec {
+            expires_soon: true,
+            ..ClientSpec::new("com.example.app")
+        },
+    );
+    sim.mint(
+        "sandbox-only",
+        ClientSpec {
+            production: false,
+            ..ClientSpec::new("com.example.app")
+        },
+    );
+    // A PEM certificate paired with somebody else's key.
+    sim.mint("other", ClientSpec::new("com.example.other"));
+    let config = sim.path("apnsd.toml");
+    let app = |name: &str, client: &str| sim.app(name, client, 1);
+
+    let (code, text) = {
+        write(&config, &app("example", "client"));
+        check(&config, &["--connect"])
+    };
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("topic com.example.app"), "{text}");
+
+    let cases: Vec<(String, &str)> = vec![
+        (
+            app("example", "client").replace("connections", "conections"),
+            "unknown key apps[0].conections",
+        ),
+        (app("example", "missing"), "apps[0].certificate"),
+        (
+            app("example", "client").replace("password = \"simulator\"", "password = \"nope\""),
+            "wrong password",
+        ),
+        (
+            app("example", "client").replace(
+                "certificate = \"client.p12\"",
+                "certificate = \"client.pem\"\nkey = \"other-key.pem\"",
+            ),
+            "does not match the certificate",
+        ),
+        (app("example", "expired"), "has expired"),
+        (app("example", "soon"), "expires in 9 days"),
+        (
+            app("example", "sandbox-only").replace("\"simulator\"\ncert", "\"production\"\ncert"),
+            "is not for the production environment",
+        ),
+    ];
+    for (toml, want) in cases {
+        write(&config, &toml);
+        let (code, text) = check(&config, &[]);
+        assert_eq!(code, 2, "{want}: {text}");
+        assert!(text.contains(want), "want {want:?} in {text}");
+    }
+
+    // Several problems at once: each on its own line.
+    write(
+        &config,
+        &(app("a", "expired") + &app("b", "soon").replace("connections = 1", "connections = 0")),
+    );
+    let (code, text) = check(&config, &[]);
+    assert_eq!(
+        (code, text.contains("apps[1].connections")),
+        (2, true),
+        "{text}"
+    );
+    write(&config, &(app("a", "expired") + &app("b", "soon")));
+    let (code, text) = check(&config, &[]);
+    assert_eq!(code, 2);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("a: ") && l.contains("has expired"))
+            && text
+                .lines()
+                .any(|l| l.contains("b: ") && l.contains("expires in")),
+        "{text}"
+    );
+
+    // --connect: an identity from another CA is refused by the gateway.
+    let stranger = SimCerts::generate("com.example.app").unwrap();
+    write_identity(stranger.client(), sim.dir.path(), "stranger").unwrap();
+    write(&config, &app("example", "stranger"));
+    let (code, text) = check(&config, &["--connect"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("cannot connect to the gateway"), "{text}");
+    sim.sim.shutdown().await;
+}
+
+#[test]
+fn send_queues_a_broadcast_from_a_tokens_file() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let broker = Broker::new("send").await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("apnsd.toml");
+        write(
+            &config,
+            &format!(
+                "{}\n[[apps]]\nname = \"example\"\nenvironment = \"simulator\"\n",
+                broker.amqp_toml(10)
+            ),
+        );
+        let tokens: Vec<String> = (0..1500).map(|i| token(0x60, i)).collect();
+        let file = dir.path().join("tokens.txt");
+        write(&file, &format!("# broadcast\n{}\n", tokens.join("\n")));
+        let out = Command::new(APNSD)
+            .args(["send", "--config"])
+            .arg(&config)
+            .arg("--tokens-file")
+            .arg(&file)
+            .args(["--alert", "Hello", "--app", "example"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(broker.queue_depth().await, 2, "1,500 tokens in two jobs");
+        let jobs = broker.take_jobs(2).await;
+        let sent: Vec<DeviceToken> = jobs
+            .iter()
+            .flat_map(|j| j["tokens"].as_array().unwrap().clone())
+            .map(|t| DeviceToken::parse(t.as_str().unwrap()).unwrap())
+            .collect();
+        let want: Vec<DeviceToken> = tokens
+            .iter()
+            .map(|t| DeviceToken::parse(t).unwrap())
+            .collect();
+        assert_eq!(sent, want);
+        assert!(jobs.iter().all(|j| j["payload"]["aps"]["alert"] == "Hello"));
+
+        // A bad line is named, and nothing is queued.
+        write(&file, &format!("{}\nnot-a-token\n", tokens[0]));
+        let out = Command::new(APNSD)
+            .args(["send", "--config"])
+            .arg(&config)
+            .arg("--tokens-file")
+            .arg(&file)
+            .args(["--alert", "Hello"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"));
+        assert_eq!(broker.queue_depth().await, 0);
+        broker.cleanup().await;
+    });
+}
