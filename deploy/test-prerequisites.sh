@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# What the test suite needs on a fresh Debian machine (as root): RabbitMQ on
+# 127.0.0.1:5672 (installed and started if absent) and systemd-analyze (the
+# unit's verification tests). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash deploy/ensure-rabbitmq.sh
+
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+    echo "apnsd: installing systemd (for systemd-analyze)" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null
+fi
+
+# Test queues that a killed test run leaves behind expire on their own.
+rabbitmqctl -q set_policy --apply-to queues apnsd-test-expiry '^apnsd-test\.' '{"expires": 600000}' >/dev/null || true
