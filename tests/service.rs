@@ -465,3 +465,48 @@ fn send_queues_a_broadcast_from_a_tokens_file() {
         broker.cleanup().await;
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_new_broker_settings_drains_and_reconnects() {
+    let mut broker = Broker::new("sighup-amqp").await;
+    let sim = Sim::start().await;
+    let config = sim.path("apnsd.toml");
+    let log = sim.path("apnsd.log");
+    let toml = daemon_toml(&broker, free_port(), &sim.app("example", "client", 2));
+    write(&config, &toml);
+    let mut daemon = spawn_daemon(&config, &log);
+
+    let tokens: Vec<String> = (0..2000).map(|i| token(0x70, i)).collect();
+    broker
+        .publish_all(tokens[..1000].iter().map(|t| job(t, t)))
+        .await;
+    eventually(WAIT, "the first notifications", || {
+        sim.sim.accepted_count() >= 100
+    })
+    .await;
+    write(
+        &config,
+        &toml.replace(
+            "prefetch = 1000",
+            "prefetch = 300\nconsumer_tag = \"reloaded\"",
+        ),
+    );
+    signal(&daemon.0, "-HUP");
+    let text = wait_for_log(&log, "configuration reloaded").await;
+    assert!(text.contains("broker_session=true"), "{text}");
+    broker
+        .publish_all(tokens[1000..].iter().map(|t| job(t, t)))
+        .await;
+    wait_for_log(&log, "reconnecting with the new broker settings").await;
+
+    wait_all_accepted(&sim, &tokens).await;
+    let seen = sim.accepted();
+    assert!(tokens.iter().all(|t| seen[t].len() == 1), "nothing twice");
+    stop(&mut daemon).await;
+    assert_eq!(broker.queue_depth().await, 0);
+    assert!(broker
+        .no_more_results(Duration::from_millis(300))
+        .await
+        .is_empty());
+    broker.cleanup().await;
+}

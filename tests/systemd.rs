@@ -26,8 +26,8 @@ fn analyze(args: &[&str], unit: &Path) -> (bool, String) {
         .arg(unit)
         .output()
         .expect("systemd-analyze (package systemd) is needed for this test");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
