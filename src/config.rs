@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::apns::Protocol;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{}: cannot read: {source}", file.display())]
@@ -69,6 +71,15 @@ impl Environment {
         match self {
             Environment::Production => Some("gateway.push.apple.com:2195"),
             Environment::Sandbox => Some("gateway.sandbox.push.apple.com:2195"),
+            Environment::Simulator => None,
+        }
+    }
+
+    /// Apple's HTTP/2 provider API for this environment.
+    pub fn endpoint(self) -> Option<&'static str> {
+        match self {
+            Environment::Production => Some("api.push.apple.com:443"),
+            Environment::Sandbox => Some("api.sandbox.push.apple.com:443"),
             Environment::Simulator => None,
         }
     }
@@ -151,6 +162,9 @@ pub struct AppConfig {
     pub name: String,
     pub topic: Option<String>,
     pub environment: Environment,
+    /// `binary` (the default) or `http2`: Apple's production service speaks only HTTP/2.
+    #[serde(default)]
+    pub protocol: Protocol,
     pub certificate: Option<PathBuf>,
     /// Resolved from `password_file` at load time.
     pub password: Option<String>,
@@ -184,6 +198,37 @@ pub struct AppConfig {
     pub reconnect_min: Duration,
     #[serde(default = "defaults::reconnect_max", deserialize_with = "duration")]
     pub reconnect_max: Duration,
+    /// HTTP/2 token auth: the `.p8` signing key, its key id and the team id.
+    pub key_file: Option<PathBuf>,
+    pub key_id: Option<String>,
+    pub team_id: Option<String>,
+    /// HTTP/2 `host:port`, overriding the environment's.
+    pub endpoint: Option<String>,
+    /// HTTP/2: an answer that takes longer counts as a failed try.
+    #[serde(default = "defaults::request_timeout", deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// HTTP/2: how often a connection is PINGed to find out it died.
+    #[serde(default = "defaults::ping_interval", deserialize_with = "duration")]
+    pub ping_interval: Duration,
+    /// HTTP/2: most streams open per connection, below the server's own limit.
+    #[serde(default = "defaults::max_concurrent_streams")]
+    pub max_concurrent_streams: usize,
+}
+
+impl AppConfig {
+    /// HTTP/2 with a provider token instead of a client certificate.
+    pub fn token_auth(&self) -> bool {
+        self.key_file.is_some()
+    }
+
+    /// Talks to a simulator started inside this process.
+    pub fn uses_builtin_simulator(&self) -> bool {
+        self.environment == Environment::Simulator
+            && match self.protocol {
+                Protocol::Binary => self.gateway.is_none(),
+                Protocol::Http2 => self.endpoint.is_none(),
+            }
+    }
 }
 
 impl std::fmt::Debug for AppConfig {
@@ -195,6 +240,9 @@ impl std::fmt::Debug for AppConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("connections", &self.connections)
             .field("gateway", &self.gateway)
+            .field("protocol", &self.protocol)
+            .field("endpoint", &self.endpoint)
+            .field("key_id", &self.key_id)
             .finish_non_exhaustive()
     }
 }
@@ -236,6 +284,15 @@ mod defaults {
     }
     pub fn reconnect_max() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn request_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn ping_interval() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn max_concurrent_streams() -> usize {
+        1000
     }
 }
 
@@ -330,6 +387,7 @@ impl Config {
                 &mut app.key,
                 &mut app.ca,
                 &mut app.password_file,
+                &mut app.key_file,
             ]
             .into_iter()
             .flatten()
@@ -414,11 +472,56 @@ impl Config {
             if app.reconnect_min > app.reconnect_max {
                 bad(at("reconnect_min"), "must not exceed reconnect_max".into());
             }
-            let builtin = app.environment == Environment::Simulator && app.gateway.is_none();
-            if app.certificate.is_none() && !builtin {
+            let token_keys = [&app.key_id, &app.team_id].map(Option::is_some);
+            if !matches!(
+                (app.key_file.is_some(), token_keys),
+                (false, [false, false]) | (true, [true, true])
+            ) {
+                bad(
+                    at("key_file"),
+                    "token auth needs `key_file`, `key_id` and `team_id` together".into(),
+                );
+            }
+            if app.token_auth() {
+                if app.protocol != Protocol::Http2 {
+                    bad(
+                        at("key_file"),
+                        "token auth needs protocol = \"http2\"".into(),
+                    );
+                }
+                if app.certificate.is_some() {
+                    bad(
+                        at("key_file"),
+                        "use `certificate` or `key_file`, not both".into(),
+                    );
+                }
+                if app.topic.is_none() {
+                    bad(
+                        at("topic"),
+                        "is required with token auth (there is no certificate to read it from)"
+                            .into(),
+                    );
+                }
+            }
+            if app.certificate.is_none() && !app.token_auth() && !app.uses_builtin_simulator() {
                 bad(at("certificate"), "is required (PKCS#12 or PEM)".into());
             }
-            for (k, v) in [("gateway", &app.gateway), ("feedback", &app.feedback)] {
+            for (k, zero) in [
+                ("request_timeout", app.request_timeout.is_zero()),
+                ("ping_interval", app.ping_interval.is_zero()),
+            ] {
+                if zero {
+                    bad(at(k), "must be more than 0".into());
+                }
+            }
+            if app.max_concurrent_streams == 0 {
+                bad(at("max_concurrent_streams"), "must be at least 1".into());
+            }
+            for (k, v) in [
+                ("gateway", &app.gateway),
+                ("feedback", &app.feedback),
+                ("endpoint", &app.endpoint),
+            ] {
                 if let Some(addr) = v {
                     let port_ok = addr
                         .rsplit_once(':')
@@ -429,6 +532,7 @@ impl Config {
                 }
             }
             if app.environment == Environment::Simulator
+                && app.protocol == Protocol::Binary
                 && app.gateway.is_some() != app.feedback.is_some()
             {
                 bad(
@@ -441,6 +545,7 @@ impl Config {
                 ("certificate", &app.certificate),
                 ("key", &app.key),
                 ("ca", &app.ca),
+                ("key_file", &app.key_file),
             ] {
                 if let Some(p) = v {
                     if !p.is_file() {

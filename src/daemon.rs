@@ -14,11 +14,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Topology;
+use crate::apns::http2::{self, jwt::Signer};
 use crate::apns::lane::{Outcomes, Settings, Target};
 use crate::apns::pool::Pool;
 use crate::apns::tls::{self, Identity};
+use crate::apns::Protocol;
 use crate::backoff::Backoff;
-use crate::config::{AppConfig, Config, ConfigError, Environment};
+use crate::config::{AppConfig, Config, ConfigError};
 use crate::feedback::Poller;
 use crate::logging::Logging;
 use crate::metrics::Stats;
@@ -38,6 +40,12 @@ pub enum DaemonError {
     },
     #[error("app {app:?}: {what}")]
     App { app: String, what: String },
+    #[error("app {app:?}: {source}")]
+    TokenKey {
+        app: String,
+        #[source]
+        source: http2::jwt::JwtError,
+    },
     #[error("built-in simulator: {0}")]
     Simulator(String),
     #[error("metrics.listen: cannot listen on {addr}: {source}")]
@@ -87,7 +95,7 @@ struct RunningApp {
 type Material = Vec<Option<Vec<u8>>>;
 
 fn material(app: &AppConfig) -> Material {
-    [&app.certificate, &app.key, &app.ca]
+    [&app.certificate, &app.key, &app.ca, &app.key_file]
         .into_iter()
         .map(|p| p.as_ref().and_then(|p| std::fs::read(p).ok()))
         .collect()
@@ -136,15 +144,13 @@ impl Daemon {
         let targets = config
             .apps
             .iter()
-            .map(|app| targets(app, wiring.simulator.as_ref()))
+            .map(|app| prepare(app, wiring.simulator.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         let routes = config
             .apps
             .iter()
             .zip(targets)
-            .map(|(app, (gateway, feedback))| {
-                wiring.start_app(app, material(app), gateway, feedback)
-            })
+            .map(|(app, prepared)| wiring.start_app(app, material(app), prepared))
             .collect();
         let inputs = Inputs {
             outcomes: outcomes_rx,
@@ -183,13 +189,12 @@ impl Daemon {
                 .get(&app.name)
                 .is_some_and(|r| r.config == *app && r.material == material);
             if !unchanged {
-                let (gateway, feedback) = targets(app, w.simulator.as_ref())?;
-                prepared.push((app, material, gateway, feedback));
+                prepared.push((app, material, prepare(app, w.simulator.as_ref())?));
             }
         }
         let mut done = Reloaded::default();
         let mut upsert = Vec::new();
-        for (app, material, gateway, feedback) in prepared {
+        for (app, material, targets) in prepared {
             match w.apps.get(&app.name) {
                 Some(old) => {
                     old.poller.cancel();
@@ -197,7 +202,7 @@ impl Daemon {
                 }
                 None => done.added.push(app.name.clone()),
             }
-            upsert.push(w.start_app(app, material, gateway, feedback));
+            upsert.push(w.start_app(app, material, targets));
         }
         w.apps.retain(|name, running| {
             let keep = config.app(Some(name)).is_some();
@@ -285,33 +290,46 @@ enum ReloadError {
 }
 
 impl Wiring {
-    /// Starts an app's lanes and feedback poller; returns its route.
-    fn start_app(
-        &mut self,
-        app: &AppConfig,
-        material: Material,
-        gateway: Target,
-        feedback: Target,
-    ) -> Route {
+    /// Starts an app's lanes (and, on the binary interface, its feedback
+    /// poller); returns its route.
+    fn start_app(&mut self, app: &AppConfig, material: Material, targets: Prepared) -> Route {
         let name: Arc<str> = Arc::from(app.name.as_str());
-        let pool = Pool::start(
-            name.clone(),
-            app.connections,
-            Arc::new(gateway),
-            lane_settings(app),
-            self.outcomes.clone(),
-            self.stats.clone(),
-        );
-        let poller = Poller {
-            app: name.clone(),
-            target: Arc::new(feedback),
-            interval: app.feedback_interval,
-            connect_timeout: app.connect_timeout,
-            results: self.requests.clone(),
-            stats: self.stats.clone(),
-        };
         let stop = self.shutdown.child_token();
-        tokio::spawn(poller.run(stop.clone()));
+        let pool = match targets {
+            Prepared::Binary { gateway, feedback } => {
+                let poller = Poller {
+                    app: name.clone(),
+                    target: Arc::new(feedback),
+                    interval: app.feedback_interval,
+                    connect_timeout: app.connect_timeout,
+                    results: self.requests.clone(),
+                    stats: self.stats.clone(),
+                };
+                tokio::spawn(poller.run(stop.clone()));
+                Pool::start(
+                    name.clone(),
+                    app.connections,
+                    Arc::new(gateway),
+                    lane_settings(app),
+                    self.outcomes.clone(),
+                    self.stats.clone(),
+                )
+            }
+            // 410 answers replace the feedback service: no poller.
+            Prepared::Http2(target) => {
+                let target = Arc::new(target);
+                Pool::with_lanes((0..app.connections).map(|i| {
+                    http2::Lane::spawn(
+                        name.clone(),
+                        i,
+                        target.clone(),
+                        http2_settings(app),
+                        self.outcomes.clone(),
+                        self.stats.clone(),
+                    )
+                }))
+            }
+        };
         self.apps.insert(
             app.name.clone(),
             RunningApp {
@@ -320,7 +338,11 @@ impl Wiring {
                 poller: stop,
             },
         );
-        Route { name, pool }
+        Route {
+            name,
+            pool,
+            protocol: app.protocol,
+        }
     }
 }
 
@@ -461,10 +483,16 @@ fn lane_settings(app: &AppConfig) -> Settings {
     }
 }
 
-/// Apps in the simulator environment without a gateway of their own talk to
-/// one simulator started in this process.
-fn needs_builtin_simulator(app: &AppConfig) -> bool {
-    app.environment == Environment::Simulator && app.gateway.is_none()
+fn http2_settings(app: &AppConfig) -> http2::Settings {
+    http2::Settings {
+        max_attempts: app.max_attempts,
+        max_streams: app.max_concurrent_streams,
+        connect_timeout: app.connect_timeout,
+        request_timeout: app.request_timeout,
+        ping_interval: app.ping_interval,
+        reconnect_min: app.reconnect_min,
+        reconnect_max: app.reconnect_max,
+    }
 }
 
 /// The built-in simulator, started when an app needs it and none runs yet.
@@ -475,7 +503,7 @@ async fn start_simulator_if_needed(
     if running.is_some() {
         return Ok(running);
     }
-    let Some(app) = config.apps.iter().find(|a| needs_builtin_simulator(a)) else {
+    let Some(app) = config.apps.iter().find(|a| a.uses_builtin_simulator()) else {
         return Ok(None);
     };
     let topic = app
@@ -491,6 +519,21 @@ async fn start_simulator_if_needed(
     Ok(Some(sim))
 }
 
+/// An app's targets, identities loaded: prepared before anything changes so
+/// a bad identity leaves the running daemon untouched.
+enum Prepared {
+    Binary { gateway: Target, feedback: Target },
+    Http2(http2::Target),
+}
+
+fn prepare(app: &AppConfig, simulator: Option<&Simulator>) -> Result<Prepared, DaemonError> {
+    match app.protocol {
+        Protocol::Binary => targets(app, simulator)
+            .map(|(gateway, feedback)| Prepared::Binary { gateway, feedback }),
+        Protocol::Http2 => http2_target(app, simulator).map(Prepared::Http2),
+    }
+}
+
 /// The gateway and feedback targets of an app: addresses, server name, identity.
 fn targets(
     app: &AppConfig,
@@ -500,7 +543,7 @@ fn targets(
         app: app.name.clone(),
         what,
     };
-    let builtin = needs_builtin_simulator(app).then_some(simulator).flatten();
+    let builtin = app.uses_builtin_simulator().then_some(simulator).flatten();
     let tls_config = match builtin {
         Some(sim) => sim
             .certs()
@@ -554,10 +597,11 @@ fn targets(
 /// Under TLS 1.3 a server refuses a client certificate only after the client
 /// thinks the handshake is done, with an alert: a gateway that stays silent
 /// for [`PROBE_LISTEN`] has accepted the identity. Apps on the built-in
-/// simulator have nothing to probe before it starts.
+/// simulator have nothing to probe before it starts; HTTP/2 apps are not
+/// probed (their lanes log a refused identity on their first connection).
 pub async fn probe_gateway(app: &AppConfig) -> Result<(), DaemonError> {
     use tokio::io::AsyncReadExt;
-    if needs_builtin_simulator(app) {
+    if app.uses_builtin_simulator() || app.protocol == Protocol::Http2 {
         return Ok(());
     }
     let (gateway, _) = targets(app, None)?;
@@ -581,6 +625,75 @@ pub async fn probe_gateway(app: &AppConfig) -> Result<(), DaemonError> {
 
 /// How long a probe waits for the gateway to refuse the identity.
 const PROBE_LISTEN: Duration = Duration::from_millis(500);
+
+/// The HTTP/2 target of an app: endpoint, TLS with ALPN `h2`, topic, and the
+/// provider-token signer under token auth.
+fn http2_target(
+    app: &AppConfig,
+    simulator: Option<&Simulator>,
+) -> Result<http2::Target, DaemonError> {
+    let fail = |what: String| DaemonError::App {
+        app: app.name.clone(),
+        what,
+    };
+    let identity_error = |source| DaemonError::Identity {
+        app: app.name.clone(),
+        source,
+    };
+    let builtin = app.uses_builtin_simulator().then_some(simulator).flatten();
+    let (addr, tls, signer, cert_topic) = match builtin {
+        Some(sim) => {
+            let tls = sim
+                .certs()
+                .client_config()
+                .map_err(|e| fail(e.to_string()))?;
+            let topic = sim.certs().client().info.topic.clone();
+            (sim.http2_addr().to_string(), tls, None, topic)
+        }
+        None => {
+            let addr = app
+                .endpoint
+                .clone()
+                .or_else(|| app.environment.endpoint().map(str::to_owned))
+                .ok_or_else(|| fail("the simulator environment needs `endpoint`".into()))?;
+            match (&app.key_file, &app.key_id, &app.team_id) {
+                (Some(key_file), Some(key_id), Some(team_id)) => {
+                    let signer =
+                        Signer::from_p8_file(key_file, key_id, team_id).map_err(|source| {
+                            DaemonError::TokenKey {
+                                app: app.name.clone(),
+                                source,
+                            }
+                        })?;
+                    let tls =
+                        tls::anonymous_client_config(app.ca.as_deref()).map_err(identity_error)?;
+                    (addr, tls, Some(Arc::new(signer)), None)
+                }
+                _ => {
+                    let identity = load_identity(app)?;
+                    let tls =
+                        tls::client_config(&identity, app.ca.as_deref()).map_err(identity_error)?;
+                    (addr, tls, None, identity.info.topic)
+                }
+            }
+        }
+    };
+    let topic =
+        app.topic.clone().or(cert_topic).ok_or_else(|| {
+            fail("no `topic`, and the certificate names none (subject UID)".into())
+        })?;
+    if http::HeaderValue::from_str(&topic).is_err() {
+        return Err(fail(format!("topic {topic:?} is not a valid header value")));
+    }
+    let server_name = tls::server_name(host_of(&addr)).map_err(|e| fail(e.to_string()))?;
+    Ok(http2::Target {
+        addr,
+        server_name,
+        tls: tls::with_h2(&tls),
+        topic,
+        signer,
+    })
+}
 
 fn load_identity(app: &AppConfig) -> Result<Identity, DaemonError> {
     let Some(cert) = &app.certificate else {

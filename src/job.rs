@@ -9,25 +9,59 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
-use crate::apns::frame::MAX_PAYLOAD;
+use crate::apns::Protocol;
 
-/// A binary-interface device token: exactly 32 bytes.
+/// A device token: 1 to 100 bytes inline. The binary interface takes exactly
+/// 32 ([`DeviceToken::BINARY_LEN`]); Apple says tokens may grow, so HTTP/2
+/// takes any length up to [`DeviceToken::MAX_LEN`]. Stored inline, so a token
+/// is `Copy` and costs no allocation on either path; bytes past `len` are
+/// always zero, which keeps the derived equality and hashing exact.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceToken([u8; 32]);
+pub struct DeviceToken {
+    len: u8,
+    bytes: [u8; DeviceToken::MAX_LEN],
+}
 
 impl DeviceToken {
-    pub const LEN: usize = 32;
+    /// The only token length the binary interface knows.
+    pub const BINARY_LEN: usize = 32;
+    /// The longest token accepted (HTTP/2; Apple's documented upper bound).
+    pub const MAX_LEN: usize = 100;
 
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        DeviceToken(bytes)
+        let mut token = DeviceToken {
+            len: 32,
+            bytes: [0; Self::MAX_LEN],
+        };
+        token.bytes[..32].copy_from_slice(&bytes);
+        token
     }
 
+    /// A token of 1 to [`DeviceToken::MAX_LEN`] bytes.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        Some(DeviceToken(bytes.try_into().ok()?))
+        if bytes.is_empty() || bytes.len() > Self::MAX_LEN {
+            return None;
+        }
+        let mut token = DeviceToken {
+            len: bytes.len() as u8,
+            bytes: [0; Self::MAX_LEN],
+        };
+        token.bytes[..bytes.len()].copy_from_slice(bytes);
+        Some(token)
     }
 
-    pub fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// Bytes in the token (never 0).
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    /// Always false: a token has at least one byte. Here for the `len` convention.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Parses hex as producers send it: upper or lower case, with spaces, and
@@ -38,41 +72,43 @@ impl DeviceToken {
             .strip_prefix('<')
             .and_then(|t| t.strip_suffix('>'))
             .unwrap_or(trimmed);
-        let mut out = [0u8; 32];
+        let mut out = [0u8; Self::MAX_LEN];
         let mut digits = 0usize;
         for c in inner.chars() {
             if c == ' ' {
                 continue;
             }
             let v = c.to_digit(16).ok_or(TokenError::NotHex(c))? as u8;
-            if digits < 64 {
+            if digits < 2 * Self::MAX_LEN {
                 out[digits / 2] |= if digits.is_multiple_of(2) { v << 4 } else { v };
             }
             digits += 1;
         }
         match digits {
             0 => Err(TokenError::Empty),
-            64 => Ok(DeviceToken(out)),
-            n => Err(TokenError::Length(n)),
+            n if n % 2 == 1 || n > 2 * Self::MAX_LEN => Err(TokenError::Length(n)),
+            n => Ok(DeviceToken {
+                len: (n / 2) as u8,
+                bytes: out,
+            }),
         }
     }
 
-    /// The normalised form used in every result: 64 lower-case hex digits.
+    /// The normalised form used in every result: lower-case hex digits.
     pub fn to_hex(&self) -> String {
         self.to_string()
     }
 
     /// A stable 64-bit hash for routing one device's notifications to one lane.
     pub fn route_hash(&self) -> u64 {
-        u64::from_le_bytes([
-            self.0[0], self.0[1], self.0[2], self.0[3], self.0[4], self.0[5], self.0[6], self.0[7],
-        ])
+        let b = &self.bytes;
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
     }
 }
 
 impl fmt::Display for DeviceToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
+        for b in self.as_bytes() {
             write!(f, "{b:02x}")?;
         }
         Ok(())
@@ -91,7 +127,9 @@ pub enum TokenError {
     Empty,
     #[error("token has {0:?}, which is not a hex digit")]
     NotHex(char),
-    #[error("token has {0} hex digits; the binary interface takes exactly 64 (32 bytes)")]
+    #[error(
+        "token has {0} hex digits; a token is an even number of them, at most 200 (100 bytes)"
+    )]
     Length(usize),
 }
 
@@ -123,7 +161,14 @@ pub struct Job {
     pub payload: Bytes,
     pub expiry: Option<u32>,
     pub priority: Option<Priority>,
+    /// `apns-push-type` (HTTP/2 only): inferred from the payload when absent.
+    pub push_type: Option<Box<str>>,
+    /// `apns-collapse-id` (HTTP/2 only).
+    pub collapse_id: Option<Box<str>>,
 }
+
+/// Apple's limit on `apns-collapse-id`.
+pub const MAX_COLLAPSE_ID: usize = 64;
 
 /// Why a job is unusable. Each message is the `error` sentence of a `rejected` result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,6 +208,12 @@ pub enum JobError {
     BadExpiry(String),
     #[error("unknown app {0:?}")]
     UnknownApp(String),
+    #[error("token {index} is {len} bytes; the binary interface takes exactly 32 (64 hex digits)")]
+    TokenSize { index: usize, len: usize },
+    #[error("`push_type` {0:?} is not an APNs push type (lower-case letters, e.g. \"alert\", \"background\", \"voip\")")]
+    BadPushType(String),
+    #[error("`collapse_id` must be at most 64 bytes of printable text")]
+    BadCollapseId,
 }
 
 /// An unusable job: the reason, and the id when it could still be read.
@@ -220,7 +271,7 @@ impl Job {
             Some(_) => return Err(wrong("app", "a string")),
         };
         let tokens = tokens(map.remove("token"), map.remove("tokens"))?;
-        let payload = payload(map.remove("payload"))?;
+        let (payload, content_only) = payload(map.remove("payload"))?;
         let expiry = match map.remove("expiry") {
             None | Some(Value::Null) => None,
             Some(Value::Number(n)) => Some(
@@ -240,6 +291,19 @@ impl Job {
             },
             Some(_) => return Err(wrong("priority", "10 or 5")),
         };
+        let push_type = match map.remove("push_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if is_push_type(&s) => Some(s.into_boxed_str()),
+            Some(Value::String(s)) => return Err(JobError::BadPushType(s)),
+            Some(_) => return Err(wrong("push_type", "a string")),
+        }
+        .or_else(|| content_only.then(|| "background".into()));
+        let collapse_id = match map.remove("collapse_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if is_collapse_id(&s) => Some(s.into_boxed_str()),
+            Some(Value::String(_)) => return Err(JobError::BadCollapseId),
+            Some(_) => return Err(wrong("collapse_id", "a string")),
+        };
         Ok(Job {
             id: None,
             app,
@@ -247,8 +311,45 @@ impl Job {
             payload,
             expiry,
             priority,
+            push_type,
+            collapse_id,
         })
     }
+
+    /// The limits of the protocol the job's app speaks: token length and
+    /// payload size. Checked once the job is routed, since they differ.
+    pub fn check(&self, protocol: Protocol) -> Result<(), JobError> {
+        if let Some((index, t)) = self
+            .tokens
+            .iter()
+            .enumerate()
+            .find(|(_, t)| !protocol.accepts_token_len(t.len()))
+        {
+            return Err(JobError::TokenSize {
+                index,
+                len: t.len(),
+            });
+        }
+        let limit = protocol.max_payload(self.push_type.as_deref());
+        if self.payload.len() > limit {
+            return Err(JobError::PayloadTooLarge {
+                size: self.payload.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Push types are short lower-case words; Apple adds new ones now and then,
+/// so any such word passes and APNs has the last say.
+fn is_push_type(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_lowercase())
+}
+
+/// It travels as a header value, so it must be printable ASCII.
+fn is_collapse_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_COLLAPSE_ID && s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
 fn wrong(field: &'static str, expected: &'static str) -> JobError {
@@ -283,23 +384,20 @@ fn tokens(one: Option<Value>, many: Option<Value>) -> Result<Vec<DeviceToken>, J
     }
 }
 
-fn payload(value: Option<Value>) -> Result<Bytes, JobError> {
+/// The compact payload, and whether its `aps` holds nothing but
+/// `content-available` (a silent, background push).
+fn payload(value: Option<Value>) -> Result<(Bytes, bool), JobError> {
     let payload = match value {
         None | Some(Value::Null) => return Err(JobError::NoPayload),
         Some(v @ Value::Object(_)) => v,
         Some(_) => return Err(wrong("payload", "a JSON object")),
     };
-    if !matches!(payload.get("aps"), Some(Value::Object(_))) {
-        return Err(JobError::NoAps);
-    }
+    let content_only = match payload.get("aps") {
+        Some(Value::Object(aps)) => aps.len() == 1 && aps.contains_key("content-available"),
+        _ => return Err(JobError::NoAps),
+    };
     let compact = serde_json::to_vec(&payload).map_err(|e| JobError::NotJson(e.to_string()))?;
-    if compact.len() > MAX_PAYLOAD {
-        return Err(JobError::PayloadTooLarge {
-            size: compact.len(),
-            limit: MAX_PAYLOAD,
-        });
-    }
-    Ok(Bytes::from(compact))
+    Ok((Bytes::from(compact), content_only))
 }
 
 #[cfg(test)]
@@ -327,11 +425,7 @@ mod tests {
         assert_eq!(DeviceToken::parse(""), Err(TokenError::Empty));
         assert_eq!(DeviceToken::parse("<>"), Err(TokenError::Empty));
         assert_eq!(DeviceToken::parse("abc"), Err(TokenError::Length(3)));
-        assert_eq!(DeviceToken::parse(&HEX[..62]), Err(TokenError::Length(62)));
-        assert_eq!(
-            DeviceToken::parse(&format!("{HEX}00")),
-            Err(TokenError::Length(66))
-        );
+        assert_eq!(DeviceToken::parse(&HEX[..63]), Err(TokenError::Length(63)));
         assert_eq!(
             DeviceToken::parse(&HEX.replace('b', "g")),
             Err(TokenError::NotHex('g'))
@@ -428,18 +522,105 @@ mod tests {
     }
 
     #[test]
-    fn payload_limit_is_measured_on_compact_json() {
+    fn payload_limit_is_measured_on_compact_json_per_protocol() {
+        use crate::apns::frame::MAX_PAYLOAD;
         let fits = "x".repeat(MAX_PAYLOAD - r#"{"aps":{"alert":""}}"#.len());
         let body =
             format!(r#"{{"token":"{HEX}","payload":{{ "aps" : {{ "alert" : "{fits}" }} }}}}"#);
-        assert_eq!(decode(&body).unwrap().payload.len(), MAX_PAYLOAD);
+        let job = decode(&body).unwrap();
+        assert_eq!(job.payload.len(), MAX_PAYLOAD);
+        assert_eq!(job.check(Protocol::Binary), Ok(()));
         let body = format!(r#"{{"token":"{HEX}","payload":{{"aps":{{"alert":"{fits}x"}}}}}}"#);
+        let job = decode(&body).unwrap();
         assert_eq!(
-            decode(&body).unwrap_err().error,
-            JobError::PayloadTooLarge {
+            job.check(Protocol::Binary),
+            Err(JobError::PayloadTooLarge {
                 size: MAX_PAYLOAD + 1,
                 limit: MAX_PAYLOAD
-            }
+            })
+        );
+        assert_eq!(job.check(Protocol::Http2), Ok(()));
+        let big = "x".repeat(4100);
+        let body = |push_type: &str| {
+            format!(r#"{{"token":"{HEX}","payload":{{"aps":{{"alert":"{big}"}}}}{push_type}}}"#)
+        };
+        let too_big = decode(&body("")).unwrap();
+        assert!(matches!(
+            too_big.check(Protocol::Http2),
+            Err(JobError::PayloadTooLarge { limit: 4096, .. })
+        ));
+        let voip = decode(&body(r#","push_type":"voip""#)).unwrap();
+        assert_eq!(voip.check(Protocol::Http2), Ok(()));
+    }
+
+    #[test]
+    fn token_length_depends_on_the_protocol() {
+        let short = "ab".repeat(31);
+        let long = "cd".repeat(100);
+        for (hex, binary, http2) in [
+            (HEX.to_owned(), true, true),
+            (short, false, true),
+            (long, false, true),
+        ] {
+            let job = decode(&format!(r#"{{"token":"{hex}","payload":{{"aps":{{}}}}}}"#)).unwrap();
+            assert_eq!(job.check(Protocol::Binary).is_ok(), binary, "{hex}");
+            assert_eq!(job.check(Protocol::Http2).is_ok(), http2, "{hex}");
+        }
+        let job = decode(&format!(
+            r#"{{"tokens":["{HEX}","{}"],"payload":{{"aps":{{}}}}}}"#,
+            "ab".repeat(40)
+        ))
+        .unwrap();
+        assert_eq!(
+            job.check(Protocol::Binary),
+            Err(JobError::TokenSize { index: 1, len: 40 })
+        );
+        assert_eq!(DeviceToken::parse(&"ab".repeat(40)).unwrap().len(), 40);
+        assert_eq!(
+            DeviceToken::parse(&"ab".repeat(101)),
+            Err(TokenError::Length(202))
+        );
+    }
+
+    #[test]
+    fn push_type_and_collapse_id() {
+        let p = r#""payload":{"aps":{"alert":"x"}}"#;
+        let job = decode(&format!(
+            r#"{{"token":"{HEX}",{p},"push_type":"voip","collapse_id":"score-1"}}"#
+        ))
+        .unwrap();
+        assert_eq!(job.push_type.as_deref(), Some("voip"));
+        assert_eq!(job.collapse_id.as_deref(), Some("score-1"));
+        assert_eq!(
+            decode(&format!(r#"{{"token":"{HEX}",{p}}}"#))
+                .unwrap()
+                .push_type,
+            None
+        );
+        let silent = decode(&format!(
+            r#"{{"token":"{HEX}","payload":{{"aps":{{"content-available":1}}}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(silent.push_type.as_deref(), Some("background"));
+        let errors = [
+            (r#""push_type":5"#, wrong("push_type", "a string")),
+            (
+                r#""push_type":"Alert""#,
+                JobError::BadPushType("Alert".into()),
+            ),
+            (r#""collapse_id":[1]"#, wrong("collapse_id", "a string")),
+            (r#""collapse_id":"""#, JobError::BadCollapseId),
+        ];
+        for (field, want) in errors {
+            let body = format!(r#"{{"token":"{HEX}",{p},{field}}}"#);
+            assert_eq!(decode(&body).unwrap_err().error, want, "{field}");
+        }
+        let long = format!(r#""collapse_id":"{}""#, "c".repeat(65));
+        assert_eq!(
+            decode(&format!(r#"{{"token":"{HEX}",{p},{long}}}"#))
+                .unwrap_err()
+                .error,
+            JobError::BadCollapseId
         );
     }
 }

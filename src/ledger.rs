@@ -47,12 +47,12 @@ impl Ledger {
         self.jobs.is_empty()
     }
 
-    /// One token is final; `publishes` says whether it caused a result to publish.
+    /// One token is final; `results` says how many results it caused to publish.
     /// Returns the delivery tag once the whole job is final.
-    pub fn token_done(&mut self, key: JobKey, publishes: bool) -> Option<u64> {
+    pub fn token_done(&mut self, key: JobKey, results: u32) -> Option<u64> {
         let open = self.jobs.get_mut(&key)?;
         open.tokens = open.tokens.saturating_sub(1);
-        open.results += u32::from(publishes);
+        open.results += results;
         self.settle_if_final(key)
     }
 
@@ -172,20 +172,16 @@ mod tests {
     fn a_job_is_final_after_its_tokens_and_results() {
         let mut l = Ledger::default();
         l.open(JobKey(1), 7, 3, 0);
-        assert_eq!(l.token_done(JobKey(1), false), None);
-        assert_eq!(l.token_done(JobKey(1), true), None);
+        assert_eq!(l.token_done(JobKey(1), 0), None);
+        assert_eq!(l.token_done(JobKey(1), 1), None);
         assert_eq!(
-            l.token_done(JobKey(1), false),
+            l.token_done(JobKey(1), 0),
             None,
             "a result is still unconfirmed"
         );
         assert_eq!(l.result_confirmed(JobKey(1)), Some(7));
         assert!(l.is_empty());
-        assert_eq!(
-            l.token_done(JobKey(1), false),
-            None,
-            "unknown jobs are ignored"
-        );
+        assert_eq!(l.token_done(JobKey(1), 0), None, "unknown jobs are ignored");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
 use crate::apns::pool::Pool;
-use crate::apns::{Envelope, Notification, Outcome};
+use crate::apns::{Envelope, Notification, Outcome, Protocol, Reason};
 use crate::job::{Job, JobError};
 use crate::ledger::{Ack, AckPlanner, JobKey, Ledger};
 use crate::metrics::Stats;
@@ -34,6 +34,8 @@ const INTAKE_BATCH: usize = 256;
 pub struct Route {
     pub name: Arc<str>,
     pub pool: Pool,
+    /// Decides the job limits (token length, payload size) checked at routing.
+    pub protocol: Protocol,
 }
 
 /// A result someone outside the pipeline needs published (feedback), with a
@@ -321,6 +323,11 @@ impl Pipeline {
                 s.reject(&self.stats, key, tag, error, d.data, id).await?;
                 continue;
             };
+            if let Err(error) = job.check(route.protocol) {
+                let id = job.id.as_deref().map(str::to_owned);
+                s.reject(&self.stats, key, tag, error, d.data, id).await?;
+                continue;
+            }
             s.ledger.open(key, tag, job.tokens.len() as u32, 0);
             let envelope = Arc::new(Envelope {
                 key,
@@ -329,6 +336,8 @@ impl Pipeline {
                 payload: job.payload,
                 expiry: job.expiry,
                 priority: job.priority,
+                push_type: job.push_type,
+                collapse_id: job.collapse_id,
                 consumed_at,
             });
             let list = routed.entry(route.name.clone()).or_default();
@@ -398,14 +407,31 @@ impl Pipeline {
                     })
                 }
             };
+            // HTTP/2's 410 also says since when the token is gone, as the
+            // feedback service did: the job owes an `unregistered` result too.
+            let unregistered = match o.result {
+                Err(f) => match f.reason {
+                    Reason::Unregistered { since } => Some(Event::Unregistered {
+                        app: env.app.clone(),
+                        token: n.token,
+                        timestamp: since,
+                    }),
+                    _ => None,
+                },
+                Ok(()) => None,
+            };
             let counted = !n.reported && s.ledger.contains(env.key);
             match (counted, event) {
                 (true, Some(event)) => {
-                    s.ledger.token_done(env.key, true);
+                    s.ledger
+                        .token_done(env.key, 1 + u32::from(unregistered.is_some()));
                     s.publisher.publish(&event, Owner::Job(env.key)).await?;
+                    if let Some(event) = unregistered {
+                        s.publisher.publish(&event, Owner::Job(env.key)).await?;
+                    }
                 }
                 (true, None) => {
-                    if let Some(tag) = s.ledger.token_done(env.key, false) {
+                    if let Some(tag) = s.ledger.token_done(env.key, 0) {
                         s.final_job(&self.stats, tag);
                     }
                 }

@@ -12,10 +12,11 @@ pub const MAX_PAYLOAD: usize = 2048;
 /// `u8 8 | u8 status | u32 identifier`.
 pub const ERROR_RESPONSE_LEN: usize = 6;
 /// `u32 timestamp | u16 token_len | token`.
-pub const FEEDBACK_TUPLE_LEN: usize = 4 + 2 + DeviceToken::LEN;
+pub const FEEDBACK_TUPLE_LEN: usize = 4 + 2 + DeviceToken::BINARY_LEN;
 /// Largest command 2 frame body we will ever need to buffer: every item once,
 /// at its maximum size. Anything longer cannot be valid.
-pub const MAX_FRAME_BODY: usize = 3 + DeviceToken::LEN + 3 + MAX_PAYLOAD + 3 + 4 + 3 + 4 + 3 + 1;
+pub const MAX_FRAME_BODY: usize =
+    3 + DeviceToken::BINARY_LEN + 3 + MAX_PAYLOAD + 3 + 4 + 3 + 4 + 3 + 1;
 
 const COMMAND_SIMPLE: u8 = 0;
 const COMMAND_ENHANCED: u8 = 1;
@@ -170,7 +171,7 @@ impl Notification<'_> {
     /// Bytes `encode` appends, so callers can reserve once for a batch.
     pub fn encoded_len(&self) -> usize {
         5 + (3 + 4)
-            + (3 + DeviceToken::LEN)
+            + (3 + self.token.len())
             + (3 + self.payload.len())
             + self.expiry.map_or(0, |_| 3 + 4)
             + self.priority.map_or(0, |_| 3 + 1)
@@ -214,7 +215,7 @@ pub fn encode_enhanced(
     out.push(COMMAND_ENHANCED);
     out.extend_from_slice(&identifier.to_be_bytes());
     out.extend_from_slice(&expiry.to_be_bytes());
-    out.extend_from_slice(&(DeviceToken::LEN as u16).to_be_bytes());
+    out.extend_from_slice(&(token.len() as u16).to_be_bytes());
     out.extend_from_slice(token.as_bytes());
     out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
     out.extend_from_slice(payload);
@@ -223,7 +224,7 @@ pub fn encode_enhanced(
 /// Appends a simple-format frame (command 0): no identifier, so errors cannot be attributed.
 pub fn encode_simple(out: &mut Vec<u8>, token: &DeviceToken, payload: &[u8]) {
     out.push(COMMAND_SIMPLE);
-    out.extend_from_slice(&(DeviceToken::LEN as u16).to_be_bytes());
+    out.extend_from_slice(&(token.len() as u16).to_be_bytes());
     out.extend_from_slice(token.as_bytes());
     out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
     out.extend_from_slice(payload);
@@ -359,6 +360,7 @@ fn validate_token(token: Option<&[u8]>, identifier: u32) -> Result<DeviceToken, 
     match token {
         None | Some([]) => Err(refuse(Status::MissingDeviceToken, identifier)),
         Some(bytes) => DeviceToken::from_slice(bytes)
+            .filter(|t| t.len() == DeviceToken::BINARY_LEN)
             .ok_or_else(|| refuse(Status::InvalidTokenSize, identifier)),
     }
 }
@@ -382,7 +384,7 @@ fn decode_legacy(buf: &[u8], enhanced: bool) -> Result<Option<(usize, Decoded<'_
         (0, None)
     };
     let token_len = be_u16(&buf[head..head + 2]);
-    if token_len > DeviceToken::LEN {
+    if token_len > DeviceToken::BINARY_LEN {
         // The frame cannot be delimited reliably once the length is absurd.
         return Err(refuse(Status::InvalidTokenSize, identifier));
     }
@@ -427,7 +429,7 @@ pub struct FeedbackTuple {
 impl FeedbackTuple {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.timestamp.to_be_bytes());
-        out.extend_from_slice(&(DeviceToken::LEN as u16).to_be_bytes());
+        out.extend_from_slice(&(self.token.len() as u16).to_be_bytes());
         out.extend_from_slice(self.token.as_bytes());
     }
 
@@ -438,7 +440,7 @@ impl FeedbackTuple {
             return Ok(None);
         }
         let len = be_u16(&buf[4..6]);
-        if len != DeviceToken::LEN {
+        if len != DeviceToken::BINARY_LEN {
             return Err(FeedbackError::TokenLength(len));
         }
         if buf.len() < 6 + len {

@@ -3,6 +3,7 @@
 //! Resends, reconnects and settling stay inside the transport.
 
 pub mod frame;
+pub mod http2;
 pub mod lane;
 pub mod pool;
 pub mod tls;
@@ -16,6 +17,36 @@ use bytes::Bytes;
 use crate::job::{DeviceToken, Priority};
 use crate::ledger::JobKey;
 use frame::Status;
+use http2::ApnsReason;
+
+/// Which of Apple's provider interfaces an app speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// The retired binary interface (what apnsd spoke first; the default).
+    #[default]
+    Binary,
+    /// Today's HTTP/2 provider API.
+    Http2,
+}
+
+impl Protocol {
+    pub fn accepts_token_len(self, len: usize) -> bool {
+        match self {
+            Protocol::Binary => len == DeviceToken::BINARY_LEN,
+            Protocol::Http2 => (1..=DeviceToken::MAX_LEN).contains(&len),
+        }
+    }
+
+    /// The payload limit; on HTTP/2 VoIP pushes get more room.
+    pub fn max_payload(self, push_type: Option<&str>) -> usize {
+        match (self, push_type) {
+            (Protocol::Binary, _) => frame::MAX_PAYLOAD,
+            (Protocol::Http2, Some("voip")) => http2::MAX_VOIP_PAYLOAD,
+            (Protocol::Http2, _) => http2::MAX_PAYLOAD,
+        }
+    }
+}
 
 /// What every notification of one job shares: one allocation per job, so a
 /// fan-out of 10,000 tokens costs one payload buffer.
@@ -27,6 +58,10 @@ pub struct Envelope {
     pub payload: Bytes,
     pub expiry: Option<u32>,
     pub priority: Option<Priority>,
+    /// HTTP/2 only: `apns-push-type` as the job gave it.
+    pub push_type: Option<Box<str>>,
+    /// HTTP/2 only: `apns-collapse-id`.
+    pub collapse_id: Option<Box<str>>,
     /// When the job was consumed, for the consume-to-accepted latency.
     pub consumed_at: Instant,
 }
@@ -57,9 +92,18 @@ impl Notification {
 /// Why a notification failed for good: APNs' status, or a daemon-side reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
+    /// A binary-interface status.
     Apns(Status),
+    /// An HTTP/2 answer: the status code and APNs' `reason`.
+    Http2 { status: u16, reason: ApnsReason },
+    /// HTTP/2 410: the token is no longer valid, since `since` (unix seconds).
+    Unregistered { since: u32 },
     /// Its `expiry` passed before it could be written.
     Expired,
+    /// HTTP/2: no answer within `request_timeout`, on every attempt.
+    Timeout,
+    /// HTTP/2: the connection broke before the answer, on every attempt.
+    ConnectionLost,
 }
 
 impl Reason {
@@ -67,15 +111,21 @@ impl Reason {
     pub fn name(self) -> &'static str {
         match self {
             Reason::Apns(s) => s.reason(),
+            Reason::Http2 { reason, .. } => reason.name(),
+            Reason::Unregistered { .. } => ApnsReason::Unregistered.name(),
             Reason::Expired => "expired",
+            Reason::Timeout => "timeout",
+            Reason::ConnectionLost => "connection_lost",
         }
     }
 
     /// APNs' status code, when APNs gave one.
-    pub fn status(self) -> Option<u8> {
+    pub fn status(self) -> Option<u16> {
         match self {
-            Reason::Apns(s) => Some(s.code()),
-            Reason::Expired => None,
+            Reason::Apns(s) => Some(u16::from(s.code())),
+            Reason::Http2 { status, .. } => Some(status),
+            Reason::Unregistered { .. } => Some(410),
+            Reason::Expired | Reason::Timeout | Reason::ConnectionLost => None,
         }
     }
 }

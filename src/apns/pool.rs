@@ -29,18 +29,24 @@ impl Pool {
         outcomes: Outcomes,
         stats: Arc<Stats>,
     ) -> Pool {
-        let (lanes, tasks) = (0..connections.max(1))
-            .map(|i| {
-                Lane::spawn(
-                    app.clone(),
-                    i,
-                    target.clone(),
-                    settings,
-                    outcomes.clone(),
-                    stats.clone(),
-                )
-            })
-            .unzip();
+        Self::with_lanes((0..connections.max(1)).map(|i| {
+            Lane::spawn(
+                app.clone(),
+                i,
+                target.clone(),
+                settings,
+                outcomes.clone(),
+                stats.clone(),
+            )
+        }))
+    }
+
+    /// A pool over lanes of any transport: each lane is a sender of work and
+    /// the task that ends once that work has outcomes.
+    pub fn with_lanes(
+        lanes: impl IntoIterator<Item = (mpsc::Sender<Vec<Notification>>, JoinHandle<()>)>,
+    ) -> Pool {
+        let (lanes, tasks) = lanes.into_iter().unzip();
         Pool { lanes, tasks }
     }
 

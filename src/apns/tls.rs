@@ -238,12 +238,36 @@ pub fn client_config(
     identity: &Identity,
     extra_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    client_config_with_roots(identity, roots(extra_ca)?)
+}
+
+/// For HTTP/2 token auth: the same trust, no client certificate.
+pub fn anonymous_client_config(
+    extra_ca: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots(extra_ca)?)
+            .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// `config` offering ALPN `h2`, which APNs' HTTP/2 endpoints require.
+pub fn with_h2(config: &rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
+    let mut config = config.clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+/// The public web roots plus an optional extra CA.
+fn roots(extra_ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = extra_ca {
         add_ca_file(&mut roots, ca)?;
     }
-    client_config_with_roots(identity, roots)
+    Ok(roots)
 }
 
 pub fn client_config_with_roots(

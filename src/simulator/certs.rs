@@ -18,6 +18,9 @@ use crate::apns::tls::{self, CertInfo, Identity, TlsError};
 
 /// Password of the `.p12` files the simulator writes.
 pub const P12_PASSWORD: &str = "simulator";
+/// Key id and team id of the simulator's provider-token key (`token-key.p8`).
+pub const SIM_KEY_ID: &str = "SIMKEY0001";
+pub const SIM_TEAM_ID: &str = "SIMTEAM001";
 
 const UID: &[u64] = &[0, 9, 2342, 19_200_300, 100, 1, 1];
 const APPLE_SANDBOX: &[u64] = &[1, 2, 840, 113_635, 100, 6, 3, 1];
@@ -69,6 +72,8 @@ pub struct SimCerts {
     ca_pem: String,
     server: (Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>),
     client: Identity,
+    /// The P-256 key provider tokens must be signed with (an APNs `.p8`).
+    token_key: KeyPair,
 }
 
 impl SimCerts {
@@ -105,6 +110,7 @@ impl SimCerts {
                 Arc::new(server_key_der),
             ),
             client: placeholder_identity(),
+            token_key: KeyPair::generate()?,
         };
         certs.client = certs.mint_client(&ClientSpec::new(topic))?;
         Ok(certs)
@@ -168,18 +174,46 @@ impl SimCerts {
     /// The gateway's and feedback service's TLS configuration: client
     /// certificates are required and must chain to this simulator's CA.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, CertError> {
+        self.build_server_config(false).map(Arc::new)
+    }
+
+    /// The HTTP/2 endpoint's: ALPN `h2`, and a client certificate is optional
+    /// (token auth has none) but must chain to this CA when presented.
+    pub fn http2_server_config(&self) -> Result<Arc<rustls::ServerConfig>, CertError> {
+        let mut config = self.build_server_config(true)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    fn build_server_config(
+        &self,
+        optional_client: bool,
+    ) -> Result<rustls::ServerConfig, CertError> {
         let provider = Arc::new(aws_lc_rs::default_provider());
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.clone())?;
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| CertError::Verifier(e.to_string()))?;
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        if optional_client {
+            verifier = verifier.allow_unauthenticated();
+        }
+        let verifier = verifier
+            .build()
+            .map_err(|e| CertError::Verifier(e.to_string()))?;
+        Ok(rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.server.0.clone(), self.server.1.clone_key())?;
-        Ok(Arc::new(config))
+            .with_single_cert(self.server.0.clone(), self.server.1.clone_key())?)
+    }
+
+    /// The provider-token signing key as Apple hands it out: a PKCS#8 PEM `.p8`.
+    pub fn token_key_pem(&self) -> String {
+        self.token_key.serialize_pem()
+    }
+
+    /// The public half of the token key (an uncompressed P-256 point).
+    pub fn token_public_key(&self) -> &[u8] {
+        self.token_key.public_key_raw()
     }
 
     /// A client configuration that trusts only this simulator and presents
@@ -197,11 +231,13 @@ impl SimCerts {
         tls::client_config_with_roots(identity, roots)
     }
 
-    /// Writes `ca.pem`, `client.pem`, `client-key.pem` and `client.p12`
-    /// (password [`P12_PASSWORD`]) so a daemon in another process can connect.
+    /// Writes `ca.pem`, `client.pem`, `client-key.pem`, `client.p12`
+    /// (password [`P12_PASSWORD`]) and `token-key.p8` so a daemon in another
+    /// process can connect.
     pub fn write_to(&self, dir: &Path) -> Result<(), CertError> {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("ca.pem"), &self.ca_pem)?;
+        std::fs::write(dir.join("token-key.p8"), self.token_key_pem())?;
         write_identity(&self.client, dir, "client")
     }
 }

@@ -3,7 +3,19 @@
 use std::time::Duration;
 
 use crate::apns::frame::Status;
+use crate::apns::http2::ApnsReason;
 use crate::job::DeviceToken;
+
+/// Reads the hex token prefix of a rule.
+fn parse_prefix(hex: &str) -> Option<Vec<u8>> {
+    if hex.len() % 2 != 0 || hex.len() > 2 * DeviceToken::MAX_LEN {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
 
 /// Refuse every token starting with `prefix` (bytes) with `status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,14 +33,7 @@ impl RefuseRule {
     pub fn parse(text: &str) -> Result<RefuseRule, BadRule> {
         let bad = || BadRule(text.to_owned());
         let (hex, status) = text.split_once('=').ok_or_else(bad)?;
-        if hex.len() % 2 != 0 || hex.len() > 64 {
-            return Err(bad());
-        }
-        let prefix = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-            .collect::<Result<Vec<u8>, _>>()
-            .map_err(|_| bad())?;
+        let prefix = parse_prefix(hex).ok_or_else(bad)?;
         let status: u8 = status.trim().parse().map_err(|_| bad())?;
         Ok(RefuseRule {
             prefix,
@@ -38,6 +43,37 @@ impl RefuseRule {
 
     pub fn matches(&self, token: &DeviceToken) -> bool {
         token.as_bytes().starts_with(&self.prefix)
+    }
+}
+
+/// HTTP/2: answer every token starting with `prefix` with `status` and `reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerRule {
+    pub prefix: Vec<u8>,
+    pub status: u16,
+    pub reason: ApnsReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("answer rule {0:?}: expected HEXPREFIX=STATUS:REASON, e.g. ff=410:Unregistered")]
+pub struct BadAnswerRule(String);
+
+impl AnswerRule {
+    /// Parses `HEXPREFIX=STATUS:REASON` with one of Apple's reasons.
+    pub fn parse(text: &str) -> Result<AnswerRule, BadAnswerRule> {
+        let bad = || BadAnswerRule(text.to_owned());
+        let (hex, answer) = text.split_once('=').ok_or_else(bad)?;
+        let (status, reason) = answer.split_once(':').ok_or_else(bad)?;
+        let reason = ApnsReason::parse(reason.trim());
+        let status: u16 = status.trim().parse().map_err(|_| bad())?;
+        if reason == ApnsReason::Unknown || !(400..600).contains(&status) {
+            return Err(bad());
+        }
+        Ok(AnswerRule {
+            prefix: parse_prefix(hex).ok_or_else(bad)?,
+            status,
+            reason,
+        })
     }
 }
 
@@ -56,6 +92,15 @@ pub struct Faults {
     pub stall_after: Option<u64>,
     /// Sleep this long before each read: a slow gateway.
     pub read_delay: Option<Duration>,
+    /// HTTP/2: answer tokens by rule instead of accepting them.
+    pub answer: Vec<AnswerRule>,
+    /// HTTP/2: send GOAWAY after every N accepted notifications.
+    pub goaway_every: Option<u64>,
+    /// HTTP/2: `SETTINGS_MAX_CONCURRENT_STREAMS` for new connections.
+    pub max_streams: Option<u32>,
+    /// HTTP/2: provider tokens older than this are answered 403
+    /// `ExpiredProviderToken` (Apple: one hour).
+    pub token_max_age: Option<Duration>,
 }
 
 impl Faults {
@@ -64,6 +109,13 @@ impl Faults {
             .iter()
             .find(|r| r.matches(token))
             .map(|r| r.status)
+    }
+
+    pub fn answer_for(&self, token: &DeviceToken) -> Option<(u16, ApnsReason)> {
+        self.answer
+            .iter()
+            .find(|r| token.as_bytes().starts_with(&r.prefix))
+            .map(|r| (r.status, r.reason))
     }
 }
 
@@ -86,5 +138,36 @@ mod tests {
             assert!(RefuseRule::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(RefuseRule::parse("=1").unwrap().prefix, Vec::<u8>::new());
+    }
+
+    #[test]
+    fn answer_rules_name_a_status_and_an_apple_reason() {
+        let rule = AnswerRule::parse("0410=410:Unregistered").unwrap();
+        assert_eq!(
+            rule,
+            AnswerRule {
+                prefix: vec![0x04, 0x10],
+                status: 410,
+                reason: ApnsReason::Unregistered
+            }
+        );
+        let faults = Faults {
+            answer: vec![rule],
+            ..Default::default()
+        };
+        let mut t = [0u8; 32];
+        t[..2].copy_from_slice(&[0x04, 0x10]);
+        assert_eq!(
+            faults.answer_for(&DeviceToken::from_bytes(t)),
+            Some((410, ApnsReason::Unregistered))
+        );
+        for bad in [
+            "ff=400",
+            "ff=400:NoSuchReason",
+            "ff=200:BadTopic",
+            "f=400:BadTopic",
+        ] {
+            assert!(AnswerRule::parse(bad).is_err(), "{bad}");
+        }
     }
 }

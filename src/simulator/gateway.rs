@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Accepted, Shared};
 use crate::apns::frame::{decode_notification, ErrorResponse, Status};
-use crate::apns::tls::CertInfo;
 
 const READ_BUF: usize = 256 * 1024;
 
@@ -63,14 +62,7 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) 
         }
     };
     let number = shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
-    let client_topic: Option<Arc<str>> = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(|leaf| CertInfo::parse(leaf).ok())
-        .and_then(|info| info.topic)
-        .map(Arc::from);
+    let client_topic = super::client_topic(tls.get_ref().1);
     let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
     let close = 'conn: loop {
         let faults = shared.faults();
@@ -115,6 +107,7 @@ async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) 
                             priority: frame.priority,
                             connection: number,
                             client_topic: client_topic.clone(),
+                            http2: None,
                         });
                     }
                     if faults

@@ -5,6 +5,7 @@
 mod certs;
 mod faults;
 mod gateway;
+mod http2;
 
 use std::future::Future;
 use std::io::Write;
@@ -19,10 +20,13 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-pub use certs::{write_identity, CertError, ClientSpec, SimCerts, P12_PASSWORD};
-pub use faults::{BadRule, Faults, RefuseRule};
+pub use certs::{
+    write_identity, CertError, ClientSpec, SimCerts, P12_PASSWORD, SIM_KEY_ID, SIM_TEAM_ID,
+};
+pub use faults::{AnswerRule, BadAnswerRule, BadRule, Faults, RefuseRule};
 
 use crate::apns::frame::{FeedbackTuple, Status};
+use crate::apns::http2::ApnsReason;
 use crate::job::DeviceToken;
 
 /// One notification the gateway accepted.
@@ -38,11 +42,26 @@ pub struct Accepted {
     /// The topic (UID) of the client certificate that session presented, so
     /// tests can tell which identity a daemon used.
     pub client_topic: Option<Arc<str>>,
+    /// What an HTTP/2 request carried besides (`None` on the binary gateway).
+    pub http2: Option<Http2Request>,
+}
+
+/// The headers of an accepted HTTP/2 request that tests look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Http2Request {
+    pub topic: String,
+    pub push_type: Option<String>,
+    pub apns_id: Option<String>,
+    pub collapse_id: Option<String>,
+    /// Authenticated by provider token (not by client certificate).
+    pub token_auth: bool,
 }
 
 pub struct SimulatorOptions {
     pub gateway: SocketAddr,
     pub feedback: SocketAddr,
+    /// The HTTP/2 provider API.
+    pub http2: SocketAddr,
     pub certs: SimCerts,
     pub faults: Faults,
     /// Throughput mode: count accepted notifications, keep nothing per notification.
@@ -58,6 +77,7 @@ impl SimulatorOptions {
         SimulatorOptions {
             gateway: any,
             feedback: any,
+            http2: any,
             certs,
             faults: Faults::default(),
             sink: false,
@@ -89,10 +109,22 @@ pub(crate) struct Shared {
     accepted: Mutex<Vec<Accepted>>,
     accepted_count: AtomicU64,
     refused: Mutex<Vec<(DeviceToken, Status, u32)>>,
+    http2_refused: Mutex<Vec<(DeviceToken, u16, ApnsReason)>>,
+    /// Provider tokens must verify against this (the `.p8` key's public half).
+    token_public_key: Vec<u8>,
     connections: AtomicU64,
     handshake_failures: AtomicU64,
     feedback: Mutex<Vec<FeedbackTuple>>,
     record: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+}
+
+/// The topic (UID) of the client certificate a TLS session presented.
+fn client_topic(tls: &rustls::ServerConnection) -> Option<Arc<str>> {
+    tls.peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| crate::apns::tls::CertInfo::parse(leaf).ok())
+        .and_then(|info| info.topic)
+        .map(Arc::from)
 }
 
 /// A poisoned lock only means a simulator task panicked; its data is still usable.
@@ -123,6 +155,10 @@ impl Shared {
         lock(&self.refused).push((token, status, identifier));
     }
 
+    fn record_http2_refusal(&self, token: DeviceToken, status: u16, reason: ApnsReason) {
+        lock(&self.http2_refused).push((token, status, reason));
+    }
+
     fn take_feedback(&self) -> Vec<FeedbackTuple> {
         std::mem::take(&mut *lock(&self.feedback))
     }
@@ -133,6 +169,7 @@ pub struct Simulator {
     certs: SimCerts,
     gateway: SocketAddr,
     feedback: SocketAddr,
+    http2: SocketAddr,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -147,6 +184,8 @@ impl Simulator {
         };
         let gateway_listener = bind(opts.gateway).await?;
         let feedback_listener = bind(opts.feedback).await?;
+        let http2_listener = bind(opts.http2).await?;
+        let http2_acceptor = TlsAcceptor::from(opts.certs.http2_server_config()?);
         let record = match &opts.record {
             Some(path) => {
                 let file = std::fs::OpenOptions::new()
@@ -167,6 +206,8 @@ impl Simulator {
             accepted: Mutex::new(Vec::new()),
             accepted_count: AtomicU64::new(0),
             refused: Mutex::new(Vec::new()),
+            http2_refused: Mutex::new(Vec::new()),
+            token_public_key: opts.certs.token_public_key().to_vec(),
             connections: AtomicU64::new(0),
             handshake_failures: AtomicU64::new(0),
             feedback: Mutex::new(Vec::new()),
@@ -175,6 +216,7 @@ impl Simulator {
         let local = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
         let gateway = local(&gateway_listener, opts.gateway);
         let feedback = local(&feedback_listener, opts.feedback);
+        let http2 = local(&http2_listener, opts.http2);
         let shutdown = CancellationToken::new();
         let tasks = vec![
             tokio::spawn(report(shared.clone(), shutdown.clone())),
@@ -190,15 +232,31 @@ impl Simulator {
                 shared.clone(),
                 shutdown.clone(),
             )),
+            tokio::spawn(http2::serve(
+                http2_listener,
+                http2_acceptor,
+                shared.clone(),
+                shutdown.clone(),
+            )),
         ];
         Ok(Simulator {
             shared,
             certs: opts.certs,
             gateway,
             feedback,
+            http2,
             shutdown,
             tasks,
         })
+    }
+
+    pub fn http2_addr(&self) -> SocketAddr {
+        self.http2
+    }
+
+    /// HTTP/2 requests answered with an error: token, status, reason.
+    pub fn http2_refused(&self) -> Vec<(DeviceToken, u16, ApnsReason)> {
+        lock(&self.shared.http2_refused).clone()
     }
 
     pub fn gateway_addr(&self) -> SocketAddr {
@@ -232,7 +290,7 @@ impl Simulator {
         self.shared.connections.load(Ordering::Relaxed)
     }
 
-    /// Handshakes refused (no or untrusted client certificate), on either service.
+    /// Handshakes refused (no or untrusted client certificate), on any service.
     pub fn handshake_failures(&self) -> u64 {
         self.shared.handshake_failures.load(Ordering::Relaxed)
     }
@@ -286,6 +344,9 @@ pub struct SimulateArgs {
     /// Feedback service listen address.
     #[arg(long, default_value = "127.0.0.1:22196")]
     pub feedback: SocketAddr,
+    /// HTTP/2 provider API listen address.
+    #[arg(long, default_value = "127.0.0.1:22197")]
+    pub http2: SocketAddr,
     /// Where to write the generated CA and client identity (ca.pem, client.p12, ...).
     #[arg(long, default_value = "simulator-certs")]
     pub dir: PathBuf,
@@ -304,6 +365,19 @@ pub struct SimulateArgs {
     /// Stop reading once N notifications were accepted.
     #[arg(long, value_name = "N")]
     pub stall_after: Option<u64>,
+    /// HTTP/2: answer tokens starting with HEXPREFIX with STATUS and Apple's
+    /// REASON (repeatable), e.g. ff=410:Unregistered, ee=429:TooManyRequests.
+    #[arg(long, value_name = "HEXPREFIX=STATUS:REASON", value_parser = AnswerRule::parse)]
+    pub answer: Vec<AnswerRule>,
+    /// HTTP/2: send GOAWAY after every N accepted notifications.
+    #[arg(long, value_name = "N")]
+    pub goaway_every: Option<u64>,
+    /// HTTP/2: SETTINGS_MAX_CONCURRENT_STREAMS of each connection.
+    #[arg(long, value_name = "N")]
+    pub max_streams: Option<u32>,
+    /// HTTP/2: answer provider tokens older than this with ExpiredProviderToken.
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    pub token_max_age: Option<Duration>,
     /// Count accepted notifications only (throughput mode).
     #[arg(long)]
     pub sink: bool,
@@ -342,6 +416,7 @@ pub async fn run_cli(args: SimulateArgs, shutdown: impl Future<Output = ()>) -> 
     let opts = SimulatorOptions {
         gateway: args.gateway,
         feedback: args.feedback,
+        http2: args.http2,
         certs,
         faults: Faults {
             refuse: args.refuse,
@@ -349,6 +424,10 @@ pub async fn run_cli(args: SimulateArgs, shutdown: impl Future<Output = ()>) -> 
             close_every: args.close_every,
             stall_after: args.stall_after,
             read_delay: None,
+            answer: args.answer,
+            goaway_every: args.goaway_every,
+            max_streams: args.max_streams,
+            token_max_age: args.token_max_age,
         },
         sink: args.sink,
         record: args.record,
@@ -358,7 +437,8 @@ pub async fn run_cli(args: SimulateArgs, shutdown: impl Future<Output = ()>) -> 
         sim.add_feedback(t.token, t.timestamp);
     }
     tracing::info!(gateway = %sim.gateway_addr(), feedback = %sim.feedback_addr(),
-        certs = %args.dir.display(), password = P12_PASSWORD, "APNs simulator running");
+        http2 = %sim.http2_addr(), certs = %args.dir.display(), password = P12_PASSWORD,
+        key_id = SIM_KEY_ID, team_id = SIM_TEAM_ID, "APNs simulator running");
     shutdown.await;
     sim.shutdown().await;
     Ok(())
