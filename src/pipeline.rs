@@ -363,14 +363,15 @@ impl Pipeline {
         first: Vec<Outcome>,
     ) -> Result<(), lapin::Error> {
         let mut batch = first;
-        for _ in 0..64 {
+        for _ in 1..64 {
             self.on_outcome_batch(s, batch).await?;
             match self.outcomes.try_recv() {
                 Ok(next) => batch = next,
-                Err(_) => break,
+                Err(_) => return Ok(()),
             }
         }
-        Ok(())
+        // The last batch taken is handled too: dropping it would lose outcomes.
+        self.on_outcome_batch(s, batch).await
     }
 
     async fn on_outcome_batch(

@@ -369,6 +369,8 @@ impl Lane {
         outcomes: &mut Vec<Outcome>,
     ) {
         let s = self.settings;
+        // Counts the try; `Some` once the tries are used up. A pause is for
+        // APNs' own "not now" answers; a lost or stale stream goes again at once.
         let retry = |n: Notification, reason: Reason, work: &mut Work, pause: bool| {
             let mut n = n;
             n.attempts = n.attempts.saturating_add(1);
@@ -383,49 +385,52 @@ impl Lane {
             }
             None
         };
-        let outcome = match exchange {
+        let (outcome, resend_counter) = match exchange {
             Exchange::Answered { status, body } => {
                 match request::classify(status, &body, SystemTime::now()) {
-                    Answer::Accepted => Some(Outcome {
-                        notification: n,
-                        result: Ok(()),
-                    }),
+                    Answer::Accepted => {
+                        let ok = Outcome {
+                            notification: n,
+                            result: Ok(()),
+                        };
+                        (Some(ok), None)
+                    }
                     Answer::Failed(reason) => {
                         n.attempts = n.attempts.saturating_add(1);
-                        Some(fail(n, reason))
+                        (Some(fail(n, reason)), None)
                     }
                     Answer::Retry(reason) => {
-                        self.stats.retried.inc();
-                        retry(n, reason, work, true)
+                        (retry(n, reason, work, true), Some(&self.stats.retried))
                     }
                     Answer::TokenExpired => {
                         if let (Some(signer), Some(used)) = (&target.signer, bearer) {
                             tracing::info!(app = %self.app, "APNs says the provider token expired: minting a new one");
                             signer.expired(used);
                         }
-                        self.stats.retried.inc();
                         let reason = Reason::Http2 {
                             status: 403,
                             reason: ApnsReason::ExpiredProviderToken,
                         };
-                        retry(n, reason, work, false)
+                        (retry(n, reason, work, false), Some(&self.stats.retried))
                     }
                 }
             }
             Exchange::Refused => {
-                self.stats.resent_after_error.inc();
                 work.queue.push_front(n);
-                None
+                (None, Some(&self.stats.resent_after_error))
             }
-            Exchange::Lost => {
-                self.stats.resent_after_close.inc();
-                retry(n, Reason::ConnectionLost, work, false)
-            }
-            Exchange::TimedOut => {
-                self.stats.resent_after_close.inc();
-                retry(n, Reason::Timeout, work, false)
-            }
+            Exchange::Lost => (
+                retry(n, Reason::ConnectionLost, work, false),
+                Some(&self.stats.resent_after_close),
+            ),
+            Exchange::TimedOut => (
+                retry(n, Reason::Timeout, work, false),
+                Some(&self.stats.resent_after_close),
+            ),
         };
+        if let (None, Some(counter)) = (&outcome, resend_counter) {
+            counter.inc();
+        }
         outcomes.extend(outcome);
     }
 }

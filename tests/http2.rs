@@ -1,0 +1,555 @@
+//! The HTTP/2 transport end to end, in-process: the real RabbitMQ, the
+//! simulator's HTTP/2 endpoint over TLS with ALPN h2, client certificates
+//! or provider tokens.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use apnsd::apns::http2::ApnsReason;
+use apnsd::config::Config;
+use apnsd::daemon::Daemon;
+use apnsd::job::DeviceToken;
+use apnsd::simulator::{AnswerRule, Faults, SimCerts, Simulator, SimulatorOptions};
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Rig {
+    broker: Broker,
+    sim: Simulator,
+    daemon: Daemon,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Auth {
+    Certificate,
+    Token,
+}
+
+struct Options {
+    auth: Auth,
+    faults: Faults,
+    delivered: bool,
+    /// Extra lines for the app's table.
+    app: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            auth: Auth::Certificate,
+            faults: Faults::default(),
+            delivered: true,
+            app: "",
+        }
+    }
+}
+
+async fn rig(test: &str, opts: Options) -> Rig {
+    apnsd::apns::tls::install_crypto_provider();
+    let broker = Broker::new(test).await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = SimCerts::generate("com.example.app").unwrap();
+    certs.write_to(dir.path()).unwrap();
+    let mut sim_opts = SimulatorOptions::new(certs);
+    sim_opts.faults = opts.faults;
+    let sim = Simulator::start(sim_opts).await.unwrap();
+    let d = dir.path().display();
+    let auth = match opts.auth {
+        Auth::Certificate => {
+            format!("certificate = \"{d}/client.p12\"\npassword = \"simulator\"\n")
+        }
+        Auth::Token => format!(
+            "key_file = \"{d}/token-key.p8\"\nkey_id = \"SIMKEY0001\"\nteam_id = \"SIMTEAM001\"\ntopic = \"com.example.app\"\n"
+        ),
+    };
+    let toml = format!(
+        r#"shutdown_timeout = "10s"
+{amqp}
+[results]
+delivered = {delivered}
+
+[[apps]]
+name = "example"
+environment = "simulator"
+protocol = "http2"
+endpoint = "{endpoint}"
+ca = "{d}/ca.pem"
+connections = 2
+request_timeout = "5s"
+ping_interval = "1s"
+reconnect_min = "10ms"
+reconnect_max = "200ms"
+{auth}{extra}
+"#,
+        amqp = broker.amqp_toml(5000),
+        delivered = opts.delivered,
+        endpoint = sim.http2_addr(),
+        extra = opts.app,
+    );
+    let path = dir.path().join("apnsd.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = Config::load(&path).unwrap();
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(config, shutdown.clone()).await.unwrap();
+    Rig {
+        broker,
+        sim,
+        daemon,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+impl Rig {
+    async fn finish(self) -> apnsd::metrics::StatsSnapshot {
+        self.shutdown.cancel();
+        let stats = self.daemon.stats.clone();
+        tokio::time::timeout(WAIT, self.daemon.wait())
+            .await
+            .expect("daemon drains");
+        assert_eq!(self.broker.queue_depth().await, 0, "jobs left in the queue");
+        self.sim.shutdown().await;
+        self.broker.cleanup().await;
+        stats.snapshot()
+    }
+
+    fn accepted_counts(&self) -> HashMap<DeviceToken, usize> {
+        let mut counts = HashMap::new();
+        for a in self.sim.accepted() {
+            *counts.entry(a.token).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    async fn burst(&self, n: u32, tokens: impl Fn(u32) -> String) -> Vec<String> {
+        let tokens: Vec<String> = (0..n).map(tokens).collect();
+        self.broker
+            .publish_all(
+                tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| job(&format!("j{i}"), t)),
+            )
+            .await;
+        tokens
+    }
+
+    async fn wait_acked(&self, jobs: u64) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while self.daemon.stats.jobs_acked.get() < jobs {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not every job was acked: {:?}, simulator accepted {} over {} connections",
+                self.daemon.stats.snapshot(),
+                self.sim.accepted_count(),
+                self.sim.connections()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every token of `tokens` was accepted exactly once.
+    fn assert_once(&self, tokens: &[String]) {
+        let counts = self.accepted_counts();
+        for t in tokens {
+            assert_eq!(counts.get(&tok(t)), Some(&1), "token {t}");
+        }
+    }
+}
+
+fn tok(hex: &str) -> DeviceToken {
+    DeviceToken::parse(hex).unwrap()
+}
+
+fn answer(rule: &str) -> AnswerRule {
+    AnswerRule::parse(rule).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn happy_path_over_http2_with_a_client_certificate() {
+    let mut rig = rig("h2happy", Options::default()).await;
+    let tokens = rig.burst(300, |i| token(0x01, i)).await;
+    let results = rig.broker.results(300, WAIT).await;
+    assert!(results.iter().all(|r| r.routing_key == "delivered"));
+    rig.wait_acked(300).await;
+    rig.assert_once(&tokens);
+    let first = rig
+        .sim
+        .accepted()
+        .into_iter()
+        .find(|a| a.token == tok(&tokens[0]))
+        .unwrap();
+    assert_eq!(first.payload, br#"{"aps":{"alert":"hello j0"}}"#);
+    let meta = first.http2.unwrap();
+    assert_eq!(meta.topic, "com.example.app");
+    assert_eq!(meta.push_type.as_deref(), Some("alert"));
+    assert_eq!(meta.apns_id.map(|id| id.len()), Some(36));
+    assert!(!meta.token_auth);
+    let stats = rig.finish().await;
+    assert_eq!((stats.jobs_acked, stats.accepted), (300, 300));
+    assert_eq!(stats.resent_after_close, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_auth_is_accepted_and_an_expired_token_is_refreshed() {
+    let faults = Faults {
+        token_max_age: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let mut rig = rig(
+        "h2jwt",
+        Options {
+            auth: Auth::Token,
+            faults,
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = rig.burst(50, |i| token(0x02, i)).await;
+    rig.broker.results(50, WAIT).await;
+    assert!(rig
+        .sim
+        .accepted()
+        .iter()
+        .all(|a| a.http2.as_ref().unwrap().token_auth));
+    // Let the token grow older than the simulator allows.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let second = rig.burst(50, |i| token(0x03, i)).await;
+    let results = rig.broker.results(50, WAIT).await;
+    assert!(
+        results.iter().all(|r| r.routing_key == "delivered"),
+        "{results:?}"
+    );
+    rig.wait_acked(100).await;
+    rig.assert_once(&first);
+    rig.assert_once(&second);
+    let expired = rig
+        .sim
+        .http2_refused()
+        .iter()
+        .filter(|r| r.2 == ApnsReason::ExpiredProviderToken)
+        .count();
+    assert!(expired > 0, "the old token was refused");
+    let stats = rig.finish().await;
+    assert_eq!(stats.failed, 0);
+    assert_eq!(stats.retried, expired as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_tokens_fail_with_apples_reason_and_the_rest_arrive_once() {
+    let faults = Faults {
+        answer: vec![answer("ee=400:BadDeviceToken")],
+        ..Default::default()
+    };
+    let mut rig = rig(
+        "h2bad",
+        Options {
+            faults,
+            delivered: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let tokens = rig
+        .burst(500, |i| {
+            if i % 10 == 3 {
+                token(0xee, i)
+            } else {
+                token(0x04, i)
+            }
+        })
+        .await;
+    let results = rig.broker.results(50, WAIT).await;
+    rig.wait_acked(500).await;
+    assert!(rig
+        .broker
+        .no_more_results(Duration::from_millis(300))
+        .await
+        .is_empty());
+    for r in &results {
+        assert_eq!(r.routing_key, "failed.bad_device_token");
+        assert_eq!(r.body["status"], 400);
+        assert_eq!(r.body["reason"], "bad_device_token");
+        assert_eq!(r.body["attempts"], 1);
+        assert!(r.body["token"].as_str().unwrap().starts_with("ee"));
+    }
+    let good: Vec<String> = tokens
+        .into_iter()
+        .filter(|t| !t.starts_with("ee"))
+        .collect();
+    rig.assert_once(&good);
+    let stats = rig.finish().await;
+    assert_eq!(stats.failed, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_tokens_give_failed_unregistered_and_an_unregistered_result() {
+    let faults = Faults {
+        answer: vec![answer("0410=410:Unregistered")],
+        ..Default::default()
+    };
+    let mut rig = rig(
+        "h2gone",
+        Options {
+            faults,
+            delivered: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let gone = format!("0410{}", "ab".repeat(30));
+    let live = token(0x05, 1);
+    let body = serde_json::json!({
+        "id": "fan", "tokens": [live, gone], "payload": {"aps": {"alert": "x"}},
+    });
+    rig.broker
+        .publish_all([serde_json::to_vec(&body).unwrap()])
+        .await;
+    let results = by_key(&rig.broker.results(2, WAIT).await);
+    rig.wait_acked(1).await;
+    let failed = &results["failed.unregistered"][0];
+    assert_eq!(failed["status"], 410);
+    assert_eq!(failed["token"], gone);
+    assert_eq!(failed["id"], "fan");
+    let unregistered = &results["unregistered"][0];
+    assert_eq!(unregistered["token"], gone);
+    assert_eq!(unregistered["app"], "example");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let ts = unregistered["timestamp"].as_u64().unwrap();
+    assert!(
+        ts <= now && now - ts < 120,
+        "timestamp {ts} is APNs' time in seconds"
+    );
+    rig.assert_once(&[live]);
+    let stats = rig.finish().await;
+    assert_eq!((stats.jobs_acked, stats.results_published), (1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_server_errors_are_retried_then_reported() {
+    let faults = Faults {
+        answer: vec![
+            answer("29=429:TooManyRequests"),
+            answer("50=500:InternalServerError"),
+        ],
+        ..Default::default()
+    };
+    let mut rig = rig(
+        "h2retry",
+        Options {
+            faults,
+            delivered: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (throttled, broken) = (token(0x29, 1), token(0x50, 2));
+    rig.broker
+        .publish_all([
+            job("t1", &throttled),
+            job("t2", &broken),
+            job("t3", &token(0x06, 3)),
+        ])
+        .await;
+    let results = by_key(&rig.broker.results(2, WAIT).await);
+    rig.wait_acked(3).await;
+    let r = &results["failed.too_many_requests"][0];
+    assert_eq!(
+        (r["status"].as_u64(), r["attempts"].as_u64()),
+        (Some(429), Some(3))
+    );
+    let r = &results["failed.internal_server_error"][0];
+    assert_eq!(
+        (r["status"].as_u64(), r["attempts"].as_u64()),
+        (Some(500), Some(3))
+    );
+    let tries = |t: &str| {
+        rig.sim
+            .http2_refused()
+            .iter()
+            .filter(|r| r.0 == tok(t))
+            .count()
+    };
+    assert_eq!((tries(&throttled), tries(&broken)), (3, 3));
+    let stats = rig.finish().await;
+    assert_eq!(stats.retried, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_mid_burst_loses_nothing() {
+    let faults = Faults {
+        goaway_every: Some(40),
+        ..Default::default()
+    };
+    let mut rig = rig(
+        "h2goaway",
+        Options {
+            faults,
+            ..Default::default()
+        },
+    )
+    .await;
+    // Two waves: the second finds the first's connection gone away.
+    let mut tokens = Vec::new();
+    for wave in [0x07, 0x17] {
+        tokens.extend(rig.burst(200, |i| token(wave, i)).await);
+        let results = rig.broker.results(200, WAIT).await;
+        assert!(results.iter().all(|r| r.routing_key == "delivered"));
+    }
+    rig.wait_acked(400).await;
+    assert!(rig.sim.connections() > 2, "GOAWAY closed connections");
+    // GOAWAY names the last stream processed: what followed was refused
+    // unprocessed and sent again, so nothing arrives twice either.
+    rig.assert_once(&tokens);
+    let stats = rig.finish().await;
+    assert_eq!(stats.failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_limit_of_one_is_honoured() {
+    let faults = Faults {
+        max_streams: Some(1),
+        ..Default::default()
+    };
+    let mut rig = rig(
+        "h2streams",
+        Options {
+            faults,
+            ..Default::default()
+        },
+    )
+    .await;
+    let tokens = rig.burst(200, |i| token(0x08, i)).await;
+    rig.broker.results(200, WAIT).await;
+    rig.wait_acked(200).await;
+    rig.assert_once(&tokens);
+    let stats = rig.finish().await;
+    // A stream beyond the limit would have been refused and sent again.
+    assert_eq!(stats.resent_after_error, 0);
+    assert_eq!(stats.failed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_connection_is_found_by_ping_and_replaced() {
+    let faults = Faults {
+        stall_after: Some(20),
+        ..Default::default()
+    };
+    let mut rig = rig(
+        "h2stall",
+        Options {
+            faults,
+            app: "max_attempts = 20\n",
+            ..Default::default()
+        },
+    )
+    .await;
+    let tokens = rig.burst(100, |i| token(0x09, i)).await;
+    // Stalls are counted per app, whichever lane saw them.
+    let stalls = rig.daemon.stats.lane("example", 0).stalls;
+    eventually(WAIT, "a dead connection detected", || stalls.get() > 0).await;
+    rig.sim.set_faults(Faults::default());
+    let results = rig.broker.results(100, WAIT).await;
+    assert!(results.iter().all(|r| r.routing_key == "delivered"));
+    rig.wait_acked(100).await;
+    let counts = rig.accepted_counts();
+    assert!(tokens.iter().all(|t| counts.contains_key(&tok(t))));
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_limits_apply_to_jobs() {
+    let mut rig = rig("h2limits", Options::default()).await;
+    let long_token = "cd".repeat(100);
+    let fits = "x".repeat(4000);
+    let voip = "v".repeat(5000);
+    let ok = [
+        serde_json::json!({"id": "long", "token": long_token, "payload": {"aps": {}}}),
+        serde_json::json!({"id": "big", "token": token(0x0a, 1), "payload": {"aps": {"alert": fits}}}),
+        serde_json::json!({"id": "voip", "token": token(0x0a, 2), "push_type": "voip",
+            "collapse_id": "call-1", "payload": {"aps": {}, "v": voip}}),
+    ];
+    let bad = [
+        (
+            serde_json::json!({"id": "b1", "token": "ab".repeat(101), "payload": {"aps": {}}}),
+            "at most 200",
+        ),
+        (
+            serde_json::json!({"id": "b2", "token": token(0x0a, 3), "payload": {"aps": {"alert": voip}}}),
+            "limit is 4096",
+        ),
+        (
+            serde_json::json!({"id": "b3", "token": token(0x0a, 4), "push_type": 1, "payload": {"aps": {}}}),
+            "`push_type`",
+        ),
+    ];
+    rig.broker
+        .publish_all(
+            ok.iter()
+                .chain(bad.iter().map(|(b, _)| b))
+                .map(|b| serde_json::to_vec(b).unwrap()),
+        )
+        .await;
+    let results = rig.broker.results(6, WAIT).await;
+    rig.wait_acked(6).await;
+    let keys = by_key(&results);
+    assert_eq!(keys["delivered"].len(), 3);
+    for (body, needle) in &bad {
+        let r = keys["rejected"]
+            .iter()
+            .find(|r| r["id"] == body["id"])
+            .unwrap();
+        let error = r["error"].as_str().unwrap();
+        assert!(
+            error.contains(needle),
+            "{error:?} should mention {needle:?}"
+        );
+    }
+    let voip = rig
+        .sim
+        .accepted()
+        .into_iter()
+        .find(|a| a.token == tok(&token(0x0a, 2)))
+        .unwrap();
+    let meta = voip.http2.unwrap();
+    assert_eq!(meta.topic, "com.example.app.voip");
+    assert_eq!(meta.collapse_id.as_deref(), Some("call-1"));
+    assert!(rig.accepted_counts().contains_key(&tok(&long_token)));
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_over_http2() {
+    let mut rig = rig(
+        "h2fanout",
+        Options {
+            delivered: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let tokens: Vec<String> = (0..3000).map(|i| token(0x0b, i)).collect();
+    let body =
+        serde_json::json!({"id": "fan", "tokens": tokens, "payload": {"aps": {"alert": "all"}}});
+    rig.broker
+        .publish_all([serde_json::to_vec(&body).unwrap()])
+        .await;
+    rig.wait_acked(1).await;
+    rig.assert_once(&tokens);
+    assert!(rig
+        .broker
+        .no_more_results(Duration::from_millis(300))
+        .await
+        .is_empty());
+    let stats = rig.finish().await;
+    assert_eq!(stats.accepted, 3000);
+}
