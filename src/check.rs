@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::apns::http2::jwt::Signer;
 use crate::apns::tls::{self, CertInfo};
 use crate::config::{AppConfig, Config, Environment};
 use crate::daemon;
@@ -22,6 +23,19 @@ pub struct Report {
 pub async fn check(config: &Config, now: i64, connect: bool) -> Report {
     let mut report = Report::default();
     for app in &config.apps {
+        if let (Some(key_file), Some(key_id), Some(team_id)) =
+            (&app.key_file, &app.key_id, &app.team_id)
+        {
+            match Signer::from_p8_file(key_file, key_id, team_id) {
+                Ok(_) => report.apps.push(format!(
+                    "{}: topic {}, HTTP/2 token auth (key {key_id}, team {team_id})",
+                    app.name,
+                    app.topic.as_deref().unwrap_or("(none)")
+                )),
+                Err(e) => report.problems.push(format!("{}: {e}", app.name)),
+            }
+            continue;
+        }
         let Some(cert) = &app.certificate else {
             report.apps.push(format!(
                 "{}: built-in simulator identity (generated at start)",

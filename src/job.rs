@@ -86,7 +86,7 @@ impl DeviceToken {
         }
         match digits {
             0 => Err(TokenError::Empty),
-            n if n % 2 == 1 || n > 2 * Self::MAX_LEN => Err(TokenError::Length(n)),
+            n if !n.is_multiple_of(2) || n > 2 * Self::MAX_LEN => Err(TokenError::Length(n)),
             n => Ok(DeviceToken {
                 len: (n / 2) as u8,
                 bytes: out,

@@ -53,8 +53,8 @@ enum Command {
         #[arg(long)]
         app: Option<String>,
     },
-    /// Run the built-in APNs simulator (binary gateway and feedback service).
-    Simulate(apnsd::simulator::SimulateArgs),
+    /// Run the built-in APNs simulator (binary gateway, feedback service, HTTP/2 API).
+    Simulate(Box<apnsd::simulator::SimulateArgs>),
 }
 
 #[derive(clap::Args)]
@@ -110,7 +110,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Logging::init("info", LogFormat::Text);
             let shutdown = CancellationToken::new();
             apnsd::shutdown::install(shutdown.clone())?;
-            apnsd::simulator::run_cli(args, shutdown.cancelled_owned()).await
+            apnsd::simulator::run_cli(*args, shutdown.cancelled_owned()).await
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::job::DeviceToken;
 
 /// Reads the hex token prefix of a rule.
 fn parse_prefix(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 || hex.len() > 2 * DeviceToken::MAX_LEN {
+    if !hex.len().is_multiple_of(2) || hex.len() > 2 * DeviceToken::MAX_LEN {
         return None;
     }
     (0..hex.len())
