@@ -718,6 +718,60 @@ feedback_interval = "1h"
     }
 
     #[test]
+    fn http2_apps_with_token_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "AuthKey.p8", "not read by load");
+        let app = "[[apps]]\nname = \"a\"\nenvironment = \"production\"\nprotocol = \"http2\"\n";
+        let token = "key_file = \"AuthKey.p8\"\nkey_id = \"K\"\nteam_id = \"T\"\n";
+        let p = write(
+            dir.path(),
+            "apnsd.toml",
+            &format!("{app}{token}topic = \"com.example\"\nendpoint = \"127.0.0.1:2197\"\n"),
+        );
+        let c = Config::load_with_env(&p, Some(HashMap::new())).unwrap();
+        let a = &c.apps[0];
+        assert_eq!(a.protocol, Protocol::Http2);
+        assert!(a.token_auth());
+        assert_eq!(
+            a.key_file.as_deref(),
+            Some(dir.path().join("AuthKey.p8").as_path())
+        );
+        assert_eq!(
+            (a.request_timeout, a.ping_interval, a.max_concurrent_streams),
+            (Duration::from_secs(10), Duration::from_secs(30), 1000)
+        );
+        assert_eq!(
+            Environment::Production.endpoint(),
+            Some("api.push.apple.com:443")
+        );
+
+        let m = message(&format!("{app}key_id = \"K\"\n"));
+        assert!(m.contains("apps[0].key_file: token auth needs"), "{m}");
+        let m = message(&format!(
+            "{app}key_file = \"/etc/hostname\"\nkey_id = \"K\"\nteam_id = \"T\"\n"
+        ));
+        assert!(
+            m.contains("apps[0].topic: is required with token auth"),
+            "{m}"
+        );
+        let binary = "[[apps]]\nname = \"a\"\nenvironment = \"sandbox\"\ntopic = \"t\"\n";
+        let m = message(&format!(
+            "{binary}key_file = \"/etc/hostname\"\nkey_id = \"K\"\nteam_id = \"T\"\n"
+        ));
+        assert!(m.contains("needs protocol = \"http2\""), "{m}");
+        let m = message(&format!(
+            "{app}certificate = \"/etc/hostname\"\nendpoint = \"nowhere\"\n"
+        ));
+        assert!(m.contains("apps[0].endpoint"), "{m}");
+        let m = message(&format!("{app}protocol2 = 1\n"));
+        assert!(m.contains("unknown key apps[0].protocol2"), "{m}");
+        let m = message("[[apps]]\nname = \"a\"\nenvironment = \"sandbox\"\nprotocol = \"spdy\"\n");
+        assert!(m.contains("spdy"), "{m}");
+        // The built-in simulator needs neither certificate nor key.
+        assert!(load(&format!("{APP}protocol = \"http2\"\n")).is_ok());
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         assert!(message(&format!("{APP}settle = \"fast\"\n")).contains("apps[0].settle"));
         assert!(message(&format!("[amqp]\nprefetch = 70000\n{APP}")).contains("amqp.prefetch"));

@@ -515,7 +515,7 @@ async fn start_simulator_if_needed(
         .await
         .map_err(|e| DaemonError::Simulator(e.to_string()))?;
     tracing::info!(gateway = %sim.gateway_addr(), feedback = %sim.feedback_addr(),
-        "started the built-in APNs simulator");
+        http2 = %sim.http2_addr(), "started the built-in APNs simulator");
     Ok(Some(sim))
 }
 

@@ -4,26 +4,15 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apnsd::apns::http2::ApnsReason;
 use apnsd::config::Config;
 use apnsd::daemon::Daemon;
-use apnsd::job::DeviceToken;
 use apnsd::simulator::{AnswerRule, Faults, SimCerts, Simulator, SimulatorOptions};
+use common::rig::*;
 use common::*;
 use tokio_util::sync::CancellationToken;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-struct Rig {
-    broker: Broker,
-    sim: Simulator,
-    daemon: Daemon,
-    shutdown: CancellationToken,
-    _dir: tempfile::TempDir,
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Auth {
@@ -35,7 +24,8 @@ struct Options {
     auth: Auth,
     faults: Faults,
     delivered: bool,
-    /// Extra lines for the app's table.
+    /// Lines after the app's keys: more keys, or more `[[apps]]` (with
+    /// `{dir}`, `{gateway}` and `{feedback}` filled in).
     app: &'static str,
 }
 
@@ -90,7 +80,11 @@ reconnect_max = "200ms"
         amqp = broker.amqp_toml(5000),
         delivered = opts.delivered,
         endpoint = sim.http2_addr(),
-        extra = opts.app,
+        extra = opts
+            .app
+            .replace("{dir}", &d.to_string())
+            .replace("{gateway}", &sim.gateway_addr().to_string())
+            .replace("{feedback}", &sim.feedback_addr().to_string()),
     );
     let path = dir.path().join("apnsd.toml");
     std::fs::write(&path, toml).unwrap();
@@ -102,69 +96,8 @@ reconnect_max = "200ms"
         sim,
         daemon,
         shutdown,
-        _dir: dir,
+        dir,
     }
-}
-
-impl Rig {
-    async fn finish(self) -> apnsd::metrics::StatsSnapshot {
-        self.shutdown.cancel();
-        let stats = self.daemon.stats.clone();
-        tokio::time::timeout(WAIT, self.daemon.wait())
-            .await
-            .expect("daemon drains");
-        assert_eq!(self.broker.queue_depth().await, 0, "jobs left in the queue");
-        self.sim.shutdown().await;
-        self.broker.cleanup().await;
-        stats.snapshot()
-    }
-
-    fn accepted_counts(&self) -> HashMap<DeviceToken, usize> {
-        let mut counts = HashMap::new();
-        for a in self.sim.accepted() {
-            *counts.entry(a.token).or_insert(0) += 1;
-        }
-        counts
-    }
-
-    async fn burst(&self, n: u32, tokens: impl Fn(u32) -> String) -> Vec<String> {
-        let tokens: Vec<String> = (0..n).map(tokens).collect();
-        self.broker
-            .publish_all(
-                tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| job(&format!("j{i}"), t)),
-            )
-            .await;
-        tokens
-    }
-
-    async fn wait_acked(&self, jobs: u64) {
-        let deadline = std::time::Instant::now() + WAIT;
-        while self.daemon.stats.jobs_acked.get() < jobs {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not every job was acked: {:?}, simulator accepted {} over {} connections",
-                self.daemon.stats.snapshot(),
-                self.sim.accepted_count(),
-                self.sim.connections()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Every token of `tokens` was accepted exactly once.
-    fn assert_once(&self, tokens: &[String]) {
-        let counts = self.accepted_counts();
-        for t in tokens {
-            assert_eq!(counts.get(&tok(t)), Some(&1), "token {t}");
-        }
-    }
-}
-
-fn tok(hex: &str) -> DeviceToken {
-    DeviceToken::parse(hex).unwrap()
 }
 
 fn answer(rule: &str) -> AnswerRule {
@@ -552,4 +485,88 @@ async fn fan_out_over_http2() {
         .is_empty());
     let stats = rig.finish().await;
     assert_eq!(stats.accepted, 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_and_http2_apps_side_by_side_keep_their_own_limits() {
+    let legacy = r#"
+[[apps]]
+name = "legacy"
+environment = "simulator"
+certificate = "{dir}/client.p12"
+password = "simulator"
+ca = "{dir}/ca.pem"
+gateway = "{gateway}"
+feedback = "{feedback}"
+settle = "100ms"
+"#;
+    let mut rig = rig(
+        "h2mixed",
+        Options {
+            app: legacy,
+            ..Default::default()
+        },
+    )
+    .await;
+    let long = "ef".repeat(40);
+    let short = token(0x0c, 1);
+    let jobs = [
+        serde_json::json!({"id": "h2", "token": long, "payload": {"aps": {}}}),
+        serde_json::json!({"id": "bin", "app": "legacy", "token": short, "payload": {"aps": {}}}),
+        serde_json::json!({"id": "bad", "app": "legacy", "token": long, "payload": {"aps": {}}}),
+    ];
+    rig.broker
+        .publish_all(jobs.iter().map(|j| serde_json::to_vec(j).unwrap()))
+        .await;
+    let results = by_key(&rig.broker.results(3, WAIT).await);
+    rig.wait_acked(3).await;
+    let mut delivered: Vec<(&str, &str)> = results["delivered"]
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap(), r["app"].as_str().unwrap()))
+        .collect();
+    delivered.sort();
+    assert_eq!(delivered, [("bin", "legacy"), ("h2", "example")]);
+    let rejected = &results["rejected"][0];
+    assert_eq!(rejected["id"], "bad");
+    let error = rejected["error"].as_str().unwrap();
+    assert!(
+        error.contains("binary interface takes exactly 32"),
+        "{error}"
+    );
+    let accepted = rig.sim.accepted();
+    let via = |t: &str| {
+        accepted
+            .iter()
+            .find(|a| a.token == tok(t))
+            .map(|a| a.http2.is_some())
+    };
+    assert_eq!((via(&long), via(&short)), (Some(true), Some(false)));
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_in_simulator_speaks_http2_too() {
+    apnsd::apns::tls::install_crypto_provider();
+    let mut broker = Broker::new("h2builtin").await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "{}\n[results]\ndelivered = true\n[[apps]]\nname = \"example\"\nenvironment = \"simulator\"\nprotocol = \"http2\"\n",
+        broker.amqp_toml(100)
+    );
+    let path = dir.path().join("apnsd.toml");
+    std::fs::write(&path, toml).unwrap();
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(Config::load(&path).unwrap(), shutdown.clone())
+        .await
+        .unwrap();
+    broker
+        .publish_all((0..20).map(|i| job(&format!("j{i}"), &token(0x0d, i))))
+        .await;
+    let results = broker.results(20, WAIT).await;
+    assert!(results.iter().all(|r| r.routing_key == "delivered"));
+    let stats = daemon.stats.clone();
+    eventually(WAIT, "every job acked", || stats.jobs_acked.get() == 20).await;
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, daemon.wait()).await.unwrap();
+    broker.cleanup().await;
 }

@@ -12,18 +12,9 @@ use apnsd::daemon::Daemon;
 use apnsd::job::DeviceToken;
 use apnsd::simulator::{Faults, RefuseRule, SimCerts, Simulator, SimulatorOptions};
 use common::process::{http_get, metric};
+use common::rig::*;
 use common::*;
 use tokio_util::sync::CancellationToken;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-struct Rig {
-    broker: Broker,
-    sim: Simulator,
-    daemon: Daemon,
-    shutdown: CancellationToken,
-    _dir: tempfile::TempDir,
-}
 
 struct Options {
     faults: Faults,
@@ -101,68 +92,8 @@ async fn rig(test: &str, opts: Options) -> Rig {
         sim,
         daemon,
         shutdown,
-        _dir: dir,
+        dir,
     }
-}
-
-impl Rig {
-    /// Stops the daemon (drain), checks nothing was left in the queue, cleans up.
-    async fn finish(self) -> apnsd::metrics::StatsSnapshot {
-        self.shutdown.cancel();
-        let stats = self.daemon.stats.clone();
-        tokio::time::timeout(WAIT, self.daemon.wait())
-            .await
-            .expect("daemon drains");
-        assert_eq!(
-            self.broker.queue_depth().await,
-            0,
-            "jobs left in the queue (unacked ones return there)"
-        );
-        self.sim.shutdown().await;
-        self.broker.cleanup().await;
-        stats.snapshot()
-    }
-
-    /// How often the simulator accepted each token.
-    fn accepted_counts(&self) -> HashMap<DeviceToken, usize> {
-        let mut counts = HashMap::new();
-        for a in self.sim.accepted() {
-            *counts.entry(a.token).or_insert(0) += 1;
-        }
-        counts
-    }
-
-    /// Publishes `n` one-token jobs (`j0`, `j1`, ...) for `tokens(i)`; returns the tokens.
-    async fn burst(&self, n: u32, tokens: impl Fn(u32) -> String) -> Vec<String> {
-        let tokens: Vec<String> = (0..n).map(tokens).collect();
-        self.broker
-            .publish_all(
-                tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| job(&format!("j{i}"), t)),
-            )
-            .await;
-        tokens
-    }
-
-    async fn wait_acked(&self, jobs: u64) {
-        let deadline = std::time::Instant::now() + WAIT;
-        while self.daemon.stats.jobs_acked.get() < jobs {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not every job was acked: {:?}, simulator accepted {} over {} connections",
-                self.daemon.stats.snapshot(),
-                self.sim.accepted_count(),
-                self.sim.connections()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-fn tok(hex: &str) -> DeviceToken {
-    DeviceToken::parse(hex).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,25 +23,10 @@ pub(super) async fn serve_gateway(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "simulator: accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let (acceptor, shared, shutdown) = (acceptor.clone(), shared.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = connection(tcp, acceptor, shared) => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
+    super::accept_loop(listener, shutdown, move |tcp| {
+        connection(tcp, acceptor.clone(), shared.clone())
+    })
+    .await;
 }
 
 /// How a gateway connection ends.
@@ -159,28 +144,23 @@ pub(super) async fn serve_feedback(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(_) => continue,
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let (acceptor, shared) = (acceptor.clone(), shared.clone());
-        tokio::spawn(async move {
-            let Ok(mut tls) = acceptor.accept(tcp).await else {
-                shared.handshake_failures.fetch_add(1, Ordering::Relaxed);
-                return;
-            };
-            // The list is cleared once it has been handed out, as Apple does.
-            let tuples = shared.take_feedback();
-            let mut out = Vec::with_capacity(tuples.len() * 38);
-            for t in &tuples {
-                t.encode(&mut out);
-            }
-            let _ = tls.write_all(&out).await;
-            let _ = tls.shutdown().await;
-        });
+    super::accept_loop(listener, shutdown, move |tcp| {
+        feedback(tcp, acceptor.clone(), shared.clone())
+    })
+    .await;
+}
+
+/// Hands out the feedback list and closes: the list is cleared once read, as Apple does.
+async fn feedback(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+    let Ok(mut tls) = acceptor.accept(tcp).await else {
+        shared.handshake_failures.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let tuples = shared.take_feedback();
+    let mut out = Vec::with_capacity(tuples.len() * 38);
+    for t in &tuples {
+        t.encode(&mut out);
     }
+    let _ = tls.write_all(&out).await;
+    let _ = tls.shutdown().await;
 }

@@ -32,22 +32,10 @@ pub(super) async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
-    loop {
-        let tcp = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(_) => continue,
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let (acceptor, shared, shutdown) = (acceptor.clone(), shared.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = connection(tcp, acceptor, shared) => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
+    super::accept_loop(listener, shutdown, move |tcp| {
+        connection(tcp, acceptor.clone(), shared.clone())
+    })
+    .await;
 }
 
 async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {

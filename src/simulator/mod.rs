@@ -118,6 +118,35 @@ pub(crate) struct Shared {
     record: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
 }
 
+/// Accepts connections until `shutdown`; each runs `handle` until it ends or
+/// `shutdown` cuts it short.
+async fn accept_loop<F, Fut>(listener: TcpListener, shutdown: CancellationToken, handle: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "simulator: accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let connection = handle(tcp);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
 /// The topic (UID) of the client certificate a TLS session presented.
 fn client_topic(tls: &rustls::ServerConnection) -> Option<Arc<str>> {
     tls.peer_certificates()

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod rig;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
