@@ -685,6 +685,9 @@ fn http2_target(
     if http::HeaderValue::from_str(&topic).is_err() {
         return Err(fail(format!("topic {topic:?} is not a valid header value")));
     }
+    if http::uri::Authority::try_from(addr.as_str()).is_err() {
+        return Err(fail(format!("endpoint {addr:?} is not a valid host:port")));
+    }
     let server_name = tls::server_name(host_of(&addr)).map_err(|e| fail(e.to_string()))?;
     Ok(http2::Target {
         addr,

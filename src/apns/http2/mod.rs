@@ -327,12 +327,14 @@ impl Lane {
         ) {
             Ok(req) => req,
             Err(e) => {
+                // Every part was validated (job decoding, the app's topic and
+                // endpoint at start): reaching this is a bug, reported as such.
                 tracing::error!(app = %self.app, error = %e, "cannot build the request");
                 let _ = self.outcomes.send(vec![fail(
                     n,
                     Reason::Http2 {
                         status: 400,
-                        reason: ApnsReason::BadTopic,
+                        reason: ApnsReason::Unknown,
                     },
                 )]);
                 return true;
