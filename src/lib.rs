@@ -3,11 +3,13 @@
 //! The flow of one job, module by module:
 //!
 //! ```text
-//! [jobs queue] → pipeline (intake: job::Job::decode) → apns::pool (route by token)
-//!      → apns::lane (TLS socket, apns::frame, apns::window) → APNs
+//! [jobs queue] → pipeline (intake: job::Job::decode, Job::check per protocol)
+//!      → apns::pool (route by token)
+//!      → apns::lane (binary: TLS socket, apns::frame, apns::window) → APNs
+//!        or apns::http2 (a stream per notification, apns::http2::request) → APNs
 //!      → apns::Outcome → pipeline (ledger, results::Event) → amqp::Publisher (confirms)
 //!      → ledger::AckPlanner → basic.ack
-//! feedback::Poller → pipeline → [results exchange]
+//! feedback::Poller (binary apps) → pipeline → [results exchange]
 //! ```
 //!
 //! `daemon` wires it together with the configuration, signals and systemd;
