@@ -24,6 +24,8 @@ struct Options {
     auth: Auth,
     faults: Faults,
     delivered: bool,
+    /// The app's `request_timeout` and `ping_interval` lines.
+    timing: &'static str,
     /// Lines after the app's keys: more keys, or more `[[apps]]` (with
     /// `{dir}`, `{gateway}` and `{feedback}` filled in).
     app: &'static str,
@@ -35,6 +37,7 @@ impl Default for Options {
             auth: Auth::Certificate,
             faults: Faults::default(),
             delivered: true,
+            timing: "request_timeout = \"5s\"\nping_interval = \"1s\"\n",
             app: "",
         }
     }
@@ -71,15 +74,14 @@ protocol = "http2"
 endpoint = "{endpoint}"
 ca = "{d}/ca.pem"
 connections = 2
-request_timeout = "5s"
-ping_interval = "1s"
 reconnect_min = "10ms"
 reconnect_max = "200ms"
-{auth}{extra}
+{timing}{auth}{extra}
 "#,
         amqp = broker.amqp_toml(5000),
         delivered = opts.delivered,
         endpoint = sim.http2_addr(),
+        timing = opts.timing,
         extra = opts
             .app
             .replace("{dir}", &d.to_string())
@@ -396,6 +398,42 @@ async fn a_stalled_connection_is_found_by_ping_and_replaced() {
     rig.wait_acked(100).await;
     let counts = rig.accepted_counts();
     assert!(tokens.iter().all(|t| counts.contains_key(&tok(t))));
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_request_times_out_and_goes_again_on_a_new_connection() {
+    let faults = Faults {
+        stall_after: Some(10),
+        ..Default::default()
+    };
+    let mut rig = rig(
+        "h2timeout",
+        Options {
+            faults,
+            // PING would find the stall only after an hour: the timeout must.
+            timing: "ping_interval = \"1h\"\nrequest_timeout = \"500ms\"\n",
+            app: "max_attempts = 20\n",
+            ..Default::default()
+        },
+    )
+    .await;
+    let tokens = rig.burst(50, |i| token(0x0e, i)).await;
+    let stats = rig.daemon.stats.clone();
+    eventually(WAIT, "a request timed out", || {
+        stats.resent_after_close.get() > 0
+    })
+    .await;
+    rig.sim.set_faults(Faults::default());
+    let results = rig.broker.results(50, WAIT).await;
+    assert!(results.iter().all(|r| r.routing_key == "delivered"));
+    rig.wait_acked(50).await;
+    let counts = rig.accepted_counts();
+    assert!(tokens.iter().all(|t| counts.contains_key(&tok(t))));
+    assert!(
+        rig.sim.connections() > 2,
+        "the stalled connection was replaced"
+    );
     rig.finish().await;
 }
 

@@ -232,7 +232,10 @@ impl Lane {
                     while let Some(joined) = next {
                         if let Ok((n, bearer, exchange)) = joined {
                             answered |= matches!(exchange, Exchange::Answered { .. });
-                            if matches!(exchange, Exchange::Lost) {
+                            // A broken or unanswered stream makes the connection
+                            // suspect: retries go out on a fresh one, not into a
+                            // connection PING has yet to find dead.
+                            if matches!(exchange, Exchange::Lost | Exchange::TimedOut) {
                                 usable = false;
                             }
                             self.finish(n, bearer.as_ref(), exchange, target, work, &mut outcomes);
