@@ -418,14 +418,18 @@ async fn an_unanswered_request_times_out_and_goes_again_on_a_new_connection() {
         },
     )
     .await;
-    let tokens = rig.burst(50, |i| token(0x0e, i)).await;
+    let mut tokens = rig.burst(10, |i| token(0x0e, i)).await;
+    rig.broker.results(10, WAIT).await;
+    // The simulator stops driving its connections within 50 ms of the tenth.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokens.extend(rig.burst(40, |i| token(0x1e, i)).await);
     let stats = rig.daemon.stats.clone();
     eventually(WAIT, "a request timed out", || {
         stats.resent_after_close.get() > 0
     })
     .await;
     rig.sim.set_faults(Faults::default());
-    let results = rig.broker.results(50, WAIT).await;
+    let results = rig.broker.results(40, WAIT).await;
     assert!(results.iter().all(|r| r.routing_key == "delivered"));
     rig.wait_acked(50).await;
     let counts = rig.accepted_counts();
