@@ -53,14 +53,7 @@ async fn rig(test: &str, opts: Options) -> Rig {
     sim_opts.faults = opts.faults;
     let sim = Simulator::start(sim_opts).await.unwrap();
     let d = dir.path().display();
-    let auth = match opts.auth {
-        Auth::Certificate => {
-            format!("certificate = \"{d}/client.p12\"\npassword = \"simulator\"\n")
-        }
-        Auth::Token => format!(
-            "key_file = \"{d}/token-key.p8\"\nkey_id = \"SIMKEY0001\"\nteam_id = \"SIMTEAM001\"\ntopic = \"com.example.app\"\n"
-        ),
-    };
+    let auth = auth_toml(opts.auth, dir.path());
     let toml = format!(
         r#"shutdown_timeout = "10s"
 {amqp}
@@ -99,6 +92,20 @@ reconnect_max = "200ms"
         daemon,
         shutdown,
         dir,
+    }
+}
+
+/// The app's identity lines: the simulator's client certificate, or its
+/// provider-token key.
+fn auth_toml(auth: Auth, dir: &std::path::Path) -> String {
+    let d = dir.display();
+    match auth {
+        Auth::Certificate => {
+            format!("certificate = \"{d}/client.p12\"\npassword = \"simulator\"\n")
+        }
+        Auth::Token => format!(
+            "key_file = \"{d}/token-key.p8\"\nkey_id = \"SIMKEY0001\"\nteam_id = \"SIMTEAM001\"\ntopic = \"com.example.app\"\n"
+        ),
     }
 }
 
@@ -611,4 +618,42 @@ async fn the_built_in_simulator_speaks_http2_too() {
     shutdown.cancel();
     tokio::time::timeout(WAIT, daemon.wait()).await.unwrap();
     broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_an_app_to_token_auth_without_losing_work() {
+    let mut rig = rig("h2reload", Options::default()).await;
+    let mut tokens = rig.burst(200, |i| token(0x0f, i)).await;
+    let path = rig.dir.path().join("apnsd.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        &auth_toml(Auth::Certificate, rig.dir.path()),
+        &auth_toml(Auth::Token, rig.dir.path()),
+    );
+    std::fs::write(&path, text).unwrap();
+    let done = rig
+        .daemon
+        .reload(Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(done.replaced, ["example"]);
+    let second = rig.burst(200, |i| token(0x1f, i)).await;
+    tokens.extend(second.iter().cloned());
+    let results = rig.broker.results(400, WAIT).await;
+    assert!(results.iter().all(|r| r.routing_key == "delivered"));
+    rig.wait_acked(400).await;
+    let accepted = rig.sim.accepted();
+    for t in &tokens {
+        assert!(accepted.iter().any(|a| a.token == tok(t)), "token {t} lost");
+    }
+    let by_token = accepted
+        .iter()
+        .filter(|a| second.iter().any(|t| a.token == tok(t)));
+    assert!(
+        by_token.clone().count() >= 200
+            && by_token
+                .clone()
+                .all(|a| a.http2.as_ref().unwrap().token_auth),
+        "jobs published after the reload use the provider token"
+    );
+    rig.finish().await;
 }
