@@ -7,27 +7,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 
 use super::{Accepted, Shared};
 use crate::apns::frame::{decode_notification, ErrorResponse, Status};
 
 const READ_BUF: usize = 256 * 1024;
-
-pub(super) async fn serve_gateway(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
-    super::accept_loop(listener, shutdown, move |tcp| {
-        connection(tcp, acceptor.clone(), shared.clone())
-    })
-    .await;
-}
 
 /// How a gateway connection ends.
 enum Close {
@@ -36,7 +23,7 @@ enum Close {
     Stall,
 }
 
-async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+pub(super) async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
     let mut tls = match acceptor.accept(tcp).await {
         Ok(tls) => tls,
@@ -138,20 +125,8 @@ async fn answer(tls: &mut TlsStream<TcpStream>, resp: ErrorResponse) {
     let _ = tls.shutdown().await;
 }
 
-pub(super) async fn serve_feedback(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
-    super::accept_loop(listener, shutdown, move |tcp| {
-        feedback(tcp, acceptor.clone(), shared.clone())
-    })
-    .await;
-}
-
 /// Hands out the feedback list and closes: the list is cleared once read, as Apple does.
-async fn feedback(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+pub(super) async fn feedback(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let Ok(mut tls) = acceptor.accept(tcp).await else {
         shared.handshake_failures.fetch_add(1, Ordering::Relaxed);
         return;

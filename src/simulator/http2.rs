@@ -12,10 +12,9 @@ use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 
 use super::{Accepted, Faults, Http2Request, Shared, SIM_KEY_ID, SIM_TEAM_ID};
 use crate::apns::http2::{jwt, ApnsReason, MAX_PAYLOAD, MAX_VOIP_PAYLOAD};
@@ -26,19 +25,7 @@ const TOKEN_MAX_AGE: Duration = Duration::from_secs(3600);
 /// Bodies beyond this are not read further (the limit check has its answer).
 const MAX_READ: usize = 64 * 1024;
 
-pub(super) async fn serve(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
-    super::accept_loop(listener, shutdown, move |tcp| {
-        connection(tcp, acceptor.clone(), shared.clone())
-    })
-    .await;
-}
-
-async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
+pub(super) async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let _ = tcp.set_nodelay(true);
     let tls = match acceptor.accept(tcp).await {
         Ok(tls) => tls,

@@ -118,11 +118,15 @@ pub(crate) struct Shared {
     record: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
 }
 
-/// Accepts connections until `shutdown`; each runs `handle` until it ends or
-/// `shutdown` cuts it short.
-async fn accept_loop<F, Fut>(listener: TcpListener, shutdown: CancellationToken, handle: F)
-where
-    F: Fn(tokio::net::TcpStream) -> Fut,
+/// Accepts connections until `shutdown`; each runs `connection` until it
+/// ends or `shutdown` cuts it short.
+async fn serve<Fut>(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    connection: fn(tokio::net::TcpStream, TlsAcceptor, Arc<Shared>) -> Fut,
+) where
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -136,7 +140,7 @@ where
             },
             _ = shutdown.cancelled() => return,
         };
-        let connection = handle(tcp);
+        let connection = connection(tcp, acceptor.clone(), shared.clone());
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
@@ -249,23 +253,26 @@ impl Simulator {
         let shutdown = CancellationToken::new();
         let tasks = vec![
             tokio::spawn(report(shared.clone(), shutdown.clone())),
-            tokio::spawn(gateway::serve_gateway(
+            tokio::spawn(serve(
                 gateway_listener,
                 acceptor.clone(),
                 shared.clone(),
                 shutdown.clone(),
+                gateway::connection,
             )),
-            tokio::spawn(gateway::serve_feedback(
+            tokio::spawn(serve(
                 feedback_listener,
                 acceptor,
                 shared.clone(),
                 shutdown.clone(),
+                gateway::feedback,
             )),
-            tokio::spawn(http2::serve(
+            tokio::spawn(serve(
                 http2_listener,
                 http2_acceptor,
                 shared.clone(),
                 shutdown.clone(),
+                http2::connection,
             )),
         ];
         Ok(Simulator {
