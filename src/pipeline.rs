@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
 use crate::apns::pool::Pool;
-use crate::apns::{Envelope, Notification, Outcome, Protocol, Reason};
+use crate::apns::{Envelope, Failure, Notification, Outcome, Protocol, Reason};
 use crate::job::{Job, JobError};
 use crate::ledger::{Ack, AckPlanner, JobKey, Ledger};
 use crate::metrics::Stats;
@@ -411,15 +411,15 @@ impl Pipeline {
             // HTTP/2's 410 also says since when the token is gone, as the
             // feedback service did: the job owes an `unregistered` result too.
             let unregistered = match o.result {
-                Err(f) => match f.reason {
-                    Reason::Unregistered { since } => Some(Event::Unregistered {
-                        app: env.app.clone(),
-                        token: n.token,
-                        timestamp: since,
-                    }),
-                    _ => None,
-                },
-                Ok(()) => None,
+                Err(Failure {
+                    reason: Reason::Unregistered { since },
+                    ..
+                }) => Some(Event::Unregistered {
+                    app: env.app.clone(),
+                    token: n.token,
+                    timestamp: since,
+                }),
+                _ => None,
             };
             let counted = !n.reported && s.ledger.contains(env.key);
             match (counted, event) {

@@ -31,6 +31,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Binary frames carry exactly 32 bytes; Apple says HTTP/2 tokens may grow.
     pub fn accepts_token_len(self, len: usize) -> bool {
         match self {
             Protocol::Binary => len == DeviceToken::BINARY_LEN,
