@@ -49,6 +49,7 @@ pub(super) async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Ar
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        let now = shared.meter.arrived();
         let mut pos = 0;
         let mut accepted = Vec::new();
         let end = loop {
@@ -69,6 +70,9 @@ pub(super) async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Ar
                         }));
                     }
                     pos += used;
+                    if shared.stamps {
+                        shared.meter.time(&frame.token, now);
+                    }
                     let count = shared.accepted_count.fetch_add(1, Ordering::Relaxed) + 1;
                     if !shared.sink {
                         accepted.push(Accepted {

@@ -6,6 +6,7 @@ mod certs;
 mod faults;
 mod gateway;
 mod http2;
+mod meter;
 
 use std::future::Future;
 use std::io::Write;
@@ -24,6 +25,7 @@ pub use certs::{
     write_identity, CertError, ClientSpec, SimCerts, P12_PASSWORD, SIM_KEY_ID, SIM_TEAM_ID,
 };
 pub use faults::{AnswerRule, BadAnswerRule, BadRule, Faults, RefuseRule};
+pub use meter::{stamped_token, Meter, Reading};
 
 use crate::apns::frame::{FeedbackTuple, Status};
 use crate::apns::http2::ApnsReason;
@@ -66,6 +68,9 @@ pub struct SimulatorOptions {
     pub faults: Faults,
     /// Throughput mode: count accepted notifications, keep nothing per notification.
     pub sink: bool,
+    /// Tokens carry their publish time ([`stamped_token`]): time each one into
+    /// the [`Meter`]'s latency histogram.
+    pub stamps: bool,
     /// Append each accepted token (hex, one per line) to this file.
     pub record: Option<PathBuf>,
 }
@@ -81,6 +86,7 @@ impl SimulatorOptions {
             certs,
             faults: Faults::default(),
             sink: false,
+            stamps: false,
             record: None,
         }
     }
@@ -106,6 +112,8 @@ pub enum SimulatorError {
 pub(crate) struct Shared {
     faults: Mutex<Faults>,
     sink: bool,
+    stamps: bool,
+    meter: Meter,
     accepted: Mutex<Vec<Accepted>>,
     accepted_count: AtomicU64,
     refused: Mutex<Vec<(DeviceToken, Status, u32)>>,
@@ -236,6 +244,8 @@ impl Simulator {
         let shared = Arc::new(Shared {
             faults: Mutex::new(opts.faults),
             sink: opts.sink,
+            stamps: opts.stamps,
+            meter: Meter::default(),
             accepted: Mutex::new(Vec::new()),
             accepted_count: AtomicU64::new(0),
             refused: Mutex::new(Vec::new()),
@@ -310,6 +320,11 @@ impl Simulator {
     /// Every accepted notification, in the order accepted (empty in sink mode).
     pub fn accepted(&self) -> Vec<Accepted> {
         lock(&self.shared.accepted).clone()
+    }
+
+    /// Arrival times and, with `stamps`, publish → arrival latencies.
+    pub fn meter(&self) -> &Meter {
+        &self.shared.meter
     }
 
     pub fn accepted_count(&self) -> u64 {
@@ -466,6 +481,7 @@ pub async fn run_cli(args: SimulateArgs, shutdown: impl Future<Output = ()>) -> 
             token_max_age: args.token_max_age,
         },
         sink: args.sink,
+        stamps: false,
         record: args.record,
     };
     let sim = Simulator::start(opts).await?;

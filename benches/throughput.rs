@@ -1,0 +1,563 @@
+//! apnsd's throughput benchmark: `cargo bench --bench throughput [-- --help]`.
+//!
+//! One run, against the local RabbitMQ and the built-in simulator in sink mode
+//! (it reads, validates and counts frames over TLS, keeping nothing per
+//! notification):
+//!
+//! 1. one-token jobs: RabbitMQ's own ceiling (a plain lapin consumer that only
+//!    acks) and apnsd end to end (first to last frame at the simulator), both
+//!    draining the same number of jobs from a filled queue;
+//! 2. latency: one-token jobs published at a steady rate, each token stamped
+//!    with its publish time, timed by the simulator when its frame arrives;
+//! 3. fan-out: jobs of many tokens each.
+//!
+//! apnsd runs as the real release binary (`apnsd run`), a fresh process per
+//! case, so its peak RSS (VmHWM) is its own.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context};
+use clap::Parser;
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
+
+use apnsd::config::AmqpConfig;
+use apnsd::simulator::{stamped_token, SimCerts, Simulator, SimulatorOptions, P12_PASSWORD};
+
+#[derive(Parser)]
+#[command(about = "apnsd throughput benchmark against the local RabbitMQ and the simulator")]
+struct Args {
+    /// One-token jobs drained by the plain consumer, then by apnsd.
+    #[arg(long, default_value_t = 200_000)]
+    jobs: u64,
+    /// Publish rate of the latency case (jobs per second).
+    #[arg(long, default_value_t = 1_000)]
+    rate: u64,
+    /// Duration of the latency case, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Jobs in the fan-out case.
+    #[arg(long, default_value_t = 100)]
+    fanout_jobs: u64,
+    /// Tokens per fan-out job.
+    #[arg(long, default_value_t = 10_000)]
+    fanout_tokens: u64,
+    /// `amqp.prefetch` for apnsd and the plain consumer (default: apnsd's).
+    #[arg(long)]
+    prefetch: Option<u16>,
+    /// Extra `[[apps]]` lines for apnsd, e.g. "connections = 4" (repeatable).
+    #[arg(long = "app-setting", value_name = "KEY = VALUE")]
+    app_settings: Vec<String>,
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    uri: String,
+    /// The apnsd binary to run.
+    #[arg(long, default_value = env!("CARGO_BIN_EXE_apnsd"))]
+    apnsd: PathBuf,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    apnsd::apns::tls::install_crypto_provider();
+    tokio::runtime::Runtime::new()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let certs = SimCerts::generate("com.example.bench")?;
+    certs.write_to(dir.path())?;
+    let sim = Simulator::start(SimulatorOptions {
+        sink: true,
+        stamps: true,
+        ..SimulatorOptions::new(certs)
+    })
+    .await?;
+    let prefetch = args
+        .prefetch
+        .unwrap_or_else(|| AmqpConfig::default().prefetch);
+    let broker = Broker::open(&args.uri).await?;
+    println!("{}", machine_facts());
+    println!(
+        "apnsd: prefetch {prefetch}, app settings: {}",
+        if args.app_settings.is_empty() {
+            "defaults".to_owned()
+        } else {
+            args.app_settings.join(", ")
+        }
+    );
+    let bench = Bench {
+        args: &args,
+        dir: dir.path(),
+        sim: &sim,
+        broker: &broker,
+        prefetch,
+    };
+    let result = bench.all().await;
+    broker.cleanup().await;
+    sim.shutdown().await;
+    result
+}
+
+struct Bench<'a> {
+    args: &'a Args,
+    dir: &'a Path,
+    sim: &'a Simulator,
+    broker: &'a Broker,
+    prefetch: u16,
+}
+
+impl Bench<'_> {
+    async fn all(&self) -> anyhow::Result<()> {
+        let n = self.args.jobs;
+        println!("\none-token jobs, N = {n}");
+        self.broker.publish(one_token_jobs(0, n)).await?;
+        let ceiling = self.broker.plain_consume(n, self.prefetch).await?;
+        let ceiling_rate = n as f64 / ceiling.as_secs_f64();
+        println!(
+            "  RabbitMQ ceiling (plain consumer, multiple-acks only): {} jobs/s ({ceiling:.2?})",
+            thousands(ceiling_rate)
+        );
+
+        self.broker.publish(one_token_jobs(n, n)).await?;
+        let mut daemon = self.start_daemon("one-token")?;
+        let span = self.frames(n, &mut daemon).await?;
+        let rate = n as f64 / span.as_secs_f64();
+        println!(
+            "  apnsd end to end (first → last frame):                {} jobs/s ({span:.2?})",
+            thousands(rate)
+        );
+        println!(
+            "  ratio apnsd / ceiling: {:.2} (target ≥ 0.90)",
+            rate / ceiling_rate
+        );
+
+        // Measure latency in the steady state, not behind the burst's settling.
+        daemon.wait_acked(n).await?;
+        let paced = self.args.rate * self.args.seconds;
+        self.sim.meter().reset();
+        let before = self.sim.accepted_count();
+        self.broker.publish_paced(paced, self.args.rate).await?;
+        self.wait_frames(before + paced, &mut daemon).await?;
+        let r = self.sim.meter().read();
+        println!(
+            "  latency at {} jobs/s ({} jobs), publish → frame read by the gateway: p50 {:.2?}, p99 {:.2?}, max {:.2?} (target p99 < 5ms)",
+            thousands(self.args.rate as f64), r.timed, r.p50, r.p99, r.max
+        );
+        let rss = daemon.stop(self.broker).await?;
+        println!("  apnsd peak RSS: {:.1} MB (target < 64 MB)", mb(rss));
+
+        let (jobs, tokens) = (self.args.fanout_jobs, self.args.fanout_tokens);
+        println!("\nfan-out, {jobs} jobs × {tokens} tokens");
+        self.broker.publish(fan_out_jobs(jobs, tokens)).await?;
+        let mut daemon = self.start_daemon("fan-out")?;
+        let span = self.frames(jobs * tokens, &mut daemon).await?;
+        println!(
+            "  apnsd: {} notifications/s ({span:.2?}) (target ≥ 1,000,000)",
+            thousands((jobs * tokens) as f64 / span.as_secs_f64())
+        );
+        let rss = daemon.stop(self.broker).await?;
+        println!("  apnsd peak RSS: {:.1} MB (target < 64 MB)", mb(rss));
+        Ok(())
+    }
+
+    fn start_daemon(&self, case: &str) -> anyhow::Result<Daemon> {
+        let config = self.dir.join(format!("{case}.toml"));
+        let certs = self.dir.display();
+        let gateway = self.sim.gateway_addr();
+        let feedback = self.sim.feedback_addr();
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut text = format!(
+            r#"log_level = "warn"
+[amqp]
+uri = "{uri}"
+queue = "{queue}"
+results_exchange = "{exchange}"
+prefetch = {prefetch}
+
+[metrics]
+listen = "{metrics}"
+
+[[apps]]
+name = "bench"
+environment = "simulator"
+certificate = "{certs}/client.p12"
+password = "{P12_PASSWORD}"
+ca = "{certs}/ca.pem"
+gateway = "{gateway}"
+feedback = "{feedback}"
+"#,
+            uri = self.args.uri,
+            queue = self.broker.queue,
+            exchange = self.broker.exchange,
+            prefetch = self.prefetch,
+        );
+        for line in &self.args.app_settings {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(&config, text)?;
+        let log = std::fs::File::create(self.dir.join(format!("{case}.log")))?;
+        let child = Command::new(&self.args.apnsd)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.args.apnsd.display()))?;
+        Ok(Daemon {
+            child,
+            metrics,
+            log: self.dir.join(format!("{case}.log")),
+        })
+    }
+
+    /// Waits for `n` more frames at the simulator; returns first → last frame.
+    async fn frames(&self, n: u64, daemon: &mut Daemon) -> anyhow::Result<Duration> {
+        self.sim.meter().reset();
+        let target = self.sim.accepted_count() + n;
+        self.wait_frames(target, daemon).await?;
+        Ok(self.sim.meter().read().span)
+    }
+
+    async fn wait_frames(&self, target: u64, daemon: &mut Daemon) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.sim.accepted_count() < target {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("apnsd exited with {status}; see {}", daemon.log.display());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "only {} of {target} frames arrived; see {}",
+                self.sim.accepted_count(),
+                daemon.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+}
+
+/// The apnsd process of one case; killed if the bench fails before stopping it.
+struct Daemon {
+    child: Child,
+    metrics: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Waits until apnsd has acked `n` jobs in all (settling takes `settle`).
+    async fn wait_acked(&mut self, n: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let acked = self.counter("apnsd_jobs_acked_total").await?;
+            if acked >= n {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "apnsd acked only {acked} of {n} jobs; see {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One counter from apnsd's `/metrics`.
+    async fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(self.metrics).await?;
+        tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .with_context(|| format!("{name} not in apnsd's /metrics"))
+    }
+
+    /// Reads the peak RSS, then stops apnsd with SIGTERM and checks that it
+    /// acked every job (the queue is empty once it is gone).
+    async fn stop(&mut self, broker: &Broker) -> anyhow::Result<u64> {
+        let rss = peak_rss(self.child.id())?;
+        let pid = self.child.id().to_string();
+        ensure!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()?
+                .success(),
+            "kill -TERM {pid}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            ensure!(Instant::now() < deadline, "apnsd did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        ensure!(
+            status.success(),
+            "apnsd exited with {status}; see {}",
+            self.log.display()
+        );
+        let left = broker.depth().await?;
+        ensure!(left == 0, "{left} jobs were not acked");
+        Ok(rss)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bench's own slice of RabbitMQ: a jobs queue and a results exchange.
+struct Broker {
+    uri: String,
+    conn: Connection,
+    ch: Channel,
+    queue: String,
+    exchange: String,
+}
+
+/// Unconfirmed publishes allowed in flight while filling the queue.
+const PUBLISH_WINDOW: usize = 4096;
+
+impl Broker {
+    async fn open(uri: &str) -> anyhow::Result<Broker> {
+        let suffix: u64 = rand::random();
+        let queue = format!("apnsd-bench.{suffix:x}.jobs");
+        let exchange = format!("apnsd-bench.{suffix:x}.results");
+        let conn = Connection::connect(uri, ConnectionProperties::default())
+            .await
+            .with_context(|| format!("RabbitMQ must run at {uri}"))?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        Ok(Broker {
+            uri: uri.to_owned(),
+            conn,
+            ch,
+            queue,
+            exchange,
+        })
+    }
+
+    async fn send(&self, body: &[u8]) -> anyhow::Result<PublisherConfirm> {
+        Ok(self
+            .ch
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?)
+    }
+
+    /// Publishes persistent jobs with pipelined confirms.
+    async fn publish(&self, bodies: impl Iterator<Item = Vec<u8>>) -> anyhow::Result<()> {
+        let mut pending = VecDeque::with_capacity(PUBLISH_WINDOW);
+        for body in bodies {
+            if pending.len() == PUBLISH_WINDOW {
+                confirmed(pending.pop_front()).await?;
+            }
+            pending.push_back(self.send(&body).await?);
+        }
+        for c in pending {
+            confirmed(Some(c)).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes `n` one-token jobs at `rate` per second, each token stamped
+    /// with the moment it is published.
+    async fn publish_paced(&self, n: u64, rate: u64) -> anyhow::Result<()> {
+        let start = tokio::time::Instant::now();
+        let mut pending = VecDeque::new();
+        for i in 0..n {
+            tokio::time::sleep_until(start + Duration::from_secs(i) / rate as u32).await;
+            pending.push_back(self.send(&one_token_job(u64::MAX - i)).await?);
+            while let Some(front) = pending.front_mut() {
+                let Some(confirmation) = futures_lite::future::poll_once(front).await else {
+                    break;
+                };
+                ensure!(confirmation?.is_ack(), "RabbitMQ refused a job");
+                pending.pop_front();
+            }
+        }
+        for c in pending {
+            confirmed(Some(c)).await?;
+        }
+        Ok(())
+    }
+
+    /// RabbitMQ's own ceiling: a consumer that does nothing but ack, with one
+    /// multiple-ack for whatever arrived since the last one (the cheapest way
+    /// to ack). Returns first delivery → last ack.
+    async fn plain_consume(&self, n: u64, prefetch: u16) -> anyhow::Result<Duration> {
+        let conn = Connection::connect(&self.uri, ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let mut consumer = ch
+            .basic_consume(
+                self.queue.as_str().into(),
+                "apnsd-bench-plain".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut first = None;
+        let mut received = 0;
+        while received < n {
+            let mut last = consumer.next().await.context("consumer cancelled")??;
+            first.get_or_insert_with(Instant::now);
+            received += 1;
+            while received < n {
+                match futures_lite::future::poll_once(consumer.next()).await {
+                    Some(Some(d)) => last = d?,
+                    _ => break,
+                }
+                received += 1;
+            }
+            last.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        let span = first.map_or(Duration::ZERO, |t| t.elapsed());
+        conn.close(200, "bye".into()).await?;
+        Ok(span)
+    }
+
+    /// Ready messages in the jobs queue.
+    async fn depth(&self) -> anyhow::Result<u32> {
+        let q = self
+            .ch
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(q.message_count())
+    }
+
+    async fn cleanup(&self) {
+        let queue = self.queue.as_str();
+        let _ = self
+            .ch
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await;
+        let _ = self
+            .ch
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = self
+            .ch
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+async fn confirmed(confirm: Option<PublisherConfirm>) -> anyhow::Result<()> {
+    if let Some(c) = confirm {
+        ensure!(c.await?.is_ack(), "RabbitMQ refused a job");
+    }
+    Ok(())
+}
+
+/// Spreads tokens over lanes the way random device tokens would.
+fn prefix(i: u64) -> u64 {
+    i.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn one_token_job(i: u64) -> Vec<u8> {
+    let token = stamped_token(prefix(i), SystemTime::now());
+    format!(r#"{{"id":"bench-{i}","token":"{token}","payload":{{"aps":{{"alert":"Hello from the benchmark","badge":1}}}}}}"#)
+        .into_bytes()
+}
+
+fn one_token_jobs(from: u64, n: u64) -> impl Iterator<Item = Vec<u8>> {
+    (from..from + n).map(one_token_job)
+}
+
+fn fan_out_jobs(jobs: u64, tokens: u64) -> impl Iterator<Item = Vec<u8>> {
+    (0..jobs).map(move |j| {
+        let now = SystemTime::now();
+        let list: Vec<String> = (0..tokens)
+            .map(|t| format!("\"{}\"", stamped_token(prefix(j * tokens + t), now)))
+            .collect();
+        format!(
+            r#"{{"id":"fan-{j}","tokens":[{}],"payload":{{"aps":{{"alert":"Hello, everyone","sound":"default"}}}}}}"#,
+            list.join(",")
+        )
+        .into_bytes()
+    })
+}
+
+/// VmHWM of a process, in bytes.
+fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmHWM in /proc/PID/status")?;
+    Ok(kb * 1024)
+}
+
+fn machine_facts() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("machine: {cores} cores ({cpu}), RabbitMQ, apnsd and the simulator on the same machine")
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// 1234567.8 → "1,234,568".
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
