@@ -96,6 +96,9 @@ pub struct AckPlanner {
     /// Delivery tags in the order received (consecutive on a channel).
     states: VecDeque<(u64, State)>,
     slack: usize,
+    /// Entries in `states` that are `Done`: kept as a count so planning stays
+    /// cheap with a large prefetch.
+    done: usize,
 }
 
 impl AckPlanner {
@@ -103,6 +106,7 @@ impl AckPlanner {
         AckPlanner {
             states: VecDeque::new(),
             slack,
+            done: 0,
         }
     }
 
@@ -115,14 +119,14 @@ impl AckPlanner {
             return;
         };
         let index = tag.wrapping_sub(front) as usize;
-        match self.states.get_mut(index) {
-            Some(entry) if entry.0 == tag => entry.1 = State::Done,
-            _ => {
-                // Tags are consecutive per channel; fall back to a search if not.
-                if let Some(entry) = self.states.iter_mut().find(|e| e.0 == tag) {
-                    entry.1 = State::Done;
-                }
-            }
+        let entry = match self.states.get_mut(index) {
+            Some(entry) if entry.0 == tag => Some(entry),
+            // Tags are consecutive per channel; fall back to a search if not.
+            _ => self.states.iter_mut().find(|e| e.0 == tag),
+        };
+        if let Some(entry) = entry.filter(|e| e.1 == State::Pending) {
+            entry.1 = State::Done;
+            self.done += 1;
         }
     }
 
@@ -145,14 +149,14 @@ impl AckPlanner {
             }
             self.states.pop_front();
         }
+        self.done -= run;
         if let Some(tag) = last_done {
             out.push(Ack {
                 tag,
                 multiple: run > 1,
             });
         }
-        let waiting = self.states.iter().filter(|e| e.1 == State::Done).count();
-        if waiting > self.slack {
+        if self.done > self.slack {
             for entry in self.states.iter_mut().filter(|e| e.1 == State::Done) {
                 entry.1 = State::Acked;
                 out.push(Ack {
@@ -160,6 +164,7 @@ impl AckPlanner {
                     multiple: false,
                 });
             }
+            self.done = 0;
         }
     }
 }

@@ -209,7 +209,10 @@ impl Pipeline {
             consume,
             publisher,
             ledger: Ledger::default(),
-            acks: AckPlanner::new((usize::from(cfg.prefetch) / 4).min(64)),
+            // Lanes settle at different moments, so one lane's finished jobs
+            // often wait behind another's for a tick: only a stuck delivery
+            // holding half the prefetch is worth acking around one by one.
+            acks: AckPlanner::new(usize::from(cfg.prefetch) / 2),
             ack_buf: Vec::new(),
         };
         let mut consuming = true;

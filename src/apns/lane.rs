@@ -27,6 +27,9 @@ use crate::metrics::{LaneStats, Stats};
 
 /// Coalesce up to this many bytes of frames into one write.
 const BATCH_BYTES: usize = 128 * 1024;
+/// Settle ticks per `settle` period at most: entries settle up to
+/// `settle / SETTLE_BATCHES` late, in batches.
+const SETTLE_BATCHES: u32 = 16;
 /// The smallest in-flight window a lane shrinks to after silent closes.
 const MIN_WINDOW: usize = 8;
 /// After a failed write, how long to wait for the error response that probably
@@ -204,7 +207,12 @@ impl Lane {
             // A write that cannot make progress means what was written before it
             // may still sit in buffers, unread: do not let it settle meanwhile.
             let stalled = write_started.is_some_and(|t| t.elapsed() > s.settle / 2);
-            let settle_at = window.next_deadline().filter(|_| !stalled);
+            // Ticking a little late settles many flushes at once: one outcome
+            // batch, one multiple-ack, instead of one per write.
+            let settle_at = window
+                .next_deadline()
+                .filter(|_| !stalled)
+                .map(|at| at + s.settle / SETTLE_BATCHES);
             let stall_at = write_started.map(|t| t + s.write_timeout);
             self.lane_stats.window.set(window.len() as i64);
             let can_take = *rx_open
