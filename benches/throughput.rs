@@ -37,7 +37,7 @@ use apnsd::simulator::{stamped_token, SimCerts, Simulator, SimulatorOptions, P12
 #[command(about = "apnsd throughput benchmark against the local RabbitMQ and the simulator")]
 struct Args {
     /// One-token jobs drained by the plain consumer, then by apnsd.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, default_value_t = 100_000)]
     jobs: u64,
     /// Rounds of the one-token case; the median is reported.
     #[arg(long, default_value_t = 3)]
@@ -62,12 +62,22 @@ struct Args {
     app_settings: Vec<String>,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     uri: String,
+    /// Run only these cases (repeatable; default: all).
+    #[arg(long, value_enum)]
+    only: Vec<Case>,
     /// The apnsd binary to run.
     #[arg(long, default_value = env!("CARGO_BIN_EXE_apnsd"))]
     apnsd: PathBuf,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Case {
+    OneToken,
+    Latency,
+    FanOut,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -122,9 +132,17 @@ struct Bench<'a> {
 
 impl Bench<'_> {
     async fn all(&self) -> anyhow::Result<()> {
-        self.one_token().await?;
-        self.latency().await?;
-        self.fan_out().await
+        let run = |case: Case| self.args.only.is_empty() || self.args.only.contains(&case);
+        if run(Case::OneToken) {
+            self.one_token().await?;
+        }
+        if run(Case::Latency) {
+            self.latency().await?;
+        }
+        if run(Case::FanOut) {
+            self.fan_out().await?;
+        }
+        Ok(())
     }
 
     /// Rounds of: fill, drain with the plain consumer; fill, drain with apnsd.

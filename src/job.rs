@@ -67,6 +67,9 @@ impl DeviceToken {
     /// Parses hex as producers send it: upper or lower case, with spaces, and
     /// wrapped in the `<...>` that iOS prints for `NSData`.
     pub fn parse(text: &str) -> Result<Self, TokenError> {
+        if let Some(token) = Self::from_plain_hex(text.as_bytes()) {
+            return Ok(token);
+        }
         let trimmed = text.trim();
         let inner = trimmed
             .strip_prefix('<')
@@ -94,6 +97,22 @@ impl DeviceToken {
         }
     }
 
+    /// The form producers almost always send, decoded without the general
+    /// path's per-character work: a fan-out job parses thousands of these.
+    fn from_plain_hex(text: &[u8]) -> Option<Self> {
+        if text.is_empty() || !text.len().is_multiple_of(2) || text.len() > 2 * Self::MAX_LEN {
+            return None;
+        }
+        let mut token = DeviceToken {
+            len: (text.len() / 2) as u8,
+            bytes: [0; Self::MAX_LEN],
+        };
+        for (byte, pair) in token.bytes.iter_mut().zip(text.chunks_exact(2)) {
+            *byte = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+        }
+        Some(token)
+    }
+
     /// The normalised form used in every result: lower-case hex digits.
     pub fn to_hex(&self) -> String {
         self.to_string()
@@ -106,12 +125,26 @@ impl DeviceToken {
     }
 }
 
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
 impl fmt::Display for DeviceToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.as_bytes() {
-            write!(f, "{b:02x}")?;
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let bytes = self.as_bytes();
+        let mut hex = [0u8; 2 * Self::MAX_LEN];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
         }
-        Ok(())
+        // Only ASCII digits were written, so this never fails.
+        f.write_str(std::str::from_utf8(&hex[..2 * bytes.len()]).map_err(|_| fmt::Error)?)
     }
 }
 

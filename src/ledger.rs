@@ -56,6 +56,14 @@ impl Ledger {
         self.settle_if_final(key)
     }
 
+    /// `n` tokens were accepted without a result to publish: a fan-out job's
+    /// tokens settle in runs. Returns the delivery tag once the job is final.
+    pub fn tokens_accepted(&mut self, key: JobKey, n: u32) -> Option<u64> {
+        let open = self.jobs.get_mut(&key)?;
+        open.tokens = open.tokens.saturating_sub(n);
+        self.settle_if_final(key)
+    }
+
     /// The broker confirmed one of the job's results.
     pub fn result_confirmed(&mut self, key: JobKey) -> Option<u64> {
         let open = self.jobs.get_mut(&key)?;
@@ -187,6 +195,15 @@ mod tests {
         assert_eq!(l.result_confirmed(JobKey(1)), Some(7));
         assert!(l.is_empty());
         assert_eq!(l.token_done(JobKey(1), 0), None, "unknown jobs are ignored");
+    }
+
+    #[test]
+    fn a_fan_out_job_counts_its_tokens_in_runs() {
+        let mut l = Ledger::default();
+        l.open(JobKey(3), 4, 10_000, 0);
+        assert_eq!(l.tokens_accepted(JobKey(3), 6_000), None);
+        assert_eq!(l.tokens_accepted(JobKey(3), 4_000), Some(4));
+        assert!(l.is_empty());
     }
 
     #[test]

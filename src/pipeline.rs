@@ -382,13 +382,19 @@ impl Pipeline {
         s: &mut Session,
         batch: Vec<Outcome>,
     ) -> Result<(), lapin::Error> {
+        let now = Instant::now();
+        let mut accepted = 0;
+        // Consecutive silent acceptances of one job (a fan-out job's tokens
+        // settle together) are counted in the ledger with one lookup.
+        let mut run: Option<(JobKey, u32)> = None;
         for o in batch {
             let n = &o.notification;
             let env = &n.envelope;
             match o.result {
                 Ok(()) => {
-                    self.stats.accepted.inc();
-                    self.stats.observe_accepted(env.consumed_at.elapsed());
+                    accepted += 1;
+                    self.stats
+                        .observe_accepted(now.saturating_duration_since(env.consumed_at));
                 }
                 Err(f) => self.stats.failed_with(f.reason.name()),
             }
@@ -424,7 +430,8 @@ impl Pipeline {
                 }),
                 _ => None,
             };
-            let counted = !n.reported && s.ledger.contains(env.key);
+            let in_run = run.is_some_and(|(key, _)| key == env.key);
+            let counted = !n.reported && (in_run || s.ledger.contains(env.key));
             match (counted, event) {
                 (true, Some(event)) => {
                     s.ledger
@@ -434,11 +441,10 @@ impl Pipeline {
                         s.publisher.publish(&event, Owner::Job(env.key)).await?;
                     }
                 }
-                (true, None) => {
-                    if let Some(tag) = s.ledger.token_done(env.key, 0) {
-                        s.final_job(&self.stats, tag);
-                    }
-                }
+                (true, None) => match &mut run {
+                    Some((_, count)) if in_run => *count += 1,
+                    _ => s.accepted_run(&self.stats, run.replace((env.key, 1))),
+                },
                 // A late failure of a notification whose job is final already.
                 (false, Some(event @ Event::Failed { .. })) if n.reported => {
                     s.publisher.publish(&event, Owner::Nobody).await?;
@@ -447,6 +453,8 @@ impl Pipeline {
                 _ => {}
             }
         }
+        s.accepted_run(&self.stats, run);
+        self.stats.accepted.add(accepted);
         Ok(())
     }
 }
@@ -470,6 +478,13 @@ impl Session {
             id,
         };
         self.publisher.publish(&event, Owner::Job(key)).await
+    }
+
+    /// `run` counts tokens of one job that ended without a result to publish.
+    fn accepted_run(&mut self, stats: &Stats, run: Option<(JobKey, u32)>) {
+        if let Some(tag) = run.and_then(|(key, n)| self.ledger.tokens_accepted(key, n)) {
+            self.final_job(stats, tag);
+        }
     }
 
     fn final_job(&mut self, stats: &Stats, tag: u64) {

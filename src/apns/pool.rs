@@ -57,7 +57,10 @@ impl Pool {
             return self.lanes[0].send(notifications).await.map_err(|_| Closed);
         }
         let n = self.lanes.len() as u64;
-        let mut split: Vec<Vec<Notification>> = vec![Vec::new(); self.lanes.len()];
+        let share = notifications.len() / self.lanes.len() + 1;
+        let mut split: Vec<Vec<Notification>> = (0..self.lanes.len())
+            .map(|_| Vec::with_capacity(share + share / 4))
+            .collect();
         for item in notifications {
             split[(item.token.route_hash() % n) as usize].push(item);
         }
