@@ -29,6 +29,10 @@ use crate::results::Event;
 /// Most deliveries taken in one go before routing them, so one-token jobs
 /// travel to the lanes in batches.
 const INTAKE_BATCH: usize = 256;
+/// Decoded notifications handed to the lanes before decoding more: a batch
+/// of fan-out jobs would otherwise be expanded whole (48 bytes per token)
+/// before the first one is written.
+const INTAKE_NOTIFICATIONS: usize = 16 * 1024;
 
 /// An app as the router sees it.
 pub struct Route {
@@ -299,6 +303,7 @@ impl Pipeline {
         batch: Vec<Delivery>,
     ) -> Result<(), AmqpError> {
         let mut routed: HashMap<Arc<str>, Vec<Notification>> = HashMap::new();
+        let mut decoded = 0;
         let consumed_at = Instant::now();
         for d in batch {
             self.stats.jobs_consumed.inc();
@@ -343,17 +348,44 @@ impl Pipeline {
                 collapse_id: job.collapse_id,
                 consumed_at,
             });
+            decoded += job.tokens.len();
             let list = routed.entry(route.name.clone()).or_default();
             list.extend(
                 job.tokens
                     .into_iter()
                     .map(|t| Notification::new(envelope.clone(), t)),
             );
+            if decoded >= INTAKE_NOTIFICATIONS {
+                self.submit(s, &mut routed).await?;
+                decoded = 0;
+            }
         }
-        for (app, notifications) in routed {
-            if let Some(route) = self.routes.get(&*app) {
-                // Lanes close only when the daemon tears down; the jobs then come back.
-                let _ = route.pool.submit(notifications).await;
+        Ok(self.submit(s, &mut routed).await?)
+    }
+
+    /// Hands what `on_deliveries` decoded to the lanes. While a lane is full,
+    /// outcomes keep being handled: the lanes free their windows into them, and
+    /// left waiting they would pile up without bound.
+    async fn submit(
+        &mut self,
+        s: &mut Session,
+        routed: &mut HashMap<Arc<str>, Vec<Notification>>,
+    ) -> Result<(), lapin::Error> {
+        for (app, notifications) in routed.drain() {
+            let Some(route) = self.routes.get(&*app) else {
+                continue;
+            };
+            let mut send = std::pin::pin!(route.pool.submit(notifications));
+            loop {
+                tokio::select! {
+                    biased;
+                    // Lanes close only when the daemon tears down; the jobs then come back.
+                    _ = &mut send => break,
+                    Some(batch) = self.outcomes.recv() => {
+                        Self::on_outcome_batch(&self.stats, &self.live, s, batch).await?;
+                        s.flush_acks().await?;
+                    }
+                }
             }
         }
         Ok(())
@@ -367,18 +399,19 @@ impl Pipeline {
     ) -> Result<(), lapin::Error> {
         let mut batch = first;
         for _ in 1..64 {
-            self.on_outcome_batch(s, batch).await?;
+            Self::on_outcome_batch(&self.stats, &self.live, s, batch).await?;
             match self.outcomes.try_recv() {
                 Ok(next) => batch = next,
                 Err(_) => return Ok(()),
             }
         }
         // The last batch taken is handled too: dropping it would lose outcomes.
-        self.on_outcome_batch(s, batch).await
+        Self::on_outcome_batch(&self.stats, &self.live, s, batch).await
     }
 
     async fn on_outcome_batch(
-        &mut self,
+        stats: &Stats,
+        live: &LiveSettings,
         s: &mut Session,
         batch: Vec<Outcome>,
     ) -> Result<(), lapin::Error> {
@@ -393,13 +426,12 @@ impl Pipeline {
             match o.result {
                 Ok(()) => {
                     accepted += 1;
-                    self.stats
-                        .observe_accepted(now.saturating_duration_since(env.consumed_at));
+                    stats.observe_accepted(now.saturating_duration_since(env.consumed_at));
                 }
-                Err(f) => self.stats.failed_with(f.reason.name()),
+                Err(f) => stats.failed_with(f.reason.name()),
             }
             let event = match o.result {
-                Ok(()) if self.live.delivered_results && !n.reported => Some(Event::Delivered {
+                Ok(()) if live.delivered_results && !n.reported => Some(Event::Delivered {
                     app: env.app.clone(),
                     id: env.id.clone(),
                     token: n.token,
@@ -443,7 +475,7 @@ impl Pipeline {
                 }
                 (true, None) => match &mut run {
                     Some((_, count)) if in_run => *count += 1,
-                    _ => s.accepted_run(&self.stats, run.replace((env.key, 1))),
+                    _ => s.accepted_run(stats, run.replace((env.key, 1))),
                 },
                 // A late failure of a notification whose job is final already.
                 (false, Some(event @ Event::Failed { .. })) if n.reported => {
@@ -453,8 +485,8 @@ impl Pipeline {
                 _ => {}
             }
         }
-        s.accepted_run(&self.stats, run);
-        self.stats.accepted.add(accepted);
+        s.accepted_run(stats, run);
+        stats.accepted.add(accepted);
         Ok(())
     }
 }
