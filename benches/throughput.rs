@@ -28,7 +28,9 @@ use lapin::options::{
     QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
+use lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties, Consumer, PublisherConfirm,
+};
 
 use apnsd::config::AmqpConfig;
 use apnsd::simulator::{stamped_token, SimCerts, Simulator, SimulatorOptions, P12_PASSWORD};
@@ -513,14 +515,12 @@ impl Broker {
         Ok(())
     }
 
-    /// RabbitMQ's own ceiling: a consumer that does nothing but ack, with one
-    /// multiple-ack for whatever arrived since the last one (the cheapest way
-    /// to ack). Returns first delivery → last ack.
-    async fn plain_consume(&self, n: u64, prefetch: u16) -> anyhow::Result<Duration> {
+    /// A consumer on the jobs queue with its own connection, as any client would.
+    async fn plain_consumer(&self, prefetch: u16) -> anyhow::Result<(Connection, Consumer)> {
         let conn = Connection::connect(&self.uri, ConnectionProperties::default()).await?;
         let ch = conn.create_channel().await?;
         ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let mut consumer = ch
+        let consumer = ch
             .basic_consume(
                 self.queue.as_str().into(),
                 "apnsd-bench-plain".into(),
@@ -528,6 +528,14 @@ impl Broker {
                 FieldTable::default(),
             )
             .await?;
+        Ok((conn, consumer))
+    }
+
+    /// RabbitMQ's own ceiling: a consumer that does nothing but ack, with one
+    /// multiple-ack for whatever arrived since the last one (the cheapest way
+    /// to ack). Returns first delivery → last ack.
+    async fn plain_consume(&self, n: u64, prefetch: u16) -> anyhow::Result<Duration> {
+        let (conn, mut consumer) = self.plain_consumer(prefetch).await?;
         let mut first = None;
         let mut received = 0;
         while received < n {
@@ -551,17 +559,7 @@ impl Broker {
     /// Consumes `n` stamped one-token jobs as they are published; returns each
     /// one's publish → delivery time in microseconds.
     async fn plain_latencies(&self, n: u64, prefetch: u16) -> anyhow::Result<Vec<u64>> {
-        let conn = Connection::connect(&self.uri, ConnectionProperties::default()).await?;
-        let ch = conn.create_channel().await?;
-        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let mut consumer = ch
-            .basic_consume(
-                self.queue.as_str().into(),
-                "apnsd-bench-latency".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let (conn, mut consumer) = self.plain_consumer(prefetch).await?;
         let mut out = Vec::with_capacity(n as usize);
         while (out.len() as u64) < n {
             let d = consumer.next().await.context("consumer cancelled")??;
