@@ -375,15 +375,21 @@ impl Daemon {
         Ok(Duration::from_millis((ticks[0] + ticks[1]) * 10))
     }
 
-    /// One counter from apnsd's `/metrics`.
+    /// One counter or gauge from apnsd's `/metrics`.
     async fn counter(&self, name: &str) -> anyhow::Result<u64> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut tcp = tokio::net::TcpStream::connect(self.metrics).await?;
         tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
         let mut text = String::new();
         tcp.read_to_string(&mut text).await?;
+        // Summed over label sets: `name 3` or `name{app="bench"} 3`.
         text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with([' ', '{']))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .reduce(|a, b| a + b)
             .with_context(|| format!("{name} not in apnsd's /metrics"))
     }
 

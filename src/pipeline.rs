@@ -30,8 +30,8 @@ use crate::results::Event;
 /// travel to the lanes in batches.
 const INTAKE_BATCH: usize = 256;
 /// Decoded notifications handed to the lanes before decoding more: a batch
-/// of fan-out jobs would otherwise be expanded whole (48 bytes per token)
-/// before the first one is written.
+/// of fan-out jobs would otherwise be expanded whole (a `Notification` per
+/// token) before the first one is written.
 const INTAKE_NOTIFICATIONS: usize = 16 * 1024;
 
 /// An app as the router sees it.
