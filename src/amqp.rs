@@ -36,6 +36,17 @@ pub struct Topology {
     pub results_exchange: String,
 }
 
+/// Header counting how often a job went through the retry queue.
+pub const ATTEMPTS_HEADER: &str = "x-apnsd-attempts";
+
+impl Topology {
+    /// `<queue>.retry`: jobs whose app is unusable wait here until their
+    /// per-message TTL runs out, then dead-letter back to the jobs queue.
+    pub fn retry_queue(&self) -> String {
+        format!("{}.retry", self.queue)
+    }
+}
+
 pub async fn connect(uri: &str, name: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(uri, props).await
@@ -55,6 +66,9 @@ pub async fn consumer_channel(
     Ok(ch)
 }
 
+/// Declares the jobs queue and its retry queue. The delay is a per-message
+/// TTL, not `x-message-ttl`, so changing `retry_delay` never makes the
+/// declaration clash with the queue that exists.
 pub async fn declare_queue(ch: &Channel, topology: &Topology) -> Result<(), lapin::Error> {
     let mut args = FieldTable::default();
     if let Some(kind) = &topology.queue_type {
@@ -63,16 +77,45 @@ pub async fn declare_queue(ch: &Channel, topology: &Topology) -> Result<(), lapi
             AMQPValue::LongString(kind.as_str().into()),
         );
     }
-    ch.queue_declare(
-        topology.queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(topology.queue.as_str().into(), durable, args.clone())
+        .await?;
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(topology.queue.as_str().into()),
+    );
+    ch.queue_declare(topology.retry_queue().as_str().into(), durable, args)
+        .await?;
     Ok(())
+}
+
+/// The `x-apnsd-attempts` header of a delivery: 0 when absent or not a number.
+pub fn attempts(props: &BasicProperties) -> u32 {
+    let value = props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(ATTEMPTS_HEADER).cloned());
+    match value {
+        Some(AMQPValue::LongUInt(n)) => n,
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(n).unwrap_or(0),
+        Some(AMQPValue::ShortUInt(n)) => n.into(),
+        Some(AMQPValue::ShortShortUInt(n)) => n.into(),
+        _ => 0,
+    }
+}
+
+fn json_props() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
 }
 
 /// Who is waiting for a result's confirm.
@@ -89,9 +132,16 @@ pub enum Owner {
 struct InFlight {
     confirm: PublisherConfirm,
     sent: Instant,
+    message: Message,
+    owner: Owner,
+}
+
+/// What is needed to publish a message again after a nack.
+struct Message {
+    exchange: ShortString,
     routing_key: ShortString,
     body: Vec<u8>,
-    owner: Owner,
+    props: BasicProperties,
 }
 
 /// Publishes results with confirms, pipelined: many in flight, resolved in order.
@@ -136,34 +186,53 @@ impl Publisher {
     }
 
     pub async fn publish(&mut self, event: &Event, owner: Owner) -> Result<(), lapin::Error> {
-        let body = event.body(SystemTime::now());
-        self.send(event.routing_key().into(), body, owner).await
+        let message = Message {
+            exchange: self.exchange.clone(),
+            routing_key: event.routing_key().into(),
+            body: event.body(SystemTime::now()),
+            props: json_props(),
+        };
+        self.send(message, owner).await
     }
 
-    async fn send(
+    /// Parks a job body in `queue` (a retry queue) for `delay`, stamped with
+    /// its attempt count.
+    pub async fn publish_retry(
         &mut self,
-        routing_key: ShortString,
+        queue: &str,
         body: Vec<u8>,
+        attempts: u32,
+        delay: Duration,
         owner: Owner,
     ) -> Result<(), lapin::Error> {
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
+        let mut headers = FieldTable::default();
+        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(attempts));
+        let message = Message {
+            exchange: "".into(),
+            routing_key: queue.into(),
+            body,
+            props: json_props()
+                .with_headers(headers)
+                .with_expiration(delay.as_millis().to_string().into()),
+        };
+        self.send(message, owner).await
+    }
+
+    async fn send(&mut self, message: Message, owner: Owner) -> Result<(), lapin::Error> {
         let confirm = self
             .channel
             .basic_publish(
-                self.exchange.clone(),
-                routing_key.clone(),
+                message.exchange.clone(),
+                message.routing_key.clone(),
                 BasicPublishOptions::default(),
-                &body,
-                props,
+                &message.body,
+                message.props.clone(),
             )
             .await?;
         self.inflight.push_back(InFlight {
             confirm,
             sent: Instant::now(),
-            routing_key,
-            body,
+            message,
             owner,
         });
         Ok(())
@@ -186,8 +255,8 @@ impl Publisher {
         };
         match confirmation {
             Confirmation::Nack(_) => {
-                tracing::warn!(routing_key = %done.routing_key, "broker refused a result: publishing it again");
-                self.send(done.routing_key, done.body, done.owner).await?;
+                tracing::warn!(routing_key = %done.message.routing_key, "broker refused a message: publishing it again");
+                self.send(done.message, done.owner).await?;
                 Ok(None)
             }
             Confirmation::Ack(_) | Confirmation::NotRequested => Ok(Some(done.owner)),

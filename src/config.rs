@@ -126,6 +126,11 @@ pub struct AmqpConfig {
     /// A result the broker has not confirmed by then ends the broker session.
     #[serde(deserialize_with = "duration")]
     pub confirm_timeout: Duration,
+    /// How long a job whose app is unusable waits in `<queue>.retry`.
+    #[serde(deserialize_with = "duration")]
+    pub retry_delay: Duration,
+    /// Tries of a job whose app stays unusable; then its tokens fail.
+    pub max_job_attempts: u32,
 }
 
 impl Default for AmqpConfig {
@@ -138,6 +143,8 @@ impl Default for AmqpConfig {
             results_exchange: "apns.results".into(),
             consumer_tag: None,
             confirm_timeout: Duration::from_secs(30),
+            retry_delay: Duration::from_secs(60),
+            max_job_attempts: 10,
         }
     }
 }
@@ -213,6 +220,10 @@ pub struct AppConfig {
     /// HTTP/2: most streams open per connection, below the server's own limit.
     #[serde(default = "defaults::max_concurrent_streams")]
     pub max_concurrent_streams: usize,
+    /// After this long without a working gateway connection, the app's jobs
+    /// go to the retry queue instead of waiting in its lanes.
+    #[serde(default = "defaults::unusable_after", deserialize_with = "duration")]
+    pub unusable_after: Duration,
 }
 
 impl AppConfig {
@@ -296,6 +307,9 @@ mod defaults {
     }
     pub fn max_concurrent_streams() -> usize {
         1000
+    }
+    pub fn unusable_after() -> Duration {
+        Duration::from_secs(60)
     }
 }
 
@@ -444,6 +458,12 @@ impl Config {
                     "must be \"classic\" or \"quorum\"".into(),
                 );
             }
+        }
+        if self.amqp.max_job_attempts == 0 {
+            bad("amqp.max_job_attempts".into(), "must be at least 1".into());
+        }
+        if self.amqp.retry_delay > Duration::from_secs(u64::from(u32::MAX) / 1000) {
+            bad("amqp.retry_delay".into(), "must be under 49 days".into());
         }
         if self.amqp.queue.is_empty() {
             bad("amqp.queue".into(), "must not be empty".into());

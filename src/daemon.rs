@@ -459,6 +459,8 @@ fn live_settings(config: &Config) -> LiveSettings {
     LiveSettings {
         delivered_results: config.results.delivered,
         shutdown_timeout: config.shutdown_timeout,
+        retry_delay: config.amqp.retry_delay,
+        max_job_attempts: config.amqp.max_job_attempts,
     }
 }
 
@@ -480,6 +482,7 @@ fn lane_settings(app: &AppConfig) -> Settings {
         write_timeout: app.write_timeout,
         reconnect_min: app.reconnect_min,
         reconnect_max: app.reconnect_max,
+        unusable_after: app.unusable_after,
     }
 }
 

@@ -297,6 +297,38 @@ impl Job {
             .map_err(|error| Rejection { error, id })
     }
 
+    /// The job as a body [`Job::decode`] reads back: how a job with its
+    /// deferred tokens travels through the retry queue.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut map = Map::new();
+        if let Some(id) = &self.id {
+            map.insert("id".into(), Value::String(id.to_string()));
+        }
+        if let Some(app) = &self.app {
+            map.insert("app".into(), Value::String(app.clone()));
+        }
+        let tokens = self.tokens.iter().map(|t| Value::String(t.to_hex()));
+        map.insert("tokens".into(), Value::Array(tokens.collect()));
+        // The payload was produced by serde_json from a JSON object.
+        let payload = serde_json::from_slice(&self.payload).unwrap_or(Value::Null);
+        map.insert("payload".into(), payload);
+        if let Some(expiry) = self.expiry {
+            map.insert("expiry".into(), expiry.into());
+        }
+        if let Some(priority) = self.priority {
+            map.insert("priority".into(), priority.code().into());
+        }
+        for (key, value) in [
+            ("push_type", &self.push_type),
+            ("collapse_id", &self.collapse_id),
+        ] {
+            if let Some(v) = value {
+                map.insert(key.into(), Value::String(v.to_string()));
+            }
+        }
+        serde_json::to_vec(&Value::Object(map)).unwrap_or_default()
+    }
+
     fn from_map(mut map: Map<String, Value>) -> Result<Job, JobError> {
         let app = match map.remove("app") {
             None | Some(Value::Null) => None,

@@ -4,6 +4,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::job::DeviceToken;
+
 /// Names one job for the life of the process (never reused, unlike delivery
 /// tags, which restart with every channel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -14,6 +16,21 @@ struct Open {
     tag: u64,
     tokens: u32,
     results: u32,
+    /// Tokens that could not be tried (their app was unusable): they travel
+    /// on in one retry job once every other token is final.
+    deferred: Vec<DeviceToken>,
+}
+
+/// Where a job stands after one of its tokens is done.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// Tokens or results are still outstanding.
+    Open,
+    /// Everything is final and confirmed: ack this delivery tag.
+    Final(u64),
+    /// Every token is done but these were deferred: publish them as a retry
+    /// job; the job is final once that publish is confirmed.
+    Retry(Vec<DeviceToken>),
 }
 
 #[derive(Debug, Default)]
@@ -31,6 +48,7 @@ impl Ledger {
                 tag,
                 tokens,
                 results,
+                deferred: Vec::new(),
             },
         );
     }
@@ -48,35 +66,61 @@ impl Ledger {
     }
 
     /// One token is final; `results` says how many results it caused to publish.
-    /// Returns the delivery tag once the whole job is final.
-    pub fn token_done(&mut self, key: JobKey, results: u32) -> Option<u64> {
-        let open = self.jobs.get_mut(&key)?;
+    pub fn token_done(&mut self, key: JobKey, results: u32) -> Progress {
+        let Some(open) = self.jobs.get_mut(&key) else {
+            return Progress::Open;
+        };
         open.tokens = open.tokens.saturating_sub(1);
         open.results += results;
-        self.settle_if_final(key)
+        self.progress(key)
     }
 
     /// `n` tokens were accepted without a result to publish: a fan-out job's
-    /// tokens settle in runs. Returns the delivery tag once the job is final.
-    pub fn tokens_accepted(&mut self, key: JobKey, n: u32) -> Option<u64> {
-        let open = self.jobs.get_mut(&key)?;
+    /// tokens settle in runs.
+    pub fn tokens_accepted(&mut self, key: JobKey, n: u32) -> Progress {
+        let Some(open) = self.jobs.get_mut(&key) else {
+            return Progress::Open;
+        };
         open.tokens = open.tokens.saturating_sub(n);
-        self.settle_if_final(key)
+        self.progress(key)
     }
 
-    /// The broker confirmed one of the job's results.
+    /// One token could not be tried now and goes to the retry job.
+    pub fn token_deferred(&mut self, key: JobKey, token: DeviceToken) -> Progress {
+        let Some(open) = self.jobs.get_mut(&key) else {
+            return Progress::Open;
+        };
+        open.tokens = open.tokens.saturating_sub(1);
+        open.deferred.push(token);
+        self.progress(key)
+    }
+
+    /// The broker confirmed one of the job's results (or its retry job).
+    /// Returns the delivery tag once the whole job is final.
     pub fn result_confirmed(&mut self, key: JobKey) -> Option<u64> {
         let open = self.jobs.get_mut(&key)?;
         open.results = open.results.saturating_sub(1);
-        self.settle_if_final(key)
+        match self.progress(key) {
+            Progress::Final(tag) => Some(tag),
+            _ => None,
+        }
     }
 
-    fn settle_if_final(&mut self, key: JobKey) -> Option<u64> {
-        let open = self.jobs.get(&key)?;
-        if open.tokens == 0 && open.results == 0 {
-            self.jobs.remove(&key).map(|o| o.tag)
+    fn progress(&mut self, key: JobKey) -> Progress {
+        let Some(open) = self.jobs.get_mut(&key) else {
+            return Progress::Open;
+        };
+        if open.tokens > 0 {
+            Progress::Open
+        } else if !open.deferred.is_empty() {
+            open.results += 1;
+            Progress::Retry(std::mem::take(&mut open.deferred))
+        } else if open.results == 0 {
+            self.jobs
+                .remove(&key)
+                .map_or(Progress::Open, |o| Progress::Final(o.tag))
         } else {
-            None
+            Progress::Open
         }
     }
 }
@@ -185,24 +229,49 @@ mod tests {
     fn a_job_is_final_after_its_tokens_and_results() {
         let mut l = Ledger::default();
         l.open(JobKey(1), 7, 3, 0);
-        assert_eq!(l.token_done(JobKey(1), 0), None);
-        assert_eq!(l.token_done(JobKey(1), 1), None);
+        assert_eq!(l.token_done(JobKey(1), 0), Progress::Open);
+        assert_eq!(l.token_done(JobKey(1), 1), Progress::Open);
         assert_eq!(
             l.token_done(JobKey(1), 0),
-            None,
+            Progress::Open,
             "a result is still unconfirmed"
         );
         assert_eq!(l.result_confirmed(JobKey(1)), Some(7));
         assert!(l.is_empty());
-        assert_eq!(l.token_done(JobKey(1), 0), None, "unknown jobs are ignored");
+        assert_eq!(
+            l.token_done(JobKey(1), 0),
+            Progress::Open,
+            "unknown jobs are ignored"
+        );
+        l.open(JobKey(2), 8, 1, 0);
+        assert_eq!(l.token_done(JobKey(2), 0), Progress::Final(8));
+    }
+
+    #[test]
+    fn deferred_tokens_leave_in_one_retry_job_once_the_rest_is_final() {
+        let t = |n: u8| DeviceToken::from_bytes([n; 32]);
+        let mut l = Ledger::default();
+        l.open(JobKey(3), 4, 3, 0);
+        assert_eq!(l.token_deferred(JobKey(3), t(1)), Progress::Open);
+        assert_eq!(l.token_deferred(JobKey(3), t(2)), Progress::Open);
+        assert_eq!(
+            l.token_done(JobKey(3), 0),
+            Progress::Retry(vec![t(1), t(2)])
+        );
+        assert!(
+            l.contains(JobKey(3)),
+            "final only once the retry job is confirmed"
+        );
+        assert_eq!(l.result_confirmed(JobKey(3)), Some(4));
+        assert!(l.is_empty());
     }
 
     #[test]
     fn a_fan_out_job_counts_its_tokens_in_runs() {
         let mut l = Ledger::default();
         l.open(JobKey(3), 4, 10_000, 0);
-        assert_eq!(l.tokens_accepted(JobKey(3), 6_000), None);
-        assert_eq!(l.tokens_accepted(JobKey(3), 4_000), Some(4));
+        assert_eq!(l.tokens_accepted(JobKey(3), 6_000), Progress::Open);
+        assert_eq!(l.tokens_accepted(JobKey(3), 4_000), Progress::Final(4));
         assert!(l.is_empty());
     }
 

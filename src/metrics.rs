@@ -85,6 +85,10 @@ pub struct Stats {
     pub jobs_consumed: Counter,
     pub jobs_rejected: Counter,
     pub jobs_acked: Counter,
+    /// Deliveries the broker marked redelivered: their earlier try may have sent some.
+    pub jobs_redelivered: Counter,
+    /// Jobs republished to the retry queue because their app was unusable.
+    pub jobs_deferred: Counter,
     /// Frames handed to a socket and flushed.
     pub written: Counter,
     pub accepted: Counter,
@@ -97,6 +101,12 @@ pub struct Stats {
     /// Resent because a connection closed without saying what it processed:
     /// these are the only possible duplicates.
     pub resent_after_close: Counter,
+    /// Accepted after the broker session of their job ended: the redelivered
+    /// job sends them again, so each is a duplicate.
+    pub accepted_after_session_loss: Counter,
+    /// Not yet written when the broker session of their job ended: dropped, as
+    /// the redelivered job sends them.
+    pub dropped_for_redelivery: Counter,
     pub results_published: Counter,
     connections_opened: Family<AppLabel, PCounter>,
     connect_failures: Family<AppLabel, PCounter>,
@@ -138,6 +148,14 @@ impl Stats {
             "jobs_acked",
             "Jobs acknowledged after every outcome was final",
         );
+        let jobs_redelivered = counter(
+            "jobs_redelivered",
+            "Jobs the broker delivered again (an earlier try may have sent some notifications)",
+        );
+        let jobs_deferred = counter(
+            "jobs_deferred",
+            "Jobs republished to the retry queue because their app was unusable",
+        );
         let written = counter(
             "notifications_written",
             "Notifications written to a gateway connection",
@@ -155,6 +173,14 @@ impl Stats {
         let resent_after_close = counter(
             "notifications_resent_after_close",
             "Notifications resent because a connection closed silently (possible duplicates)",
+        );
+        let accepted_after_session_loss = counter(
+            "notifications_accepted_after_session_loss",
+            "Notifications accepted after their broker session ended (sent again on redelivery)",
+        );
+        let dropped_for_redelivery = counter(
+            "notifications_dropped_for_redelivery",
+            "Unwritten notifications dropped because their broker session ended",
         );
         let results_published = counter("results_published", "Results confirmed by the broker");
         let feedback_tokens = counter("feedback_tokens", "Tokens reported by the feedback service");
@@ -205,6 +231,8 @@ impl Stats {
             jobs_consumed,
             jobs_rejected,
             jobs_acked,
+            jobs_redelivered,
+            jobs_deferred,
             written,
             accepted,
             failed,
@@ -212,6 +240,8 @@ impl Stats {
             retried,
             resent_after_error,
             resent_after_close,
+            accepted_after_session_loss,
+            dropped_for_redelivery,
             results_published,
             connections_opened,
             connect_failures,
@@ -277,12 +307,16 @@ impl Stats {
             jobs_consumed: self.jobs_consumed.get(),
             jobs_rejected: self.jobs_rejected.get(),
             jobs_acked: self.jobs_acked.get(),
+            jobs_redelivered: self.jobs_redelivered.get(),
+            jobs_deferred: self.jobs_deferred.get(),
             written: self.written.get(),
             accepted: self.accepted.get(),
             failed: self.failed.get(),
             retried: self.retried.get(),
             resent_after_error: self.resent_after_error.get(),
             resent_after_close: self.resent_after_close.get(),
+            accepted_after_session_loss: self.accepted_after_session_loss.get(),
+            dropped_for_redelivery: self.dropped_for_redelivery.get(),
             results_published: self.results_published.get(),
             feedback_tokens: self.feedback_tokens.get(),
         }
@@ -295,12 +329,16 @@ pub struct StatsSnapshot {
     pub jobs_consumed: u64,
     pub jobs_rejected: u64,
     pub jobs_acked: u64,
+    pub jobs_redelivered: u64,
+    pub jobs_deferred: u64,
     pub written: u64,
     pub accepted: u64,
     pub failed: u64,
     pub retried: u64,
     pub resent_after_error: u64,
     pub resent_after_close: u64,
+    pub accepted_after_session_loss: u64,
+    pub dropped_for_redelivery: u64,
     pub results_published: u64,
     pub feedback_tokens: u64,
 }

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
 use crate::apns::pool::Pool;
 use crate::apns::{Envelope, Failure, Notification, Outcome, Protocol, Reason};
-use crate::job::{Job, JobError};
-use crate::ledger::{Ack, AckPlanner, JobKey, Ledger};
+use crate::job::{DeviceToken, Job, JobError};
+use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
 use crate::metrics::Stats;
 use crate::results::Event;
 
@@ -62,6 +62,10 @@ pub struct LiveSettings {
     pub delivered_results: bool,
     /// How long a drain (shutdown, or a session restart on reload) may take.
     pub shutdown_timeout: Duration,
+    /// How long a job whose app is unusable waits in the retry queue.
+    pub retry_delay: Duration,
+    /// Tries of a job whose app stays unusable before its tokens fail.
+    pub max_job_attempts: u32,
 }
 
 /// A reload, prepared off the pipeline's task (identities loaded, lanes
@@ -113,6 +117,11 @@ struct Session {
     ledger: Ledger,
     acks: AckPlanner,
     ack_buf: Vec<Ack>,
+    /// Cancelled when the session ends, however it ends: lanes then drop the
+    /// unwritten notifications of its jobs, which the broker redelivers.
+    alive: CancellationToken,
+    /// `<queue>.retry`, where jobs of unusable apps wait.
+    retry_queue: String,
 }
 
 /// The channels a pipeline listens on.
@@ -218,7 +227,10 @@ impl Pipeline {
             // holding half the prefetch is worth acking around one by one.
             acks: AckPlanner::new(usize::from(cfg.prefetch) / 2),
             ack_buf: Vec::new(),
+            alive: CancellationToken::new(),
+            retry_queue: cfg.topology.retry_queue(),
         };
+        let _end_of_session = s.alive.clone().drop_guard();
         let mut consuming = true;
         let mut drain_deadline: Option<Instant> = None;
         let mut restart = self.next_session.is_some();
@@ -307,6 +319,9 @@ impl Pipeline {
         let consumed_at = Instant::now();
         for d in batch {
             self.stats.jobs_consumed.inc();
+            if d.redelivered {
+                self.stats.jobs_redelivered.inc();
+            }
             let tag = d.delivery_tag;
             s.acks.delivered(tag);
             self.next_key += 1;
@@ -347,6 +362,8 @@ impl Pipeline {
                 push_type: job.push_type,
                 collapse_id: job.collapse_id,
                 consumed_at,
+                session: s.alive.clone(),
+                retries: amqp::attempts(&d.properties),
             });
             decoded += job.tokens.len();
             let list = routed.entry(route.name.clone()).or_default();
@@ -419,10 +436,21 @@ impl Pipeline {
         let mut accepted = 0;
         // Consecutive silent acceptances of one job (a fan-out job's tokens
         // settle together) are counted in the ledger with one lookup.
-        let mut run: Option<(JobKey, u32)> = None;
+        let mut run: Option<(Arc<Envelope>, u32)> = None;
         for o in batch {
             let n = &o.notification;
             let env = &n.envelope;
+            let in_run = run.as_ref().is_some_and(|(e, _)| e.key == env.key);
+            let counted = !n.reported && (in_run || s.ledger.contains(env.key));
+            if let (true, Err(f)) = (counted, o.result) {
+                if matches!(f.reason, Reason::Unusable(_))
+                    && env.retries + 1 < live.max_job_attempts
+                {
+                    let progress = s.ledger.token_deferred(env.key, n.token);
+                    s.progress(stats, env, progress, live.retry_delay).await?;
+                    continue;
+                }
+            }
             match o.result {
                 Ok(()) => {
                     accepted += 1;
@@ -438,14 +466,19 @@ impl Pipeline {
                 }),
                 Ok(()) => None,
                 Err(f) => {
+                    // A daemon-side failure counts the job's tries, not the gateway's.
+                    let attempts = match f.reason {
+                        Reason::Unusable(_) => u8::try_from(env.retries + 1).unwrap_or(u8::MAX),
+                        _ => f.attempts,
+                    };
                     tracing::info!(app = %env.app, id = env.id.as_deref().unwrap_or(""), token = %n.token,
-                        reason = f.reason.name(), attempts = f.attempts, "notification failed");
+                        reason = f.reason.name(), attempts, "notification failed");
                     Some(Event::Failed {
                         app: env.app.clone(),
                         id: env.id.clone(),
                         token: n.token,
                         reason: f.reason,
-                        attempts: f.attempts,
+                        attempts,
                     })
                 }
             };
@@ -462,30 +495,36 @@ impl Pipeline {
                 }),
                 _ => None,
             };
-            let in_run = run.is_some_and(|(key, _)| key == env.key);
-            let counted = !n.reported && (in_run || s.ledger.contains(env.key));
             match (counted, event) {
                 (true, Some(event)) => {
-                    s.ledger
-                        .token_done(env.key, 1 + u32::from(unregistered.is_some()));
+                    let results = 1 + u32::from(unregistered.is_some());
+                    let progress = s.ledger.token_done(env.key, results);
                     s.publisher.publish(&event, Owner::Job(env.key)).await?;
                     if let Some(event) = unregistered {
                         s.publisher.publish(&event, Owner::Job(env.key)).await?;
                     }
+                    s.progress(stats, env, progress, live.retry_delay).await?;
                 }
                 (true, None) => match &mut run {
                     Some((_, count)) if in_run => *count += 1,
-                    _ => s.accepted_run(stats, run.replace((env.key, 1))),
+                    _ => {
+                        let previous = run.replace((n.envelope.clone(), 1));
+                        s.accepted_run(stats, live.retry_delay, previous).await?;
+                    }
                 },
                 // A late failure of a notification whose job is final already.
                 (false, Some(event @ Event::Failed { .. })) if n.reported => {
                     s.publisher.publish(&event, Owner::Nobody).await?;
                 }
-                // From a broken session: the job comes back by redelivery.
+                // From a broken session: the job comes back by redelivery and
+                // sends this one again.
+                (false, None) if o.result.is_ok() && !n.reported => {
+                    stats.accepted_after_session_loss.inc();
+                }
                 _ => {}
             }
         }
-        s.accepted_run(stats, run);
+        s.accepted_run(stats, live.retry_delay, run).await?;
         stats.accepted.add(accepted);
         Ok(())
     }
@@ -513,10 +552,64 @@ impl Session {
     }
 
     /// `run` counts tokens of one job that ended without a result to publish.
-    fn accepted_run(&mut self, stats: &Stats, run: Option<(JobKey, u32)>) {
-        if let Some(tag) = run.and_then(|(key, n)| self.ledger.tokens_accepted(key, n)) {
-            self.final_job(stats, tag);
+    async fn accepted_run(
+        &mut self,
+        stats: &Stats,
+        retry_delay: Duration,
+        run: Option<(Arc<Envelope>, u32)>,
+    ) -> Result<(), lapin::Error> {
+        let Some((env, n)) = run else {
+            return Ok(());
+        };
+        let progress = self.ledger.tokens_accepted(env.key, n);
+        self.progress(stats, &env, progress, retry_delay).await
+    }
+
+    /// Acts on where a job stands: ack it, or park its deferred tokens in the
+    /// retry queue (the job is final once that publish is confirmed).
+    async fn progress(
+        &mut self,
+        stats: &Stats,
+        env: &Envelope,
+        progress: Progress,
+        retry_delay: Duration,
+    ) -> Result<(), lapin::Error> {
+        match progress {
+            Progress::Open => Ok(()),
+            Progress::Final(tag) => {
+                self.final_job(stats, tag);
+                Ok(())
+            }
+            Progress::Retry(tokens) => self.retry(stats, env, tokens, retry_delay).await,
         }
+    }
+
+    async fn retry(
+        &mut self,
+        stats: &Stats,
+        env: &Envelope,
+        tokens: Vec<DeviceToken>,
+        delay: Duration,
+    ) -> Result<(), lapin::Error> {
+        stats.jobs_deferred.inc();
+        let attempts = env.retries + 1;
+        tracing::warn!(app = %env.app, id = env.id.as_deref().unwrap_or(""), tokens = tokens.len(), attempts,
+            retry_in = ?delay, "app unusable: job parked in the retry queue");
+        let body = Job {
+            id: env.id.clone(),
+            app: Some(env.app.to_string()),
+            tokens,
+            payload: env.payload.clone(),
+            expiry: env.expiry,
+            priority: env.priority,
+            push_type: env.push_type.clone(),
+            collapse_id: env.collapse_id.clone(),
+        }
+        .encode();
+        let owner = Owner::Job(env.key);
+        self.publisher
+            .publish_retry(&self.retry_queue, body, attempts, delay, owner)
+            .await
     }
 
     fn final_job(&mut self, stats: &Stats, tag: u64) {

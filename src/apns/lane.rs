@@ -21,7 +21,7 @@ use tokio_rustls::TlsConnector;
 
 use super::frame::{self, ErrorResponse, Status, ERROR_RESPONSE_LEN};
 use super::window::{Kind, Verdict, Window};
-use super::{Failure, Notification, Outcome, Reason};
+use super::{Failure, Notification, Outcome, Reason, Unusable};
 use crate::backoff::Backoff;
 use crate::metrics::{LaneStats, Stats};
 
@@ -56,6 +56,8 @@ pub struct Settings {
     pub write_timeout: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// After this long without a working connection, queued work is handed back.
+    pub unusable_after: Duration,
 }
 
 pub type Outcomes = mpsc::UnboundedSender<Vec<Outcome>>;
@@ -90,8 +92,9 @@ enum End {
     Drained,
     /// The gateway answered or accepted something: it works, reconnect at once.
     Healthy,
-    /// Closed, stalled or broken without progress: back off before reconnecting.
-    Broken,
+    /// Refused, closed, stalled or broken without progress: back off before
+    /// reconnecting, and after `unusable_after` of this give the work back.
+    Broken(Unusable),
 }
 
 impl Lane {
@@ -125,6 +128,8 @@ impl Lane {
         let mut backoff = Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max);
         let mut rx_open = true;
         let mut first = true;
+        // Since when every connection has ended broken.
+        let mut failing_since: Option<Instant> = None;
         loop {
             // Connect eagerly once, then only when there is work: an idle lane
             // holds no socket open against a gateway that closes idle ones.
@@ -136,35 +141,118 @@ impl Lane {
             }
             first = false;
             let target = self.target.clone();
-            let stream = match connect(&target, self.settings.connect_timeout).await {
-                Ok(stream) => stream,
+            let end = match self
+                .connect_queueing(&target, &mut queue, &mut rx_open)
+                .await
+            {
+                Ok(stream) => {
+                    tracing::debug!(app = %self.app, lane = self.index, addr = %target.addr, "connected");
+                    self.lane_stats.connections_opened.inc();
+                    self.lane_stats.connections_up.add(1);
+                    let end = self.connection(stream, &mut queue, &mut rx_open).await;
+                    self.lane_stats.connections_up.add(-1);
+                    self.lane_stats.window.set(0);
+                    end
+                }
                 Err(e) => {
                     self.lane_stats.connect_failures.inc();
-                    let delay = backoff.next_delay();
                     tracing::warn!(app = %self.app, lane = self.index, addr = %target.addr,
-                        error = %e, retry_in = ?delay, "cannot connect to the gateway");
-                    tokio::time::sleep(delay).await;
-                    continue;
+                        error = %e, "cannot connect to the gateway");
+                    End::Broken(classify(&e))
                 }
             };
-            tracing::debug!(app = %self.app, lane = self.index, addr = %target.addr, "connected");
-            self.lane_stats.connections_opened.inc();
-            self.lane_stats.connections_up.add(1);
-            let end = self.connection(stream, &mut queue, &mut rx_open).await;
-            self.lane_stats.connections_up.add(-1);
-            self.lane_stats.window.set(0);
             match end {
                 End::Drained => return,
-                End::Healthy => backoff.reset(),
-                End::Broken => {
+                End::Healthy => {
+                    backoff.reset();
+                    failing_since = None;
+                }
+                End::Broken(why) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    let unusable = (since.elapsed() >= self.settings.unusable_after).then_some(why);
                     let delay = backoff.next_delay();
                     tracing::debug!(app = %self.app, lane = self.index, retry_in = ?delay, "reconnecting after backoff");
-                    tokio::time::sleep(delay).await;
+                    self.pause(delay, unusable, &mut queue, &mut rx_open).await;
                 }
             }
             if !rx_open && queue.is_empty() {
                 return;
             }
+        }
+    }
+
+    /// Connects, queueing what arrives meanwhile (up to a window's worth), so a
+    /// slow or dead gateway does not stall the intake of every other app.
+    async fn connect_queueing(
+        &mut self,
+        target: &Target,
+        queue: &mut VecDeque<Notification>,
+        rx_open: &mut bool,
+    ) -> io::Result<TlsStream<TcpStream>> {
+        let attempt = connect(target, self.settings.connect_timeout);
+        tokio::pin!(attempt);
+        loop {
+            let room = *rx_open && queue.len() < self.settings.window;
+            tokio::select! {
+                result = &mut attempt => return result,
+                batch = self.rx.recv(), if room => match batch {
+                    Some(batch) => queue.extend(batch),
+                    None => *rx_open = false,
+                },
+            }
+        }
+    }
+
+    /// Waits out a reconnect delay. While the app is `unusable`, everything
+    /// queued or arriving goes back to the pipeline at once (for the retry
+    /// queue); otherwise it waits here, up to a window's worth.
+    async fn pause(
+        &mut self,
+        delay: Duration,
+        unusable: Option<Unusable>,
+        queue: &mut VecDeque<Notification>,
+        rx_open: &mut bool,
+    ) {
+        if let Some(why) = unusable {
+            self.hand_back(queue.drain(..), why);
+        }
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            let room = *rx_open && queue.len() < self.settings.window;
+            tokio::select! {
+                _ = &mut sleep => return,
+                batch = self.rx.recv(), if room => match (batch, unusable) {
+                    (Some(batch), Some(why)) => self.hand_back(batch.into_iter(), why),
+                    (Some(batch), None) => queue.extend(batch),
+                    (None, _) => *rx_open = false,
+                },
+            }
+        }
+    }
+
+    /// Gives notifications up as unsendable: the pipeline retries their jobs later.
+    fn hand_back(&mut self, notifications: impl Iterator<Item = Notification>, why: Unusable) {
+        let unix_now = unix_now();
+        let outcomes: Vec<Outcome> = notifications
+            .filter(|n| !n.envelope.session.is_cancelled())
+            .map(|n| {
+                let reason = if is_expired(&n, unix_now) {
+                    Reason::Expired
+                } else {
+                    Reason::Unusable(why)
+                };
+                let attempts = n.attempts;
+                Outcome {
+                    notification: n,
+                    result: Err(Failure { reason, attempts }),
+                }
+            })
+            .collect();
+        if !outcomes.is_empty() {
+            tracing::warn!(app = %self.app, lane = self.index, count = outcomes.len(), reason = Reason::Unusable(why).name(),
+                "app unusable: handing notifications back for a later retry");
+            let _ = self.outcomes.send(outcomes);
         }
     }
 
@@ -256,7 +344,7 @@ impl Lane {
                     self.shrink_window(window.len());
                     window.on_close(&mut verdicts);
                     self.apply(&mut verdicts, queue);
-                    break End::Broken;
+                    break End::Broken(Unusable::GatewayUnreachable);
                 }
                 batch = self.rx.recv(), if can_take => match batch {
                     Some(batch) => queue.extend(batch),
@@ -281,6 +369,7 @@ impl Lane {
         let now = Instant::now();
         let unix_now = unix_now();
         let mut count = 0;
+        let mut stale = 0;
         let mut expired = Vec::new();
         while out.len() < BATCH_BYTES && window.len() < self.cwnd && *next_id < u32::MAX - 1024 {
             if queue.is_empty() && *rx_open {
@@ -292,10 +381,11 @@ impl Lane {
             }
             let Some(n) = queue.pop_front() else { break };
             let env = &n.envelope;
-            if env
-                .expiry
-                .is_some_and(|e| e != 0 && u64::from(e) < unix_now)
-            {
+            if env.session.is_cancelled() {
+                stale += 1;
+                continue;
+            }
+            if is_expired(&n, unix_now) {
                 let attempts = n.attempts;
                 expired.push(Outcome {
                     notification: n,
@@ -322,6 +412,7 @@ impl Lane {
         if !expired.is_empty() {
             let _ = self.outcomes.send(expired);
         }
+        self.stats.dropped_for_redelivery.add(stale);
         count
     }
 
@@ -348,6 +439,10 @@ impl Lane {
                 End::Healthy
             }
             silent => {
+                let broken = match &silent {
+                    Answer::Failed(e) => classify(e),
+                    _ => Unusable::GatewayUnreachable,
+                };
                 if !window.is_empty() {
                     let why = match silent {
                         Answer::Failed(e) => e.to_string(),
@@ -362,7 +457,7 @@ impl Lane {
                 if accepted_any {
                     End::Healthy
                 } else {
-                    End::Broken
+                    End::Broken(broken)
                 }
             }
         };
@@ -480,6 +575,24 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+fn is_expired(n: &Notification, unix_now: u64) -> bool {
+    n.envelope
+        .expiry
+        .is_some_and(|e| e != 0 && u64::from(e) < unix_now)
+}
+
+/// A failure the TLS layer reports (an alert from the gateway, or its
+/// certificate refused by us) is about credentials; anything else is the network.
+fn classify(e: &io::Error) -> Unusable {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(_) => Unusable::CertificateRejected,
+        None => Unusable::GatewayUnreachable,
     }
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 use crate::job::{DeviceToken, Priority};
 use crate::ledger::JobKey;
@@ -65,6 +66,12 @@ pub struct Envelope {
     pub collapse_id: Option<Box<str>>,
     /// When the job was consumed, for the consume-to-accepted latency.
     pub consumed_at: Instant,
+    /// Cancelled when the broker session that consumed the job ends: the job
+    /// is then redelivered, so a lane drops what it has not written yet
+    /// instead of sending it a second time.
+    pub session: CancellationToken,
+    /// Times the job already went through the retry queue (`x-apnsd-attempts`).
+    pub retries: u32,
 }
 
 /// One device's copy of a job, as it travels through a lane.
@@ -105,6 +112,18 @@ pub enum Reason {
     Timeout,
     /// HTTP/2: the connection broke before the answer, on every attempt.
     ConnectionLost,
+    /// Its app could not be used for `unusable_after`, on every try of the job.
+    Unusable(Unusable),
+}
+
+/// Why an app's gateway cannot be used at all; the job waits in the retry
+/// queue rather than holding a lane that cannot send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unusable {
+    /// Connections are refused, time out, or close before anything is accepted.
+    GatewayUnreachable,
+    /// The TLS handshake fails: the certificate is expired, revoked or not trusted.
+    CertificateRejected,
 }
 
 impl Reason {
@@ -117,6 +136,8 @@ impl Reason {
             Reason::Expired => "expired",
             Reason::Timeout => "timeout",
             Reason::ConnectionLost => "connection_lost",
+            Reason::Unusable(Unusable::GatewayUnreachable) => "gateway_unreachable",
+            Reason::Unusable(Unusable::CertificateRejected) => "certificate_rejected",
         }
     }
 
@@ -126,7 +147,9 @@ impl Reason {
             Reason::Apns(s) => Some(u16::from(s.code())),
             Reason::Http2 { status, .. } => Some(status),
             Reason::Unregistered { .. } => Some(410),
-            Reason::Expired | Reason::Timeout | Reason::ConnectionLost => None,
+            Reason::Expired | Reason::Timeout | Reason::ConnectionLost | Reason::Unusable(_) => {
+                None
+            }
         }
     }
 }

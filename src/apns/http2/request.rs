@@ -324,6 +324,8 @@ mod tests {
             push_type: push_type.map(Into::into),
             collapse_id: Some("score".into()),
             consumed_at: Instant::now(),
+            session: Default::default(),
+            retries: 0,
         });
         Notification::new(envelope, DeviceToken::from_slice(&[0xab; 40]).unwrap())
     }
