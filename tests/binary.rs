@@ -3,74 +3,30 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::process::*;
 use common::*;
 
-fn read_record(path: &Path) -> HashMap<String, usize> {
-    let mut counts = HashMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        *counts.entry(line.trim().to_owned()).or_insert(0) += 1;
-    }
-    counts
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_jobs_with_bad_tokens_and_unusable_jobs() {
     let mut broker = Broker::new("binary").await;
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    let record = dir.path().join("accepted.txt");
-    let (gateway, feedback) = (free_port(), free_port());
-    let sim = Command::new(APNSD)
-        .args(["simulate", "--gateway", &format!("127.0.0.1:{gateway}")])
-        .args(["--feedback", &format!("127.0.0.1:{feedback}")])
-        .arg("--dir")
-        .arg(&certs)
-        .args(["--refuse", "ff=8", "--record"])
-        .arg(&record)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _sim = Guard(sim);
-    wait_for_file(&certs.join("ca.pem")).await;
-    wait_for_file(&certs.join("client.p12")).await;
-
+    let sim = SimProcess::start(dir.path(), &["--refuse", "ff=8"]).await;
+    let record = sim.record.clone();
     let config = dir.path().join("apnsd.toml");
     std::fs::write(
         &config,
         format!(
-            r#"shutdown_timeout = "20s"
-{amqp}
-[[apps]]
-name = "example"
-environment = "simulator"
-certificate = "{certs}/client.p12"
-password = "simulator"
-ca = "{certs}/ca.pem"
-gateway = "127.0.0.1:{gateway}"
-feedback = "127.0.0.1:{feedback}"
-connections = 2
-settle = "200ms"
-"#,
-            amqp = broker.amqp_toml(2000),
-            certs = certs.display(),
+            "shutdown_timeout = \"20s\"\n{}{}",
+            broker.amqp_toml(2000),
+            sim.app_toml("connections = 2\nsettle = \"200ms\"")
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("apnsd.log")).unwrap();
-    let mut daemon = Guard(
-        Command::new(APNSD)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let mut daemon = spawn_daemon(&config, &dir.path().join("apnsd.log"));
 
     // 5,000 jobs: every 19th-ish token is refused by the gateway (256 in all),
     // and 7 jobs are unusable.

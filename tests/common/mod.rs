@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod relay;
 pub mod rig;
 
 use std::collections::HashMap;
@@ -224,9 +225,18 @@ impl Broker {
     /// Messages ready in the jobs queue (unacked ones are not counted while a
     /// consumer holds them; after the daemon stops they are back here).
     pub async fn queue_depth(&self) -> u32 {
+        self.depth(&self.queue).await
+    }
+
+    /// Messages waiting in the jobs queue's retry queue.
+    pub async fn retry_depth(&self) -> u32 {
+        self.depth(&format!("{}.retry", self.queue)).await
+    }
+
+    async fn depth(&self, queue: &str) -> u32 {
         self.ch
             .queue_declare(
-                self.queue.as_str().into(),
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
@@ -238,13 +248,14 @@ impl Broker {
             .message_count()
     }
 
-    /// Waits until the jobs queue has no ready message and no consumer holds one
-    /// unacked, as the daemon's stats report.
+    /// Deletes this test's queues (jobs and retry) and exchange.
     pub async fn cleanup(self) {
-        let _ = self
-            .ch
-            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
+        for queue in [self.queue.clone(), format!("{}.retry", self.queue)] {
+            let _ = self
+                .ch
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
         let _ = self
             .ch
             .exchange_delete(

@@ -1,8 +1,9 @@
 //! Running the `apnsd` binary as a test's child process.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub const APNSD: &str = env!("CARGO_BIN_EXE_apnsd");
@@ -97,4 +98,99 @@ pub fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// How often each token appears in a simulator's `--record` file.
+pub fn read_record(path: &Path) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        *counts.entry(line.trim().to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// `apnsd simulate` in its own process, recording what it accepts.
+pub struct SimProcess {
+    pub gateway: u16,
+    pub feedback: u16,
+    pub certs: PathBuf,
+    pub record: PathBuf,
+    _process: Guard,
+}
+
+impl SimProcess {
+    /// Starts the simulator with `faults` (its command-line switches) and
+    /// waits until its certificates are written.
+    pub async fn start(dir: &Path, faults: &[&str]) -> SimProcess {
+        let certs = dir.join("certs");
+        let record = dir.join("accepted.txt");
+        let (gateway, feedback) = (free_port(), free_port());
+        let process = Command::new(APNSD)
+            .args(["simulate", "--gateway", &format!("127.0.0.1:{gateway}")])
+            .args(["--feedback", &format!("127.0.0.1:{feedback}")])
+            .arg("--dir")
+            .arg(&certs)
+            .args(faults)
+            .arg("--record")
+            .arg(&record)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sim = SimProcess {
+            gateway,
+            feedback,
+            certs,
+            record,
+            _process: Guard(process),
+        };
+        wait_for_file(&sim.certs.join("ca.pem")).await;
+        wait_for_file(&sim.certs.join("client.p12")).await;
+        sim
+    }
+
+    /// An `[[apps]]` entry named `example` that talks to this simulator.
+    pub fn app_toml(&self, extra: &str) -> String {
+        format!(
+            r#"
+[[apps]]
+name = "example"
+environment = "simulator"
+certificate = "{certs}/client.p12"
+password = "simulator"
+ca = "{certs}/ca.pem"
+gateway = "127.0.0.1:{gateway}"
+feedback = "127.0.0.1:{feedback}"
+{extra}
+"#,
+            certs = self.certs.display(),
+            gateway = self.gateway,
+            feedback = self.feedback,
+        )
+    }
+}
+
+/// One counter from a daemon's `/metrics`, or 0 while it does not answer.
+pub async fn scrape(addr: &str, name: &str) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return 0;
+    };
+    let request = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    if s.write_all(request.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Peak resident memory of a process in KiB (`VmHWM`), if it still runs.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -1,0 +1,433 @@
+//! Faults a production daemon meets — broker connections cut, gateways that
+//! refuse, stall, crawl or reject the certificate, a daemon killed mid-stream —
+//! against the real RabbitMQ and the simulator. Each ends with nothing lost:
+//! every token accepted or reported, the queues empty, duplicates counted.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use apnsd::config::Config;
+use apnsd::daemon::Daemon;
+use apnsd::job::DeviceToken;
+use apnsd::metrics::StatsSnapshot;
+use apnsd::simulator::{write_identity, ClientSpec, Faults, SimCerts, Simulator, SimulatorOptions};
+use common::relay::Relay;
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Rig {
+    broker: Broker,
+    sim: Simulator,
+    daemon: Daemon,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+struct Setup {
+    /// Broker URI the daemon uses (a relay), when not the broker itself.
+    uri: Option<String>,
+    prefetch: u32,
+    /// More `[amqp]` keys.
+    amqp: &'static str,
+    /// More keys for the `example` app.
+    app: &'static str,
+    /// More `[[apps]]`; `{dir}` is the certificates folder.
+    apps: String,
+    faults: Faults,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            uri: None,
+            prefetch: 1000,
+            amqp: "",
+            app: "",
+            apps: String::new(),
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// An `[[apps]]` entry presenting `client` (a `.p12` in `dir`) to `gateway`;
+/// `extra` lines (`key = value`) add to or override the test defaults.
+fn app_toml(name: &str, dir: &Path, client: &str, gateway: &str, extra: &str) -> String {
+    let mut keys = vec![
+        ("connections", "2".to_owned()),
+        ("settle", "\"100ms\"".to_owned()),
+        ("feedback_interval", "\"1h\"".to_owned()),
+        ("reconnect_min", "\"10ms\"".to_owned()),
+        ("reconnect_max", "\"200ms\"".to_owned()),
+    ];
+    for (key, value) in extra.lines().filter_map(|l| l.split_once('=')) {
+        let (key, value) = (key.trim(), value.trim().to_owned());
+        match keys.iter_mut().find(|(k, _)| *k == key) {
+            Some(entry) => entry.1 = value,
+            None => keys.push((key, value)),
+        }
+    }
+    let keys: String = keys.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+    format!(
+        r#"
+[[apps]]
+name = "{name}"
+environment = "simulator"
+certificate = "{dir}/{client}.p12"
+password = "simulator"
+ca = "{dir}/ca.pem"
+gateway = "{gateway}"
+feedback = "{gateway}"
+{keys}"#,
+        dir = dir.display(),
+    )
+}
+
+async fn rig(test: &str, setup: Setup) -> Rig {
+    apnsd::apns::tls::install_crypto_provider();
+    let broker = Broker::new(test).await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = SimCerts::generate("com.example.app").unwrap();
+    certs.write_to(dir.path()).unwrap();
+    // `expired.p12`: signed by the right CA, expired in 2020; the gateway refuses it.
+    let mut spec = ClientSpec::new("com.example.app");
+    spec.expired = true;
+    let expired = certs.mint_client(&spec).unwrap();
+    write_identity(&expired, dir.path(), "expired").unwrap();
+    let mut options = SimulatorOptions::new(certs);
+    options.faults = setup.faults;
+    let sim = Simulator::start(options).await.unwrap();
+    let mut amqp = broker.amqp_toml(setup.prefetch);
+    if let Some(uri) = &setup.uri {
+        amqp = amqp.replace(AMQP_URI, uri);
+    }
+    let gateway = sim.gateway_addr().to_string();
+    let toml = format!(
+        "shutdown_timeout = \"10s\"\n{amqp}{}\n{}{}",
+        setup.amqp,
+        app_toml("example", dir.path(), "client", &gateway, setup.app),
+        setup
+            .apps
+            .replace("{dir}", &dir.path().display().to_string())
+            .replace("{gateway}", &gateway),
+    );
+    let path = dir.path().join("apnsd.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = Config::load(&path).unwrap();
+    let shutdown = CancellationToken::new();
+    let daemon = Daemon::start(config, shutdown.clone()).await.unwrap();
+    Rig {
+        broker,
+        sim,
+        daemon,
+        shutdown,
+        _dir: dir,
+    }
+}
+
+impl Rig {
+    /// Drains the daemon, checks that no job is left in either queue, cleans up.
+    async fn finish(self) -> StatsSnapshot {
+        self.shutdown.cancel();
+        let stats = self.daemon.stats.clone();
+        tokio::time::timeout(WAIT, self.daemon.wait())
+            .await
+            .expect("daemon drains");
+        assert_eq!(self.broker.queue_depth().await, 0, "jobs left unacked");
+        assert_eq!(self.broker.retry_depth().await, 0, "jobs left to retry");
+        self.sim.shutdown().await;
+        self.broker.cleanup().await;
+        stats.snapshot()
+    }
+
+    /// Publishes one-token jobs for `tokens`.
+    async fn publish(&self, tokens: &[String]) {
+        self.broker
+            .publish_all(
+                tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| job(&format!("j{i}"), t)),
+            )
+            .await;
+    }
+
+    fn accepted_counts(&self) -> HashMap<DeviceToken, usize> {
+        let mut counts = HashMap::new();
+        for a in self.sim.accepted() {
+            *counts.entry(a.token).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Waits until every token was accepted at least once; returns the duplicates.
+    async fn all_accepted(&self, tokens: &[String]) -> usize {
+        let wanted: Vec<DeviceToken> = tokens.iter().map(|t| tok(t)).collect();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let counts = self.accepted_counts();
+            if wanted.iter().all(|t| counts.contains_key(t)) {
+                return wanted.iter().map(|t| counts[t] - 1).sum();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {} tokens accepted: {:?}",
+                wanted.iter().filter(|t| counts.contains_key(t)).count(),
+                wanted.len(),
+                self.daemon.stats.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A counter summed over its labels (apps, lanes), from the Prometheus text.
+fn total(stats: &apnsd::metrics::Stats, name: &str) -> u64 {
+    stats
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+fn tok(hex: &str) -> DeviceToken {
+    DeviceToken::parse(hex).unwrap()
+}
+
+fn tokens(first: u8, n: u32) -> Vec<String> {
+    (0..n).map(|i| token(first, i)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connections_cut_mid_stream_lose_nothing() {
+    let relay = Relay::start("127.0.0.1:5672").await;
+    let rig = rig(
+        "brokercut",
+        Setup {
+            uri: Some(relay.uri()),
+            prefetch: 300,
+            ..Default::default()
+        },
+    )
+    .await;
+    let tokens = tokens(0x21, 3000);
+    rig.publish(&tokens).await;
+    for round in 1..=2u64 {
+        let stats = rig.daemon.stats.clone();
+        eventually(WAIT, "progress before the cut", || {
+            stats.jobs_acked.get() >= round * 800
+        })
+        .await;
+        relay.cut();
+    }
+    let duplicates = rig.all_accepted(&tokens).await;
+    let stats = rig.finish().await;
+    // Every duplicate comes from a job the broker redelivered (its earlier
+    // try may have sent it) or a silent gateway close; both are counted.
+    assert!(stats.jobs_redelivered > 0, "{stats:?}");
+    assert!(
+        duplicates as u64 <= stats.jobs_redelivered + stats.resent_after_close,
+        "{duplicates} duplicates: {stats:?}"
+    );
+    assert!(duplicates <= 2 * 300, "at most a prefetch per cut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_apps_retry_through_the_retry_queue_then_fail_without_blocking_others() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let unusable = r#"unusable_after = "100ms""#;
+    let apps = format!(
+        "{}{}",
+        app_toml("dead", Path::new("{dir}"), "client", &dead_addr, unusable),
+        app_toml(
+            "expired",
+            Path::new("{dir}"),
+            "expired",
+            "{gateway}",
+            unusable
+        ),
+    );
+    let mut rig = rig(
+        "unusable",
+        Setup {
+            amqp: "retry_delay = \"200ms\"\nmax_job_attempts = 3\n",
+            apps,
+            ..Default::default()
+        },
+    )
+    .await;
+    let good = tokens(0x22, 300);
+    let mut bodies = Vec::new();
+    for (i, t) in good.iter().enumerate() {
+        bodies.push(job(&format!("g{i}"), t));
+        if i % 60 == 0 {
+            for app in ["dead", "expired"] {
+                bodies.push(
+                    serde_json::to_vec(&serde_json::json!({
+                        "id": format!("{app}{i}"), "app": app,
+                        "tokens": [token(0x23, i as u32), token(0x24, i as u32)],
+                        "payload": {"aps": {"alert": "x"}},
+                    }))
+                    .unwrap(),
+                );
+            }
+        }
+    }
+    rig.broker.publish_all(bodies).await;
+    let duplicates = rig.all_accepted(&good).await;
+    assert_eq!(duplicates, 0);
+    let results = rig.broker.results(20, WAIT).await;
+    let grouped = by_key(&results);
+    for (key, app) in [
+        ("failed.gateway_unreachable", "dead"),
+        ("failed.certificate_rejected", "expired"),
+    ] {
+        let failed = grouped.get(key).cloned().unwrap_or_default();
+        assert_eq!(failed.len(), 10, "{key}: {grouped:?}");
+        for f in failed {
+            assert_eq!(f["app"], app);
+            assert_eq!(f["attempts"], 3, "{f}");
+            assert!(f["status"].is_null(), "{f}");
+        }
+    }
+    let stats = rig.finish().await;
+    assert_eq!(
+        stats.jobs_deferred, 20,
+        "two retries of each of the 10 jobs"
+    );
+}
+
+/// Fan-out jobs of `per_job` tokens each with a payload near the 2 KiB limit:
+/// enough bytes to fill socket buffers when the gateway stops reading.
+fn big_fan_out(first: u8, jobs: u32, per_job: u32) -> (Vec<Vec<u8>>, Vec<String>) {
+    let alert = "x".repeat(1900);
+    let mut all = Vec::new();
+    let bodies = (0..jobs)
+        .map(|j| {
+            let tokens: Vec<String> = (0..per_job)
+                .map(|i| token(first, j * per_job + i))
+                .collect();
+            all.extend(tokens.iter().cloned());
+            serde_json::to_vec(&serde_json::json!({
+                "id": format!("fan{j}"), "tokens": tokens, "payload": {"aps": {"alert": alert}},
+            }))
+            .unwrap()
+        })
+        .collect();
+    (bodies, all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_stops_reading_is_dropped_and_nothing_is_lost() {
+    let rig = rig(
+        "stall",
+        Setup {
+            app: "settle = \"1500ms\"\nwrite_timeout = \"200ms\"\nconnections = 1",
+            // The gateway stops reading for seconds at a time: writes stall
+            // once the socket buffers are full.
+            faults: Faults {
+                read_delay: Some(Duration::from_secs(3)),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let (bodies, tokens) = big_fan_out(0x25, 4, 2000);
+    rig.broker.publish_all(bodies).await;
+    let stats = rig.daemon.stats.clone();
+    eventually(WAIT, "the stall detected", || {
+        total(&stats, "apnsd_connection_stalls_total") >= 1
+    })
+    .await;
+    rig.sim.set_faults(Faults::default());
+    let duplicates = rig.all_accepted(&tokens).await;
+    let connections = rig.sim.connections();
+    let stats = rig.finish().await;
+    assert!(
+        duplicates as u64 <= stats.resent_after_close,
+        "{duplicates} duplicates: {stats:?}"
+    );
+    assert!(
+        connections <= 10,
+        "{connections} connections: no tight reconnect loop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_gateway_holds_the_backlog_in_the_broker_not_in_memory() {
+    let prefetch = 200;
+    let rig = rig(
+        "slow",
+        Setup {
+            prefetch,
+            app: "settle = \"50ms\"",
+            faults: Faults {
+                read_delay: Some(Duration::from_millis(300)),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let tokens = tokens(0x26, 20_000);
+    rig.publish(&tokens).await;
+    let stats = rig.daemon.stats.clone();
+    eventually(WAIT, "the daemon holding a full prefetch", || {
+        stats.jobs_consumed.get() >= u64::from(prefetch)
+    })
+    .await;
+    for _ in 0..10 {
+        let held = stats.jobs_consumed.get() - stats.jobs_acked.get();
+        assert!(held <= u64::from(prefetch), "{held} jobs held");
+        let queued = rig.broker.queue_depth().await;
+        let outside = u64::from(queued) + stats.jobs_acked.get() + u64::from(prefetch);
+        assert!(outside >= 20_000, "the backlog stays in the broker");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    rig.sim.set_faults(Faults::default());
+    assert_eq!(rig.all_accepted(&tokens).await, 0);
+    let stats = rig.finish().await;
+    assert_eq!(stats.jobs_acked, 20_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_back_off_until_the_gateway_comes_up() {
+    let late = format!("127.0.0.1:{}", common::process::free_port());
+    let rig = rig(
+        "refused",
+        Setup {
+            apps: app_toml("late", Path::new("{dir}"), "client", &late, ""),
+            ..Default::default()
+        },
+    )
+    .await;
+    let tokens = tokens(0x27, 200);
+    rig.broker
+        .publish_all(tokens.iter().enumerate().map(|(i, t)| {
+            serde_json::to_vec(&serde_json::json!({
+                "id": format!("l{i}"), "app": "late", "token": t, "payload": {"aps": {}},
+            }))
+            .unwrap()
+        }))
+        .await;
+    let stats = rig.daemon.stats.clone();
+    eventually(WAIT, "refused connections", || {
+        total(&stats, "apnsd_connect_failures_total") >= 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = total(&stats, "apnsd_connect_failures_total");
+    // Two lanes, backing off from 10 ms to 200 ms: a tight loop would make thousands.
+    assert!(refused < 40, "{refused} connection attempts");
+    let _gateway_up = Relay::start_at(&late, &rig.sim.gateway_addr().to_string()).await;
+    assert_eq!(rig.all_accepted(&tokens).await, 0);
+    rig.finish().await;
+}
