@@ -472,6 +472,20 @@ mod tests {
     const HEX: &str = "1b14a89b65361301e7ded0f8de35ec1f322c37698b9fe712252a2cba42207d90";
 
     #[test]
+    fn a_job_survives_the_retry_queue_byte_for_byte() {
+        let body = format!(
+            r#"{{"id":"r1","app":"a","token":"{HEX}","payload":{{"aps":{{}},"f":4.3660053974682745e-57}},"expiry":7,"priority":5}}"#
+        );
+        let job = Job::decode(body.as_bytes(), None).unwrap();
+        assert_eq!(
+            job.payload.as_ref(),
+            br#"{"aps":{},"f":4.3660053974682745e-57}"#,
+            "floats keep every digit"
+        );
+        assert_eq!(Job::decode(&job.encode(), None).unwrap(), job);
+    }
+
+    #[test]
     fn token_normalisation_accepts_ios_forms() {
         let want = DeviceToken::parse(HEX).unwrap();
         assert_eq!(want.to_hex(), HEX);

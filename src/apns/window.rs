@@ -384,98 +384,173 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// Which identifier an error response names, relative to the window.
+    #[derive(Debug, Clone)]
+    enum Named {
+        /// 0: APNs could not tell which.
+        Zero,
+        /// One of the identifiers written on this connection, picked by index.
+        Written(u16),
+        /// Past the last one written.
+        Beyond,
+    }
+
     #[derive(Debug, Clone)]
     enum Step {
         Write(u8),
         Flush,
         Tick(u16),
-        Error(u8, u32),
+        Error(u8, Named),
         Close,
     }
 
     fn step() -> impl Strategy<Value = Step> {
+        let status = prop_oneof![
+            prop::sample::select(vec![0u8, 1, 2, 3, 4, 5, 6, 7, 8, 10, 128, 255]),
+            any::<u8>(),
+        ];
+        let named = prop_oneof![
+            Just(Named::Zero),
+            any::<u16>().prop_map(Named::Written),
+            Just(Named::Beyond),
+        ];
         prop_oneof![
-            (1u8..20).prop_map(Step::Write),
-            Just(Step::Flush),
-            (0u16..1500).prop_map(Step::Tick),
-            (any::<u8>(), 0u32..60).prop_map(|(s, i)| Step::Error(s, i)),
-            Just(Step::Close),
+            4 => (1u8..20).prop_map(Step::Write),
+            3 => Just(Step::Flush),
+            3 => (0u16..1500).prop_map(Step::Tick),
+            2 => (status, named).prop_map(|(s, n)| Step::Error(s, n)),
+            1 => Just(Step::Close),
         ]
     }
 
-    proptest! {
-        /// Whatever happens on the connections, every notification ends in exactly
-        /// one final outcome (accepted or failed), counting a late failure as the
-        /// final word on a notification that had settled; nothing is left behind.
-        #[test]
-        fn every_notification_ends_in_exactly_one_outcome(steps in proptest::collection::vec(step(), 1..60)) {
-            let t0 = Instant::now();
-            let mut now = t0;
-            let mut w: Window<u32> = Window::new(SETTLE, RETAIN, 50);
-            let mut next_item = 0u32;
-            let mut next_id = 1u32;
-            let mut queue: VecDeque<u32> = VecDeque::new();
-            // item -> (times accepted non-late, final failure count)
-            let mut accepted = std::collections::HashMap::<u32, u32>::new();
-            let mut failed = std::collections::HashMap::<u32, u32>::new();
-            // Items resent after settling: the lane marks them reported, so a
-            // second acceptance is not counted again.
-            let mut reported = std::collections::HashSet::<u32>::new();
-            let mut out = Vec::new();
-            let mut apply = |out: &mut Vec<Verdict<u32>>, queue: &mut VecDeque<u32>,
-                             accepted: &mut std::collections::HashMap<u32, u32>,
-                             failed: &mut std::collections::HashMap<u32, u32>| {
-                let mut resend = Vec::new();
-                for v in out.drain(..) {
-                    match v.kind {
-                        Kind::Accepted => {
-                            prop_assert!(!v.late);
-                            if !reported.contains(&v.item) {
-                                *accepted.entry(v.item).or_default() += 1;
-                            }
-                        }
-                        Kind::Failed(_) | Kind::Retry(_) => { *failed.entry(v.item).or_default() += 1; }
-                        Kind::Resend | Kind::Ambiguous => {
-                            if v.late { reported.insert(v.item); }
-                            resend.push(v.item)
+    /// A notification as the lane tracks it (see `Lane::apply`).
+    #[derive(Debug, Clone, Copy)]
+    struct Item {
+        n: u32,
+        attempts: u8,
+        reported: bool,
+    }
+
+    const MAX_ATTEMPTS: u8 = 3;
+
+    /// What happened to each notification, as the pipeline would count it.
+    #[derive(Default)]
+    struct Ledger {
+        /// Outcomes counted against the job (not `reported`): must end at exactly one.
+        counted: std::collections::HashMap<u32, u32>,
+        /// Whether that counted outcome was an acceptance.
+        accepted: std::collections::HashSet<u32>,
+        /// Failures after an acceptance was counted (published on their own).
+        late_failures: std::collections::HashMap<u32, u32>,
+    }
+
+    impl Ledger {
+        /// Mirrors `Lane::apply`: outcomes are counted, resends queued in order.
+        fn apply(&mut self, out: &mut Vec<Verdict<Item>>, queue: &mut VecDeque<Item>) {
+            let mut resend = Vec::new();
+            for v in out.drain(..) {
+                let mut item = v.item;
+                item.reported |= v.late;
+                let outcome = match v.kind {
+                    Kind::Accepted => Some(true),
+                    Kind::Failed(_) => Some(false),
+                    Kind::Retry(_) => {
+                        item.attempts += 1;
+                        (item.attempts >= MAX_ATTEMPTS).then_some(false)
+                    }
+                    Kind::Resend | Kind::Ambiguous => None,
+                };
+                match (outcome, item.reported) {
+                    (None, _) => resend.push(item),
+                    (Some(ok), false) => {
+                        *self.counted.entry(item.n).or_default() += 1;
+                        if ok {
+                            self.accepted.insert(item.n);
                         }
                     }
+                    (Some(true), true) => {}
+                    (Some(false), true) => *self.late_failures.entry(item.n).or_default() += 1,
                 }
-                for item in resend.into_iter().rev() { queue.push_front(item); }
-                Ok(())
-            };
+            }
+            for item in resend.into_iter().rev() {
+                queue.push_front(item);
+            }
+        }
+    }
+
+    proptest! {
+        /// For any sequence of writes, flushes, clock ticks, error responses
+        /// (every status; identifiers 0, written, or beyond the window) and
+        /// silent closes, followed by a healthy connection: every notification
+        /// gets exactly one outcome counted against its job, and a failure
+        /// after an acceptance (a late error on a retained entry) at most once.
+        #[test]
+        fn every_notification_ends_in_exactly_one_outcome(steps in proptest::collection::vec(step(), 1..80)) {
+            let mut now = Instant::now();
+            let new_window = || Window::<Item>::new(SETTLE, RETAIN, 50);
+            let mut w = new_window();
+            let mut written: Vec<u32> = Vec::new();
+            let mut next_item = 0u32;
+            let mut queue: VecDeque<Item> = VecDeque::new();
+            let mut ledger = Ledger::default();
+            let mut out = Vec::new();
             for s in steps {
                 match s {
                     Step::Write(n) => {
                         for _ in 0..n {
-                            let item = queue.pop_front().unwrap_or_else(|| { next_item += 1; next_item });
-                            w.push(next_id, item, now);
-                            next_id += 1;
+                            let item = queue.pop_front().unwrap_or_else(|| {
+                                next_item += 1;
+                                Item { n: next_item, attempts: 0, reported: false }
+                            });
+                            let id = written.len() as u32 + 1;
+                            w.push(id, item, now);
+                            written.push(id);
                         }
                     }
                     Step::Flush => w.flushed(now),
-                    Step::Tick(ms) => { now += Duration::from_millis(ms as u64); w.tick(now, &mut out); }
-                    Step::Error(code, id) => { w.on_error(err(Status::from_code(code), id), &mut out); next_id = 1; }
-                    Step::Close => { w.on_close(&mut out); next_id = 1; }
+                    Step::Tick(ms) => {
+                        now += Duration::from_millis(u64::from(ms));
+                        w.tick(now, &mut out);
+                    }
+                    Step::Error(code, named) => {
+                        let identifier = match named {
+                            Named::Zero => 0,
+                            Named::Written(i) if !written.is_empty() => written[usize::from(i) % written.len()],
+                            Named::Written(_) | Named::Beyond => written.len() as u32 + 1,
+                        };
+                        w.on_error(err(Status::from_code(code), identifier), &mut out);
+                        prop_assert!(w.is_empty(), "the connection is dead");
+                        w = new_window();
+                        written.clear();
+                    }
+                    Step::Close => {
+                        w.on_close(&mut out);
+                        prop_assert!(w.is_empty());
+                        w = new_window();
+                        written.clear();
+                    }
                 }
-                apply(&mut out, &mut queue, &mut accepted, &mut failed)?;
+                ledger.apply(&mut out, &mut queue);
             }
-            // Finish: a healthy connection writes the queue and lets it all settle.
-            while let Some(item) = queue.pop_front() {
-                w.push(next_id, item, now);
-                next_id += 1;
+            // A healthy connection takes the rest until everything settled.
+            while !queue.is_empty() || !w.is_empty() {
+                while let Some(item) = queue.pop_front() {
+                    let id = written.len() as u32 + 1;
+                    w.push(id, item, now);
+                    written.push(id);
+                }
+                w.flushed(now);
+                now += SETTLE;
+                w.tick(now, &mut out);
+                ledger.apply(&mut out, &mut queue);
             }
-            w.flushed(now);
-            now += SETTLE;
-            w.tick(now, &mut out);
-            apply(&mut out, &mut queue, &mut accepted, &mut failed)?;
-            prop_assert!(w.is_empty() && queue.is_empty());
             for item in 1..=next_item {
-                let a = accepted.get(&item).copied().unwrap_or(0);
-                let f = failed.get(&item).copied().unwrap_or(0);
-                prop_assert!(a <= 1, "item {} accepted {} times", item, a);
-                prop_assert!(a + f >= 1, "item {} has no outcome", item);
-                prop_assert!(f <= 1, "item {} failed {} times", item, f);
+                let counted = ledger.counted.get(&item).copied().unwrap_or(0);
+                prop_assert_eq!(counted, 1, "item {} has {} counted outcomes", item, counted);
+                let late = ledger.late_failures.get(&item).copied().unwrap_or(0);
+                prop_assert!(late <= 1, "item {} failed late {} times", item, late);
+                prop_assert!(late == 0 || ledger.accepted.contains(&item),
+                    "a late failure follows an acceptance");
             }
         }
     }
