@@ -211,9 +211,11 @@ async fn crash_run(test: &str, crash: Crash) -> Report {
     let sim = SimProcess::start(dir.path(), &switches).await;
     let first = daemon_config(dir.path(), "first", &broker, &sim, crash.prefetch);
     let second = daemon_config(dir.path(), "second", &broker, &sim, crash.prefetch);
-    let log = dir.path().join("apnsd.log");
-    let mut a = spawn_daemon(&first.path, &log);
-    let mut b = crash.parallel.then(|| spawn_daemon(&second.path, &log));
+    let second_log = dir.path().join("second.log");
+    let mut a = spawn_daemon(&first.path, &dir.path().join("first.log"));
+    let mut b = crash
+        .parallel
+        .then(|| spawn_daemon(&second.path, &second_log));
     let (bodies, good, bad) = jobs(crash.jobs);
     let mut chunks = bodies.into_iter().peekable();
     while chunks.peek().is_some() {
@@ -234,7 +236,9 @@ async fn crash_run(test: &str, crash: Crash) -> Report {
     peak = peak.max(peak_rss_kib(a.0.id()).unwrap_or(0));
     signal(&a.0, "-KILL");
     wait_exit(&mut a.0, Duration::from_secs(10));
-    let mut b = b.take().unwrap_or_else(|| spawn_daemon(&second.path, &log));
+    let mut b = b
+        .take()
+        .unwrap_or_else(|| spawn_daemon(&second.path, &second_log));
     if crash.broker_restart {
         wait_recorded(&sim.record, good.len() * 2 / 3, within).await;
         for step in ["stop_app", "start_app"] {
