@@ -431,3 +431,74 @@ async fn refused_connections_back_off_until_the_gateway_comes_up() {
     assert_eq!(rig.all_accepted(&tokens).await, 0);
     rig.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_queue_dead_letters_back_to_the_jobs_queue_classic_and_quorum() {
+    use apnsd::amqp::{self, Owner, Publisher, Topology};
+    use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+
+    let conn = amqp::connect(AMQP_URI, "apnsd-test").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for kind in [None, Some("quorum")] {
+        let suffix: u64 = rand::random();
+        let topology = Topology {
+            queue: format!("apnsd-test.retry.{suffix:x}.jobs"),
+            queue_type: kind.map(str::to_owned),
+            results_exchange: format!("apnsd-test.retry.{suffix:x}.results"),
+        };
+        // Declaring again, as every session does, must not clash.
+        for _ in 0..2 {
+            amqp::declare_queue(&ch, &topology).await.unwrap();
+        }
+        let mut publisher = Publisher::open(&conn, &topology.results_exchange, WAIT)
+            .await
+            .unwrap();
+        let body = br#"{"token":"00","payload":{"aps":{}}}"#.to_vec();
+        let delay = Duration::from_millis(200);
+        publisher
+            .publish_retry(
+                &topology.retry_queue(),
+                body.clone(),
+                2,
+                delay,
+                Owner::Nobody,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(
+            publisher.confirmed().await,
+            Ok(Some(Owner::Nobody))
+        ));
+        let deadline = std::time::Instant::now() + WAIT;
+        let back = loop {
+            let got = ch
+                .basic_get(
+                    topology.queue.as_str().into(),
+                    BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap();
+            if let Some(message) = got {
+                break message.delivery;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind:?}: not dead-lettered back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(back.data, body, "{kind:?}");
+        assert_eq!(amqp::attempts(&back.properties), 2, "{kind:?}");
+        for q in [topology.retry_queue(), topology.queue.clone()] {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .unwrap();
+        }
+        ch.exchange_delete(
+            topology.results_exchange.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+}
