@@ -103,7 +103,7 @@ async fn rig(test: &str, setup: Setup) -> Rig {
     let sim = Simulator::start(options).await.unwrap();
     let mut amqp = broker.amqp_toml(setup.prefetch);
     if let Some(uri) = &setup.uri {
-        amqp = amqp.replace(AMQP_URI, uri);
+        amqp = amqp.replace(&amqp_uri(), uri);
     }
     let gateway = sim.gateway_addr().to_string();
     let toml = format!(

@@ -101,7 +101,7 @@ async fn wait_recorded(record: &Path, at_least: usize, within: Duration) {
 
 /// A fresh connection: the test's own may not survive a broker restart.
 async fn connect() -> Connection {
-    Connection::connect(AMQP_URI, ConnectionProperties::default())
+    Connection::connect(&amqp_uri(), ConnectionProperties::default())
         .await
         .unwrap()
 }
@@ -241,9 +241,11 @@ async fn crash_run(test: &str, crash: Crash) -> Report {
         .unwrap_or_else(|| spawn_daemon(&second.path, &second_log));
     if crash.broker_restart {
         wait_recorded(&sim.record, good.len() * 2 / 3, within).await;
+        let node =
+            std::env::var("SOAK_RABBITMQ_NODE").unwrap_or_else(|_| "rabbit@localhost".into());
         for step in ["stop_app", "start_app"] {
             let status = std::process::Command::new("rabbitmqctl")
-                .args(["-q", step])
+                .args(["-q", "-n", &node, step])
                 .status()
                 .unwrap();
             assert!(status.success(), "rabbitmqctl {step}");

@@ -22,6 +22,13 @@ use serde_json::Value;
 
 pub const AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// The broker the tests use: `TEST_AMQP_URI`, or the local one. The soak
+/// points it at a broker of its own, as it restarts the broker. (Not
+/// `APNSD_*`: the daemons the tests spawn would read it as configuration.)
+pub fn amqp_uri() -> String {
+    std::env::var("TEST_AMQP_URI").unwrap_or_else(|_| AMQP_URI.to_owned())
+}
+
 /// A valid token whose first byte is `first` and whose rest encodes `n`.
 pub fn token(first: u8, n: u32) -> String {
     let mut bytes = [0u8; 32];
@@ -61,7 +68,7 @@ impl Broker {
         let queue = format!("apnsd-test.{test}.{suffix:x}.jobs");
         let exchange = format!("apnsd-test.{test}.{suffix:x}.results");
         let results_queue = format!("apnsd-test.{test}.{suffix:x}.collected");
-        let conn = Connection::connect(AMQP_URI, ConnectionProperties::default())
+        let conn = Connection::connect(&amqp_uri(), ConnectionProperties::default())
             .await
             .expect("RabbitMQ must run on 127.0.0.1:5672 (see README)");
         let ch = conn.create_channel().await.unwrap();
@@ -131,8 +138,10 @@ impl Broker {
     /// Config lines for `[amqp]` pointing the daemon at this test's names.
     pub fn amqp_toml(&self, prefetch: u32) -> String {
         format!(
-            "[amqp]\nuri = \"{AMQP_URI}\"\nqueue = \"{}\"\nprefetch = {prefetch}\nresults_exchange = \"{}\"\n",
-            self.queue, self.exchange
+            "[amqp]\nuri = \"{}\"\nqueue = \"{}\"\nprefetch = {prefetch}\nresults_exchange = \"{}\"\n",
+            amqp_uri(),
+            self.queue,
+            self.exchange
         )
     }
 
