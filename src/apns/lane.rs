@@ -234,8 +234,11 @@ impl Lane {
     /// Gives notifications up as unsendable: the pipeline retries their jobs later.
     fn hand_back(&mut self, notifications: impl Iterator<Item = Notification>, why: Unusable) {
         let unix_now = unix_now();
-        let outcomes: Vec<Outcome> = notifications
-            .filter(|n| !n.envelope.session.is_cancelled())
+        let (stale, live): (Vec<_>, Vec<_>) =
+            notifications.partition(|n| n.envelope.session.is_cancelled());
+        self.stats.dropped_for_redelivery.add(stale.len() as u64);
+        let outcomes: Vec<Outcome> = live
+            .into_iter()
             .map(|n| {
                 let reason = if is_expired(&n, unix_now) {
                     Reason::Expired
