@@ -502,3 +502,50 @@ async fn the_retry_queue_dead_letters_back_to_the_jobs_queue_classic_and_quorum(
         .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_jobs_are_not_sent_even_after_waiting_in_the_retry_queue() {
+    let dead = format!("127.0.0.1:{}", common::process::free_port());
+    let mut rig = rig(
+        "expired",
+        Setup {
+            amqp: "retry_delay = \"200ms\"\nmax_job_attempts = 1000\n",
+            apps: app_toml(
+                "dead",
+                Path::new("{dir}"),
+                "client",
+                &dead,
+                "unusable_after = \"100ms\"",
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let body = |id: &str, app: &str, expiry: u64| {
+        serde_json::to_vec(&serde_json::json!({
+            "id": id, "app": app, "token": token(0x28, 1), "expiry": expiry,
+            "payload": {"aps": {}},
+        }))
+        .unwrap()
+    };
+    rig.broker
+        .publish_all([body("past", "example", 1000), body("soon", "dead", now + 2)])
+        .await;
+    let results = rig.broker.results(2, WAIT).await;
+    for r in &results {
+        assert_eq!(r.routing_key, "failed.expired", "{r:?}");
+        assert!(r.body["status"].is_null());
+    }
+    assert_eq!(results[0].body["id"], "past");
+    assert_eq!(results[1].body["id"], "soon");
+    assert!(
+        rig.sim.accepted().is_empty(),
+        "an expired job is never sent"
+    );
+    let stats = rig.finish().await;
+    assert!(stats.jobs_deferred >= 1, "it waited in the retry queue: {stats:?}");
+}
