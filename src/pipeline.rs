@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
 use crate::apns::pool::Pool;
-use crate::apns::{Envelope, Failure, Notification, Outcome, Protocol, Reason};
+use crate::apns::{Envelope, Failure, Notification, Outcome, Protocol, Reason, SessionEnded};
 use crate::job::{DeviceToken, Job, JobError};
 use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
 use crate::metrics::Stats;
@@ -117,9 +117,9 @@ struct Session {
     ledger: Ledger,
     acks: AckPlanner,
     ack_buf: Vec<Ack>,
-    /// Cancelled when the session ends, however it ends: lanes then drop the
-    /// unwritten notifications of its jobs, which the broker redelivers.
-    alive: CancellationToken,
+    /// Set when the session ends, however it ends (see `Drop`): lanes then
+    /// drop the unwritten notifications of its jobs, which the broker redelivers.
+    ended: SessionEnded,
     /// `<queue>.retry`, where jobs of unusable apps wait.
     retry_queue: String,
 }
@@ -227,10 +227,9 @@ impl Pipeline {
             // holding half the prefetch is worth acking around one by one.
             acks: AckPlanner::new(usize::from(cfg.prefetch) / 2),
             ack_buf: Vec::new(),
-            alive: CancellationToken::new(),
+            ended: SessionEnded::default(),
             retry_queue: cfg.topology.retry_queue(),
         };
-        let _end_of_session = s.alive.clone().drop_guard();
         let mut consuming = true;
         let mut drain_deadline: Option<Instant> = None;
         let mut restart = self.next_session.is_some();
@@ -362,7 +361,7 @@ impl Pipeline {
                 push_type: job.push_type,
                 collapse_id: job.collapse_id,
                 consumed_at,
-                session: s.alive.clone(),
+                session: s.ended.clone(),
                 retries: amqp::attempts(&d.properties),
             });
             decoded += job.tokens.len();
@@ -527,6 +526,12 @@ impl Pipeline {
         s.accepted_run(stats, live.retry_delay, run).await?;
         stats.accepted.add(accepted);
         Ok(())
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.ended.set();
     }
 }
 

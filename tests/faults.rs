@@ -547,5 +547,8 @@ async fn expired_jobs_are_not_sent_even_after_waiting_in_the_retry_queue() {
         "an expired job is never sent"
     );
     let stats = rig.finish().await;
-    assert!(stats.jobs_deferred >= 1, "it waited in the retry queue: {stats:?}");
+    assert!(
+        stats.jobs_deferred >= 1,
+        "it waited in the retry queue: {stats:?}"
+    );
 }

@@ -234,8 +234,7 @@ impl Lane {
     /// Gives notifications up as unsendable: the pipeline retries their jobs later.
     fn hand_back(&mut self, notifications: impl Iterator<Item = Notification>, why: Unusable) {
         let unix_now = unix_now();
-        let (stale, live): (Vec<_>, Vec<_>) =
-            notifications.partition(|n| n.envelope.session.is_cancelled());
+        let (stale, live): (Vec<_>, Vec<_>) = notifications.partition(|n| n.envelope.session.get());
         self.stats.dropped_for_redelivery.add(stale.len() as u64);
         let outcomes: Vec<Outcome> = live
             .into_iter()
@@ -384,7 +383,7 @@ impl Lane {
             }
             let Some(n) = queue.pop_front() else { break };
             let env = &n.envelope;
-            if env.session.is_cancelled() {
+            if env.session.get() {
                 stale += 1;
                 continue;
             }

@@ -9,11 +9,11 @@ pub mod pool;
 pub mod tls;
 pub mod window;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio_util::sync::CancellationToken;
 
 use crate::job::{DeviceToken, Priority};
 use crate::ledger::JobKey;
@@ -66,12 +66,27 @@ pub struct Envelope {
     pub collapse_id: Option<Box<str>>,
     /// When the job was consumed, for the consume-to-accepted latency.
     pub consumed_at: Instant,
-    /// Cancelled when the broker session that consumed the job ends: the job
-    /// is then redelivered, so a lane drops what it has not written yet
-    /// instead of sending it a second time.
-    pub session: CancellationToken,
+    /// Set when the broker session that consumed the job ends: the job is
+    /// then redelivered, so a lane drops what it has not written yet instead
+    /// of sending it a second time.
+    pub session: SessionEnded,
     /// Times the job already went through the retry queue (`x-apnsd-attempts`).
     pub retries: u32,
+}
+
+/// Shared by the jobs of one broker session, set once it has ended. A plain
+/// atomic flag: lanes read it for every notification they write.
+#[derive(Debug, Clone, Default)]
+pub struct SessionEnded(Arc<AtomicBool>);
+
+impl SessionEnded {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// One device's copy of a job, as it travels through a lane.
