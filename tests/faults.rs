@@ -363,14 +363,14 @@ async fn a_gateway_that_stops_reading_is_dropped_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_gateway_holds_the_backlog_in_the_broker_not_in_memory() {
-    let prefetch = 200;
+    let prefetch = 1000;
     let rig = rig(
         "slow",
         Setup {
             prefetch,
             app: "settle = \"50ms\"",
             faults: Faults {
-                read_delay: Some(Duration::from_millis(300)),
+                read_delay: Some(Duration::from_secs(1)),
                 ..Default::default()
             },
             ..Default::default()
