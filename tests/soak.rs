@@ -271,6 +271,21 @@ async fn crash_run(test: &str, crash: Crash) -> Report {
         last = now;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Every token arrived, but jobs redelivered after the kill or the broker
+    // restart may still wait: stop only once the queue is empty and the
+    // daemon holds nothing unacked.
+    loop {
+        let consumed = scrape(&second.metrics, "apnsd_jobs_consumed_total").await;
+        let acked = scrape(&second.metrics, "apnsd_jobs_acked_total").await;
+        if depth(&broker.queue).await == 0 && consumed == acked {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{consumed} consumed, {acked} acked"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let redelivered = scrape(&second.metrics, "apnsd_jobs_redelivered_total").await;
     let resent_after_close = scrape(
         &second.metrics,
