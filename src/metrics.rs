@@ -89,6 +89,8 @@ pub struct Stats {
     pub jobs_redelivered: Counter,
     /// Jobs republished to the retry queue because their app was unusable.
     pub jobs_deferred: Counter,
+    /// Jobs of the current broker session not yet final (0 between sessions).
+    pub jobs_in_flight: Gauge,
     /// Frames handed to a socket and flushed.
     pub written: Counter,
     pub accepted: Counter,
@@ -201,6 +203,12 @@ impl Stats {
             "connection_stalls",
             "Connections dropped because writes made no progress, by app",
         );
+        let jobs_in_flight = Gauge::default();
+        registry.register(
+            "jobs_in_flight",
+            "Jobs consumed by the current broker session and not yet final",
+            jobs_in_flight.0.clone(),
+        );
         let connections_up = Family::<AppLabel, PGauge>::default();
         registry.register(
             "connections_up",
@@ -233,6 +241,7 @@ impl Stats {
             jobs_acked,
             jobs_redelivered,
             jobs_deferred,
+            jobs_in_flight,
             written,
             accepted,
             failed,

@@ -298,8 +298,10 @@ impl Pipeline {
             if let Err(e) = s.flush_acks().await {
                 break Err(e.into());
             }
+            self.stats.jobs_in_flight.set(s.ledger.len() as i64);
         };
         self.stats.set_ready(false);
+        self.stats.jobs_in_flight.set(0);
         if result.is_ok() {
             let _ = s.flush_acks().await;
             let _ = consume_conn.close(200, "bye".into()).await;
