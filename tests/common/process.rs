@@ -125,9 +125,11 @@ impl SimProcess {
         let certs = dir.join("certs");
         let record = dir.join("accepted.txt");
         let (gateway, feedback) = (free_port(), free_port());
+        // Every service on a port of its own, so simulators can run side by side.
         let process = Command::new(APNSD)
             .args(["simulate", "--gateway", &format!("127.0.0.1:{gateway}")])
             .args(["--feedback", &format!("127.0.0.1:{feedback}")])
+            .args(["--http2", &format!("127.0.0.1:{}", free_port())])
             .arg("--dir")
             .arg(&certs)
             .args(faults)
