@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,18 +14,9 @@ use apnsd::job::DeviceToken;
 use apnsd::metrics::StatsSnapshot;
 use apnsd::simulator::{write_identity, ClientSpec, Faults, SimCerts, Simulator, SimulatorOptions};
 use common::relay::Relay;
+use common::rig::{tok, Rig, WAIT};
 use common::*;
 use tokio_util::sync::CancellationToken;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-struct Rig {
-    broker: Broker,
-    sim: Simulator,
-    daemon: Daemon,
-    shutdown: CancellationToken,
-    _dir: tempfile::TempDir,
-}
 
 struct Setup {
     /// Broker URI the daemon uses (a relay), when not the broker itself.
@@ -125,63 +115,41 @@ async fn rig(test: &str, setup: Setup) -> Rig {
         sim,
         daemon,
         shutdown,
-        _dir: dir,
+        dir,
     }
 }
 
-impl Rig {
-    /// Drains the daemon, checks that no job is left in either queue, cleans up.
-    async fn finish(self) -> StatsSnapshot {
-        self.shutdown.cancel();
-        let stats = self.daemon.stats.clone();
-        tokio::time::timeout(WAIT, self.daemon.wait())
-            .await
-            .expect("daemon drains");
-        assert_eq!(self.broker.queue_depth().await, 0, "jobs left unacked");
-        assert_eq!(self.broker.retry_depth().await, 0, "jobs left to retry");
-        self.sim.shutdown().await;
-        self.broker.cleanup().await;
-        stats.snapshot()
-    }
+/// Drains the daemon and checks that no job is left in either queue.
+async fn finish(rig: Rig) -> StatsSnapshot {
+    assert_eq!(rig.broker.retry_depth().await, 0, "jobs left to retry");
+    rig.finish().await
+}
 
-    /// Publishes one-token jobs for `tokens`.
-    async fn publish(&self, tokens: &[String]) {
-        self.broker
-            .publish_all(
-                tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| job(&format!("j{i}"), t)),
-            )
-            .await;
-    }
+/// Publishes one-token jobs for `tokens`.
+async fn publish(rig: &Rig, tokens: &[String]) {
+    let jobs = tokens.iter().enumerate();
+    rig.broker
+        .publish_all(jobs.map(|(i, t)| job(&format!("j{i}"), t)))
+        .await;
+}
 
-    fn accepted_counts(&self) -> HashMap<DeviceToken, usize> {
-        let mut counts = HashMap::new();
-        for a in self.sim.accepted() {
-            *counts.entry(a.token).or_insert(0) += 1;
+/// Waits until every token was accepted at least once; returns the duplicates.
+async fn all_accepted(rig: &Rig, tokens: &[String]) -> usize {
+    let wanted: Vec<DeviceToken> = tokens.iter().map(|t| tok(t)).collect();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let counts = rig.accepted_counts();
+        if wanted.iter().all(|t| counts.contains_key(t)) {
+            return wanted.iter().map(|t| counts[t] - 1).sum();
         }
-        counts
-    }
-
-    /// Waits until every token was accepted at least once; returns the duplicates.
-    async fn all_accepted(&self, tokens: &[String]) -> usize {
-        let wanted: Vec<DeviceToken> = tokens.iter().map(|t| tok(t)).collect();
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let counts = self.accepted_counts();
-            if wanted.iter().all(|t| counts.contains_key(t)) {
-                return wanted.iter().map(|t| counts[t] - 1).sum();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} of {} tokens accepted: {:?}",
-                wanted.iter().filter(|t| counts.contains_key(t)).count(),
-                wanted.len(),
-                self.daemon.stats.snapshot()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} tokens accepted: {:?}",
+            wanted.iter().filter(|t| counts.contains_key(t)).count(),
+            wanted.len(),
+            rig.daemon.stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -193,10 +161,6 @@ fn total(stats: &apnsd::metrics::Stats, name: &str) -> u64 {
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
         .sum()
-}
-
-fn tok(hex: &str) -> DeviceToken {
-    DeviceToken::parse(hex).unwrap()
 }
 
 fn tokens(first: u8, n: u32) -> Vec<String> {
@@ -216,7 +180,7 @@ async fn broker_connections_cut_mid_stream_lose_nothing() {
     )
     .await;
     let tokens = tokens(0x21, 3000);
-    rig.publish(&tokens).await;
+    publish(&rig, &tokens).await;
     for round in 1..=2u64 {
         let stats = rig.daemon.stats.clone();
         eventually(WAIT, "progress before the cut", || {
@@ -225,8 +189,8 @@ async fn broker_connections_cut_mid_stream_lose_nothing() {
         .await;
         relay.cut();
     }
-    let duplicates = rig.all_accepted(&tokens).await;
-    let stats = rig.finish().await;
+    let duplicates = all_accepted(&rig, &tokens).await;
+    let stats = finish(rig).await;
     // Every duplicate comes from a job the broker redelivered (its earlier
     // try may have sent it) or a silent gateway close; both are counted.
     assert!(stats.jobs_redelivered > 0, "{stats:?}");
@@ -281,7 +245,7 @@ async fn unusable_apps_retry_through_the_retry_queue_then_fail_without_blocking_
         }
     }
     rig.broker.publish_all(bodies).await;
-    let duplicates = rig.all_accepted(&good).await;
+    let duplicates = all_accepted(&rig, &good).await;
     assert_eq!(duplicates, 0);
     let results = rig.broker.results(20, WAIT).await;
     let grouped = by_key(&results);
@@ -297,7 +261,7 @@ async fn unusable_apps_retry_through_the_retry_queue_then_fail_without_blocking_
             assert!(f["status"].is_null(), "{f}");
         }
     }
-    let stats = rig.finish().await;
+    let stats = finish(rig).await;
     assert_eq!(
         stats.jobs_deferred, 20,
         "two retries of each of the 10 jobs"
@@ -348,9 +312,9 @@ async fn a_gateway_that_stops_reading_is_dropped_and_nothing_is_lost() {
     })
     .await;
     rig.sim.set_faults(Faults::default());
-    let duplicates = rig.all_accepted(&tokens).await;
+    let duplicates = all_accepted(&rig, &tokens).await;
     let connections = rig.sim.connections();
-    let stats = rig.finish().await;
+    let stats = finish(rig).await;
     assert!(
         duplicates as u64 <= stats.resent_after_close,
         "{duplicates} duplicates: {stats:?}"
@@ -378,7 +342,7 @@ async fn a_slow_gateway_holds_the_backlog_in_the_broker_not_in_memory() {
     )
     .await;
     let tokens = tokens(0x26, 20_000);
-    rig.publish(&tokens).await;
+    publish(&rig, &tokens).await;
     let stats = rig.daemon.stats.clone();
     eventually(WAIT, "the daemon holding a full prefetch", || {
         stats.jobs_consumed.get() >= u64::from(prefetch)
@@ -393,8 +357,8 @@ async fn a_slow_gateway_holds_the_backlog_in_the_broker_not_in_memory() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     rig.sim.set_faults(Faults::default());
-    assert_eq!(rig.all_accepted(&tokens).await, 0);
-    let stats = rig.finish().await;
+    assert_eq!(all_accepted(&rig, &tokens).await, 0);
+    let stats = finish(rig).await;
     assert_eq!(stats.jobs_acked, 20_000);
 }
 
@@ -428,8 +392,8 @@ async fn refused_connections_back_off_until_the_gateway_comes_up() {
     // Two lanes, backing off from 10 ms to 200 ms: a tight loop would make thousands.
     assert!(refused < 40, "{refused} connection attempts");
     let _gateway_up = Relay::start_at(&late, &rig.sim.gateway_addr().to_string()).await;
-    assert_eq!(rig.all_accepted(&tokens).await, 0);
-    rig.finish().await;
+    assert_eq!(all_accepted(&rig, &tokens).await, 0);
+    finish(rig).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,7 +510,7 @@ async fn expired_jobs_are_not_sent_even_after_waiting_in_the_retry_queue() {
         rig.sim.accepted().is_empty(),
         "an expired job is never sent"
     );
-    let stats = rig.finish().await;
+    let stats = finish(rig).await;
     assert!(
         stats.jobs_deferred >= 1,
         "it waited in the retry queue: {stats:?}"
