@@ -80,6 +80,15 @@ enum Case {
     OneToken,
     Latency,
     FanOut,
+    /// One-token jobs again, with the app on the HTTP/2 transport.
+    Http2,
+}
+
+/// The transport the benchmarked app uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Binary,
+    Http2,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,7 +145,7 @@ impl Bench<'_> {
     async fn all(&self) -> anyhow::Result<()> {
         let run = |case: Case| self.args.only.is_empty() || self.args.only.contains(&case);
         if run(Case::OneToken) {
-            self.one_token().await?;
+            self.one_token(Transport::Binary).await?;
         }
         if run(Case::Latency) {
             self.latency().await?;
@@ -144,14 +153,24 @@ impl Bench<'_> {
         if run(Case::FanOut) {
             self.fan_out().await?;
         }
+        if run(Case::Http2) {
+            self.one_token(Transport::Http2).await?;
+        }
         Ok(())
     }
 
     /// Rounds of: fill, drain with the plain consumer; fill, drain with apnsd.
     /// The machine is shared, so the median round is the figure.
-    async fn one_token(&self) -> anyhow::Result<()> {
+    async fn one_token(&self, transport: Transport) -> anyhow::Result<()> {
         let n = self.args.jobs;
-        println!("\none-token jobs, N = {n}, {} rounds", self.args.rounds);
+        let (case, over) = match transport {
+            Transport::Binary => ("one-token", "binary protocol"),
+            Transport::Http2 => ("http2", "HTTP/2"),
+        };
+        println!(
+            "\none-token jobs over {over}, N = {n}, {} rounds",
+            self.args.rounds
+        );
         let mut ratios = Vec::new();
         let mut peak = 0;
         for round in 1..=self.args.rounds {
@@ -163,7 +182,7 @@ impl Bench<'_> {
                     .await?
                     .as_secs_f64();
             self.broker.publish(one_token_jobs(n, n)).await?;
-            let mut daemon = self.start_daemon("one-token")?;
+            let mut daemon = self.start_daemon(case, transport)?;
             let rate = n as f64 / self.frames(n, &mut daemon).await?.as_secs_f64();
             let cpu = daemon.cpu()?;
             daemon.wait_acked(n).await?;
@@ -208,7 +227,7 @@ impl Bench<'_> {
             q(0.99),
             q(1.0)
         );
-        let mut daemon = self.start_daemon("latency")?;
+        let mut daemon = self.start_daemon("latency", Transport::Binary)?;
         daemon.wait_ready().await?;
         self.sim.meter().reset();
         let before = self.sim.accepted_count();
@@ -229,7 +248,7 @@ impl Bench<'_> {
         let (jobs, tokens) = (self.args.fanout_jobs, self.args.fanout_tokens);
         println!("\nfan-out, {jobs} jobs × {tokens} tokens");
         self.broker.publish(fan_out_jobs(jobs, tokens)).await?;
-        let mut daemon = self.start_daemon("fan-out")?;
+        let mut daemon = self.start_daemon("fan-out", Transport::Binary)?;
         let span = self.frames(jobs * tokens, &mut daemon).await?;
         println!(
             "  apnsd: {} notifications/s ({span:.2?}, {}) (target ≥ 1,000,000)",
@@ -242,7 +261,7 @@ impl Bench<'_> {
         Ok(())
     }
 
-    fn start_daemon(&self, case: &str) -> anyhow::Result<Daemon> {
+    fn start_daemon(&self, case: &str, transport: Transport) -> anyhow::Result<Daemon> {
         let config = self.dir.join(format!("{case}.toml"));
         let certs = self.dir.display();
         let gateway = self.sim.gateway_addr();
@@ -265,9 +284,15 @@ environment = "simulator"
 certificate = "{certs}/client.p12"
 password = "{P12_PASSWORD}"
 ca = "{certs}/ca.pem"
-gateway = "{gateway}"
-feedback = "{feedback}"
+{transport}
 "#,
+            transport = match transport {
+                Transport::Binary => format!("gateway = \"{gateway}\"\nfeedback = \"{feedback}\""),
+                Transport::Http2 => format!(
+                    "protocol = \"http2\"\nendpoint = \"{}\"",
+                    self.sim.http2_addr()
+                ),
+            },
             uri = self.args.uri,
             queue = self.broker.queue,
             exchange = self.broker.exchange,

@@ -128,6 +128,10 @@ impl Stream {
         };
         match answer {
             Ok(request) => {
+                let arrived = self.shared.meter.arrived();
+                if self.shared.stamps {
+                    self.shared.meter.time(&request.token, arrived);
+                }
                 let count = self.shared.accepted_count.fetch_add(1, Ordering::Relaxed) + 1;
                 if !self.shared.sink {
                     self.shared.record_accepted(vec![Accepted {
