@@ -3,9 +3,10 @@
 //! (a broker session is consuming). One registry per daemon instance, so
 //! several daemons in one test process stay apart.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -115,6 +116,9 @@ pub struct Stats {
     stalls: Family<AppLabel, PCounter>,
     connections_up: Family<AppLabel, PGauge>,
     window: Family<LaneLabel, PGauge>,
+    identity_refused: Family<AppLabel, PGauge>,
+    /// (app, lane) pairs whose gateway refuses the certificate now.
+    refused: Mutex<HashSet<(String, usize)>>,
     pub feedback_tokens: Counter,
     accept_latency: Histogram,
     ready: AtomicBool,
@@ -215,6 +219,12 @@ impl Stats {
             "Gateway connections open now, by app",
             connections_up.clone(),
         );
+        let identity_refused = Family::<AppLabel, PGauge>::default();
+        registry.register(
+            "identity_refused",
+            "Connections whose gateway refuses the app's certificate, by app (not ready while any)",
+            identity_refused.clone(),
+        );
         let window = Family::<LaneLabel, PGauge>::default();
         registry.register(
             "window_notifications",
@@ -257,6 +267,8 @@ impl Stats {
             stalls,
             connections_up,
             window,
+            identity_refused,
+            refused: Mutex::new(HashSet::new()),
             feedback_tokens,
             accept_latency,
             ready: AtomicBool::new(false),
@@ -299,8 +311,39 @@ impl Stats {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// A broker session consumes, and no gateway refuses an app's certificate.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.refused_apps().is_empty()
+    }
+
+    /// Records whether the gateway refuses the certificate of `app`'s lane
+    /// `lane`: readiness is withheld while any lane is refused.
+    pub fn set_identity_refused(&self, app: &str, lane: usize, refused: bool) {
+        let mut set = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (app.to_owned(), lane);
+        let changed = if refused {
+            set.insert(key)
+        } else {
+            set.remove(&key)
+        };
+        if changed {
+            let by_app = AppLabel {
+                app: app.to_owned(),
+            };
+            let count = set.iter().filter(|(a, _)| a == app).count();
+            self.identity_refused
+                .get_or_create(&by_app)
+                .set(count as i64);
+        }
+    }
+
+    /// Apps with a lane whose gateway refuses their certificate, sorted.
+    pub fn refused_apps(&self) -> Vec<String> {
+        let set = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut apps: Vec<String> = set.iter().map(|(a, _)| a.clone()).collect();
+        apps.sort();
+        apps.dedup();
+        apps
     }
 
     /// Prometheus text exposition.
@@ -395,11 +438,18 @@ fn respond(request: &str, stats: &Stats) -> (&'static str, &'static str, String)
         ),
         "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
         "/readyz" if stats.is_ready() => ("200 OK", "text/plain", "ready\n".into()),
-        "/readyz" => (
-            "503 Service Unavailable",
-            "text/plain",
-            "not consuming: broker session not established\n".into(),
-        ),
+        "/readyz" => {
+            let refused = stats.refused_apps();
+            let why = if refused.is_empty() {
+                "not consuming: broker session not established\n".to_owned()
+            } else {
+                format!(
+                    "the gateway refuses the certificate of: {}\n",
+                    refused.join(", ")
+                )
+            };
+            ("503 Service Unavailable", "text/plain", why)
+        }
         _ => (
             "404 Not Found",
             "text/plain",
@@ -416,6 +466,25 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_identity_withholds_readiness_until_every_lane_recovers() {
+        let s = Stats::new();
+        s.set_ready(true);
+        assert!(s.is_ready());
+        s.set_identity_refused("shop", 0, true);
+        s.set_identity_refused("shop", 1, true);
+        assert!(!s.is_ready());
+        assert_eq!(s.refused_apps(), ["shop"]);
+        assert!(s
+            .render()
+            .contains("apnsd_identity_refused{app=\"shop\"} 2"));
+        s.set_identity_refused("shop", 0, false);
+        assert!(!s.is_ready(), "lane 1 is still refused");
+        s.set_identity_refused("shop", 1, false);
+        assert!(s.is_ready());
+        assert!(s.refused_apps().is_empty());
+    }
 
     #[test]
     fn renders_counters_and_reasons() {

@@ -247,6 +247,15 @@ async fn unusable_apps_retry_through_the_retry_queue_then_fail_without_blocking_
     rig.broker.publish_all(bodies).await;
     let duplicates = all_accepted(&rig, &good).await;
     assert_eq!(duplicates, 0);
+    // A refused certificate withholds readiness and is named; a dead port is not
+    // an identity problem.
+    let stats = rig.daemon.stats.clone();
+    eventually(WAIT, "the refused certificate to be seen", || {
+        !stats.refused_apps().is_empty()
+    })
+    .await;
+    assert_eq!(stats.refused_apps(), ["expired"]);
+    assert!(!stats.is_ready());
     let results = rig.broker.results(20, WAIT).await;
     let grouped = by_key(&results);
     for (key, app) in [

@@ -120,7 +120,15 @@ impl Lane {
             stats,
             cwnd: settings.window,
         };
-        (tx, tokio::spawn(lane.run()))
+        (tx, tokio::spawn(lane.run_then_forget()))
+    }
+
+    /// Runs the lane; a lane that ends (drained, or its app retired) no longer
+    /// counts against readiness.
+    async fn run_then_forget(self) {
+        let (stats, app, index) = (self.stats.clone(), self.app.clone(), self.index);
+        self.run().await;
+        stats.set_identity_refused(&app, index, false);
     }
 
     async fn run(mut self) {
@@ -166,8 +174,13 @@ impl Lane {
                 End::Healthy => {
                     backoff.reset();
                     failing_since = None;
+                    self.stats
+                        .set_identity_refused(&self.app, self.index, false);
                 }
                 End::Broken(why) => {
+                    let refused = why == Unusable::CertificateRejected;
+                    self.stats
+                        .set_identity_refused(&self.app, self.index, refused);
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     let unusable = (since.elapsed() >= self.settings.unusable_after).then_some(why);
                     let delay = backoff.next_delay();
