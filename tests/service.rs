@@ -104,6 +104,18 @@ async fn wait_all_accepted(sim: &Sim, tokens: &[String]) {
     .await;
 }
 
+/// SIGTERM, exit 0, then: no stray result, and every job acked (unacked
+/// ones would be back in the queue once the daemon is gone).
+async fn stop_clean(daemon: &mut Guard, mut broker: Broker) {
+    stop(daemon).await;
+    assert!(broker
+        .no_more_results(Duration::from_millis(300))
+        .await
+        .is_empty());
+    assert_eq!(broker.queue_depth().await, 0, "nothing left unacked");
+    broker.cleanup().await;
+}
+
 async fn stop(daemon: &mut Guard) {
     signal(&daemon.0, "-TERM");
     let status = wait_exit(&mut daemon.0, WAIT);
@@ -112,7 +124,7 @@ async fn stop(daemon: &mut Guard) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream() {
-    let mut broker = Broker::new("sighup").await;
+    let broker = Broker::new("sighup").await;
     let sim = Sim::start().await;
     sim.mint("rotated", ClientSpec::new("com.example.rotated"));
     let port = free_port();
@@ -203,18 +215,12 @@ async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream()
     );
     assert_eq!(metric(&metrics, "apnsd_notifications_failed_total"), 0);
 
-    stop(&mut daemon).await;
-    assert!(broker
-        .no_more_results(Duration::from_millis(300))
-        .await
-        .is_empty());
-    assert_eq!(broker.queue_depth().await, 0, "nothing left unacked");
-    broker.cleanup().await;
+    stop_clean(&mut daemon, broker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_an_invalid_file_keeps_the_old_configuration() {
-    let mut broker = Broker::new("sighup-invalid").await;
+    let broker = Broker::new("sighup-invalid").await;
     let sim = Sim::start().await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
@@ -249,13 +255,7 @@ async fn sighup_with_an_invalid_file_keeps_the_old_configuration() {
     assert!(everything.iter().all(|t| seen[t].len() == 1));
     assert!(!text.contains("configuration reloaded"), "{text}");
 
-    stop(&mut daemon).await;
-    assert_eq!(broker.queue_depth().await, 0);
-    assert!(broker
-        .no_more_results(Duration::from_millis(300))
-        .await
-        .is_empty());
-    broker.cleanup().await;
+    stop_clean(&mut daemon, broker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,7 +468,7 @@ fn send_queues_a_broadcast_from_a_tokens_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_new_broker_settings_drains_and_reconnects() {
-    let mut broker = Broker::new("sighup-amqp").await;
+    let broker = Broker::new("sighup-amqp").await;
     let sim = Sim::start().await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
@@ -502,11 +502,5 @@ async fn sighup_with_new_broker_settings_drains_and_reconnects() {
     wait_all_accepted(&sim, &tokens).await;
     let seen = sim.accepted();
     assert!(tokens.iter().all(|t| seen[t].len() == 1), "nothing twice");
-    stop(&mut daemon).await;
-    assert_eq!(broker.queue_depth().await, 0);
-    assert!(broker
-        .no_more_results(Duration::from_millis(300))
-        .await
-        .is_empty());
-    broker.cleanup().await;
+    stop_clean(&mut daemon, broker).await;
 }
