@@ -8,15 +8,12 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use apnsd::config::Config;
-use apnsd::daemon::Daemon;
 use apnsd::job::DeviceToken;
 use apnsd::metrics::StatsSnapshot;
 use apnsd::simulator::{write_identity, ClientSpec, Faults, SimCerts, Simulator, SimulatorOptions};
 use common::relay::Relay;
 use common::rig::{tok, Rig, WAIT};
 use common::*;
-use tokio_util::sync::CancellationToken;
 
 struct Setup {
     /// Broker URI the daemon uses (a relay), when not the broker itself.
@@ -105,18 +102,7 @@ async fn rig(test: &str, setup: Setup) -> Rig {
             .replace("{dir}", &dir.path().display().to_string())
             .replace("{gateway}", &gateway),
     );
-    let path = dir.path().join("apnsd.toml");
-    std::fs::write(&path, toml).unwrap();
-    let config = Config::load(&path).unwrap();
-    let shutdown = CancellationToken::new();
-    let daemon = Daemon::start(config, shutdown.clone()).await.unwrap();
-    Rig {
-        broker,
-        sim,
-        daemon,
-        shutdown,
-        dir,
-    }
+    Rig::start(broker, sim, dir, &toml).await
 }
 
 /// Drains the daemon and checks that no job is left in either queue.

@@ -4,15 +4,15 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use apnsd::apns::http2::ApnsReason;
 use apnsd::config::Config;
 use apnsd::daemon::Daemon;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_util::sync::CancellationToken;
+
+use apnsd::apns::http2::ApnsReason;
 use apnsd::simulator::{AnswerRule, Faults, SimCerts, Simulator, SimulatorOptions};
 use common::rig::*;
 use common::*;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Auth {
@@ -81,18 +81,7 @@ reconnect_max = "200ms"
             .replace("{gateway}", &sim.gateway_addr().to_string())
             .replace("{feedback}", &sim.feedback_addr().to_string()),
     );
-    let path = dir.path().join("apnsd.toml");
-    std::fs::write(&path, toml).unwrap();
-    let config = Config::load(&path).unwrap();
-    let shutdown = CancellationToken::new();
-    let daemon = Daemon::start(config, shutdown.clone()).await.unwrap();
-    Rig {
-        broker,
-        sim,
-        daemon,
-        shutdown,
-        dir,
-    }
+    Rig::start(broker, sim, dir, &toml).await
 }
 
 /// The app's identity lines: the simulator's client certificate, or its

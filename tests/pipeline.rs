@@ -7,14 +7,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use apnsd::config::Config;
-use apnsd::daemon::Daemon;
 use apnsd::job::DeviceToken;
 use apnsd::simulator::{Faults, RefuseRule, SimCerts, Simulator, SimulatorOptions};
 use common::process::{http_get, metric};
 use common::rig::*;
 use common::*;
-use tokio_util::sync::CancellationToken;
 
 struct Options {
     faults: Faults,
@@ -82,18 +79,7 @@ async fn rig(test: &str, opts: Options) -> Rig {
             .replace("{gateway}", &sim.gateway_addr().to_string())
             .replace("{feedback}", &sim.feedback_addr().to_string()),
     );
-    let path = dir.path().join("apnsd.toml");
-    std::fs::write(&path, toml).unwrap();
-    let config = Config::load(&path).unwrap();
-    let shutdown = CancellationToken::new();
-    let daemon = Daemon::start(config, shutdown.clone()).await.unwrap();
-    Rig {
-        broker,
-        sim,
-        daemon,
-        shutdown,
-        dir,
-    }
+    Rig::start(broker, sim, dir, &toml).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

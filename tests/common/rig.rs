@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use apnsd::config::Config;
 use apnsd::daemon::Daemon;
 use apnsd::job::DeviceToken;
 use apnsd::simulator::Simulator;
@@ -24,6 +25,22 @@ pub struct Rig {
 }
 
 impl Rig {
+    /// Writes `toml` as the configuration in `dir` and starts a daemon on it.
+    pub async fn start(broker: Broker, sim: Simulator, dir: tempfile::TempDir, toml: &str) -> Rig {
+        let path = dir.path().join("apnsd.toml");
+        std::fs::write(&path, toml).unwrap();
+        let config = Config::load(&path).unwrap();
+        let shutdown = CancellationToken::new();
+        let daemon = Daemon::start(config, shutdown.clone()).await.unwrap();
+        Rig {
+            broker,
+            sim,
+            daemon,
+            shutdown,
+            dir,
+        }
+    }
+
     /// Stops the daemon (drain), checks nothing was left in the queue, cleans up.
     pub async fn finish(self) -> apnsd::metrics::StatsSnapshot {
         self.shutdown.cancel();
