@@ -274,8 +274,9 @@ impl Daemon {
 
     async fn reload_from(&self, path: &Path, logging: &Logging) -> Result<Reloaded, ReloadError> {
         let config = Config::load(path)?;
-        let done = self.reload(config.clone()).await?;
-        logging.apply(&config.log_level, config.log_format);
+        let (level, format) = (config.log_level.clone(), config.log_format);
+        let done = self.reload(config).await?;
+        logging.apply(&level, format);
         Ok(done)
     }
 }
