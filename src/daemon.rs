@@ -496,6 +496,8 @@ fn http2_settings(app: &AppConfig) -> http2::Settings {
         ping_interval: app.ping_interval,
         reconnect_min: app.reconnect_min,
         reconnect_max: app.reconnect_max,
+        unusable_after: app.unusable_after,
+        backlog: app.window,
     }
 }
 

@@ -21,9 +21,10 @@ struct Setup {
     prefetch: u32,
     /// More `[amqp]` keys.
     amqp: &'static str,
-    /// More keys for the `example` app.
+    /// More keys for the `example` app (placeholders as in `apps`).
     app: &'static str,
-    /// More `[[apps]]`; `{dir}` is the certificates folder.
+    /// More `[[apps]]`; `{dir}` is the certificates folder, `{gateway}` and
+    /// `{http2}` the simulator's binary and HTTP/2 addresses.
     apps: String,
     faults: Faults,
 }
@@ -97,11 +98,11 @@ async fn rig(test: &str, setup: Setup) -> Rig {
         "shutdown_timeout = \"10s\"\n{amqp}{}\n{}{}",
         setup.amqp,
         app_toml("example", dir.path(), "client", &gateway, setup.app),
-        setup
-            .apps
-            .replace("{dir}", &dir.path().display().to_string())
-            .replace("{gateway}", &gateway),
-    );
+        setup.apps,
+    )
+    .replace("{dir}", &dir.path().display().to_string())
+    .replace("{gateway}", &gateway)
+    .replace("{http2}", &sim.http2_addr().to_string());
     Rig::start(broker, sim, dir, &toml).await
 }
 
@@ -155,12 +156,25 @@ fn tokens(first: u8, n: u32) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_connections_cut_mid_stream_lose_nothing() {
+    broker_cuts_lose_nothing("brokercut", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connections_cut_mid_stream_lose_nothing_over_http2() {
+    let app = "protocol = \"http2\"\nendpoint = \"{http2}\"";
+    broker_cuts_lose_nothing("brokercut-h2", app).await;
+}
+
+/// Cuts the daemon's broker connections twice mid-stream; `app` holds more
+/// keys for the `example` app.
+async fn broker_cuts_lose_nothing(test: &str, app: &'static str) {
     let relay = Relay::start("127.0.0.1:5672").await;
     let rig = rig(
-        "brokercut",
+        test,
         Setup {
             uri: Some(relay.uri()),
             prefetch: 300,
+            app,
             ..Default::default()
         },
     )
@@ -189,23 +203,51 @@ async fn broker_connections_cut_mid_stream_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusable_apps_retry_through_the_retry_queue_then_fail_without_blocking_others() {
+    unusable_apps_retry_then_fail("unusable", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_http2_apps_retry_through_the_retry_queue_then_fail_without_blocking_others() {
+    unusable_apps_retry_then_fail(
+        "unusable-h2",
+        "protocol = \"http2\"\nendpoint = \"{endpoint}\"",
+    )
+    .await;
+}
+
+/// Two unusable apps — one whose gateway port is closed, one whose
+/// certificate the simulator refuses — beside the working `example` app;
+/// `protocol` holds the unusable apps' protocol lines (`{endpoint}` is their
+/// HTTP/2 endpoint), empty for the binary interface.
+async fn unusable_apps_retry_then_fail(test: &str, protocol: &str) {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dead_addr = dead.local_addr().unwrap().to_string();
     drop(dead);
-    let unusable = r#"unusable_after = "100ms""#;
+    let keys = |endpoint: &str| {
+        format!(
+            "unusable_after = \"100ms\"\n{}",
+            protocol.replace("{endpoint}", endpoint)
+        )
+    };
     let apps = format!(
         "{}{}",
-        app_toml("dead", Path::new("{dir}"), "client", &dead_addr, unusable),
+        app_toml(
+            "dead",
+            Path::new("{dir}"),
+            "client",
+            &dead_addr,
+            &keys(&dead_addr)
+        ),
         app_toml(
             "expired",
             Path::new("{dir}"),
             "expired",
             "{gateway}",
-            unusable
+            &keys("{http2}")
         ),
     );
     let mut rig = rig(
-        "unusable",
+        test,
         Setup {
             amqp: "retry_delay = \"200ms\"\nmax_job_attempts = 3\n",
             apps,

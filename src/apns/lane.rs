@@ -7,9 +7,10 @@
 //! writes, keeps the [`Window`] and turns its verdicts into [`Outcome`]s.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -20,9 +21,9 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::frame::{self, ErrorResponse, Status, ERROR_RESPONSE_LEN};
+use super::standby::{classify, Reconnect, Standby};
 use super::window::{Kind, Verdict, Window};
-use super::{Failure, Notification, Outcome, Reason, Unusable};
-use crate::backoff::Backoff;
+use super::{is_expired, sleep_until, unix_now, Failure, Notification, Outcome, Reason, Unusable};
 use crate::metrics::{LaneStats, Stats};
 
 /// Coalesce up to this many bytes of frames into one write.
@@ -133,11 +134,10 @@ impl Lane {
 
     async fn run(mut self) {
         let mut queue = VecDeque::new();
-        let mut backoff = Backoff::new(self.settings.reconnect_min, self.settings.reconnect_max);
+        let s = self.settings;
+        let mut reconnect = Reconnect::new(s.reconnect_min, s.reconnect_max, s.unusable_after);
         let mut rx_open = true;
         let mut first = true;
-        // Since when every connection has ended broken.
-        let mut failing_since: Option<Instant> = None;
         loop {
             // Connect eagerly once, then only when there is work: an idle lane
             // holds no socket open against a gateway that closes idle ones.
@@ -149,10 +149,8 @@ impl Lane {
             }
             first = false;
             let target = self.target.clone();
-            let end = match self
-                .connect_queueing(&target, &mut queue, &mut rx_open)
-                .await
-            {
+            let attempt = connect(&target, self.settings.connect_timeout);
+            let end = match self.standby(attempt, None, &mut queue, &mut rx_open).await {
                 Ok(stream) => {
                     tracing::debug!(app = %self.app, lane = self.index, addr = %target.addr, "connected");
                     self.lane_stats.connections_opened.inc();
@@ -171,21 +169,13 @@ impl Lane {
             };
             match end {
                 End::Drained => return,
-                End::Healthy => {
-                    backoff.reset();
-                    failing_since = None;
-                    self.stats
-                        .set_identity_refused(&self.app, self.index, false);
-                }
+                End::Healthy => reconnect.healthy(&self.stats, &self.app, self.index),
                 End::Broken(why) => {
-                    let refused = why == Unusable::CertificateRejected;
-                    self.stats
-                        .set_identity_refused(&self.app, self.index, refused);
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    let unusable = (since.elapsed() >= self.settings.unusable_after).then_some(why);
-                    let delay = backoff.next_delay();
-                    tracing::debug!(app = %self.app, lane = self.index, retry_in = ?delay, "reconnecting after backoff");
-                    self.pause(delay, unusable, &mut queue, &mut rx_open).await;
+                    let (delay, unusable) =
+                        reconnect.broken(why, &self.stats, &self.app, self.index);
+                    let pause = tokio::time::sleep(delay);
+                    self.standby(pause, unusable, &mut queue, &mut rx_open)
+                        .await;
                 }
             }
             if !rx_open && queue.is_empty() {
@@ -194,81 +184,26 @@ impl Lane {
         }
     }
 
-    /// Connects, queueing what arrives meanwhile (up to a window's worth), so a
-    /// slow or dead gateway does not stall the intake of every other app.
-    async fn connect_queueing(
+    /// Waits for `fut` without a connection, taking work meanwhile (see [`Standby`]).
+    async fn standby<F: Future>(
         &mut self,
-        target: &Target,
-        queue: &mut VecDeque<Notification>,
-        rx_open: &mut bool,
-    ) -> io::Result<TlsStream<TcpStream>> {
-        let attempt = connect(target, self.settings.connect_timeout);
-        tokio::pin!(attempt);
-        loop {
-            let room = *rx_open && queue.len() < self.settings.window;
-            tokio::select! {
-                result = &mut attempt => return result,
-                batch = self.rx.recv(), if room => match batch {
-                    Some(batch) => queue.extend(batch),
-                    None => *rx_open = false,
-                },
-            }
-        }
-    }
-
-    /// Waits out a reconnect delay. While the app is `unusable`, everything
-    /// queued or arriving goes back to the pipeline at once (for the retry
-    /// queue); otherwise it waits here, up to a window's worth.
-    async fn pause(
-        &mut self,
-        delay: Duration,
+        fut: F,
         unusable: Option<Unusable>,
         queue: &mut VecDeque<Notification>,
         rx_open: &mut bool,
-    ) {
-        if let Some(why) = unusable {
-            self.hand_back(queue.drain(..), why);
+    ) -> F::Output {
+        Standby {
+            app: &self.app,
+            lane: self.index,
+            rx: &mut self.rx,
+            rx_open,
+            queue,
+            limit: self.settings.window,
+            stats: &self.stats,
+            outcomes: &self.outcomes,
         }
-        let sleep = tokio::time::sleep(delay);
-        tokio::pin!(sleep);
-        loop {
-            let room = *rx_open && queue.len() < self.settings.window;
-            tokio::select! {
-                _ = &mut sleep => return,
-                batch = self.rx.recv(), if room => match (batch, unusable) {
-                    (Some(batch), Some(why)) => self.hand_back(batch.into_iter(), why),
-                    (Some(batch), None) => queue.extend(batch),
-                    (None, _) => *rx_open = false,
-                },
-            }
-        }
-    }
-
-    /// Gives notifications up as unsendable: the pipeline retries their jobs later.
-    fn hand_back(&mut self, notifications: impl Iterator<Item = Notification>, why: Unusable) {
-        let unix_now = unix_now();
-        let (stale, live): (Vec<_>, Vec<_>) = notifications.partition(|n| n.envelope.session.get());
-        self.stats.dropped_for_redelivery.add(stale.len() as u64);
-        let outcomes: Vec<Outcome> = live
-            .into_iter()
-            .map(|n| {
-                let reason = if is_expired(&n, unix_now) {
-                    Reason::Expired
-                } else {
-                    Reason::Unusable(why)
-                };
-                let attempts = n.attempts;
-                Outcome {
-                    notification: n,
-                    result: Err(Failure { reason, attempts }),
-                }
-            })
-            .collect();
-        if !outcomes.is_empty() {
-            tracing::warn!(app = %self.app, lane = self.index, count = outcomes.len(), reason = Reason::Unusable(why).name(),
-                "app unusable: handing notifications back for a later retry");
-            let _ = self.outcomes.send(outcomes);
-        }
+        .wait(fut, unusable)
+        .await
     }
 
     /// Drives one connection until it ends; every notification written on it
@@ -584,37 +519,6 @@ async fn write_or_flush(
     } else {
         wr.write(rest).await
     }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn is_expired(n: &Notification, unix_now: u64) -> bool {
-    n.envelope
-        .expiry
-        .is_some_and(|e| e != 0 && u64::from(e) < unix_now)
-}
-
-/// A failure the TLS layer reports (an alert from the gateway, or its
-/// certificate refused by us) is about credentials; anything else is the network.
-fn classify(e: &io::Error) -> Unusable {
-    match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(_) => Unusable::CertificateRejected,
-        None => Unusable::GatewayUnreachable,
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// TCP connect and TLS handshake, bounded by `timeout`.

@@ -6,12 +6,13 @@ pub mod frame;
 pub mod http2;
 pub mod lane;
 pub mod pool;
+mod standby;
 pub mod tls;
 pub mod window;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -180,4 +181,25 @@ pub struct Outcome {
 pub struct Failure {
     pub reason: Reason,
     pub attempts: u8,
+}
+
+/// Whether `n`'s `expiry` (unix seconds; 0 means "now or never") has passed.
+fn is_expired(n: &Notification, unix_now: u64) -> bool {
+    n.envelope
+        .expiry
+        .is_some_and(|e| e != 0 && u64::from(e) < unix_now)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Sleeps until `at`, or forever: a `select!` arm for an optional deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }

@@ -11,9 +11,10 @@ pub mod jwt;
 pub mod request;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
@@ -25,8 +26,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsConnector;
 
 use super::lane::Outcomes;
-use super::{Failure, Notification, Outcome, Reason};
-use crate::backoff::Backoff;
+use super::standby::{classify, Reconnect, Standby};
+use super::{is_expired, sleep_until, unix_now, Failure, Notification, Outcome, Reason, Unusable};
 use crate::metrics::{LaneStats, Stats};
 use jwt::{Bearer, Signer};
 use request::Answer;
@@ -57,6 +58,10 @@ pub struct Settings {
     pub ping_interval: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// After this long without a working connection, queued work is handed back.
+    pub unusable_after: Duration,
+    /// Most notifications a lane queues while it cannot connect.
+    pub backlog: usize,
 }
 
 /// How one stream ended, as the lane sees it.
@@ -78,8 +83,11 @@ type Finished = (Notification, Option<Bearer>, Exchange);
 /// How a connection ended, for the reconnect policy.
 enum End {
     Drained,
+    /// APNs answered something: reconnect at once.
     Healthy,
-    Broken,
+    /// Closed or broken before any answer: back off, and after
+    /// `unusable_after` of this give the work back.
+    Broken(Unusable),
 }
 
 /// Work a lane holds across connections.
@@ -148,7 +156,15 @@ impl Lane {
             outcomes,
             stats,
         };
-        (tx, tokio::spawn(lane.run()))
+        (tx, tokio::spawn(lane.run_then_forget()))
+    }
+
+    /// Runs the lane; a lane that ends (drained, or its app retired) no longer
+    /// counts against readiness.
+    async fn run_then_forget(self) {
+        let (stats, app, index) = (self.stats.clone(), self.app.clone(), self.index);
+        self.run().await;
+        stats.set_identity_refused(&app, index, false);
     }
 
     async fn run(mut self) {
@@ -158,7 +174,7 @@ impl Lane {
             later: Vec::new(),
             rx_open: true,
         };
-        let mut backoff = Backoff::new(s.reconnect_min, s.reconnect_max);
+        let mut reconnect = Reconnect::new(s.reconnect_min, s.reconnect_max, s.unusable_after);
         let mut first = true;
         loop {
             // Connect eagerly once, then only when there is work.
@@ -170,35 +186,64 @@ impl Lane {
             }
             first = false;
             let target = self.target.clone();
-            let conn = match connect(&target, s.connect_timeout).await {
-                Ok(conn) => conn,
+            let attempt = connect(&target, s.connect_timeout);
+            let end = match self.standby(attempt, None, &mut work).await {
+                Ok(conn) => {
+                    tracing::debug!(app = %self.app, lane = self.index, addr = %target.addr, "connected (HTTP/2)");
+                    self.lane_stats.connections_opened.inc();
+                    self.lane_stats.connections_up.add(1);
+                    let end = self.connection(conn, &target, &mut work).await;
+                    self.lane_stats.connections_up.add(-1);
+                    self.lane_stats.window.set(0);
+                    end
+                }
                 Err(e) => {
                     self.lane_stats.connect_failures.inc();
-                    let delay = backoff.next_delay();
                     tracing::warn!(app = %self.app, lane = self.index, addr = %target.addr,
-                        error = %e, retry_in = ?delay, "cannot connect to APNs (HTTP/2)");
-                    tokio::time::sleep(delay).await;
-                    continue;
+                        error = %e, "cannot connect to APNs (HTTP/2)");
+                    End::Broken(e.unusable())
                 }
             };
-            tracing::debug!(app = %self.app, lane = self.index, addr = %target.addr, "connected (HTTP/2)");
-            self.lane_stats.connections_opened.inc();
-            self.lane_stats.connections_up.add(1);
-            let end = self.connection(conn, &target, &mut work).await;
-            self.lane_stats.connections_up.add(-1);
-            self.lane_stats.window.set(0);
             match end {
                 End::Drained => return,
-                End::Healthy => backoff.reset(),
-                End::Broken => {
-                    let delay = backoff.next_delay();
-                    tokio::time::sleep(delay).await;
+                End::Healthy => reconnect.healthy(&self.stats, &self.app, self.index),
+                End::Broken(why) => {
+                    let (delay, unusable) =
+                        reconnect.broken(why, &self.stats, &self.app, self.index);
+                    if unusable.is_some() {
+                        // Retry pauses are moot: the whole job waits in the retry queue.
+                        let paused = work.later.drain(..).map(|(_, n)| n);
+                        work.queue.extend(paused);
+                    }
+                    let pause = tokio::time::sleep(delay);
+                    self.standby(pause, unusable, &mut work).await;
                 }
             }
             if !work.rx_open && work.is_empty() {
                 return;
             }
         }
+    }
+
+    /// Waits for `fut` without a connection, taking work meanwhile (see [`Standby`]).
+    async fn standby<F: Future>(
+        &mut self,
+        fut: F,
+        unusable: Option<Unusable>,
+        work: &mut Work,
+    ) -> F::Output {
+        Standby {
+            app: &self.app,
+            lane: self.index,
+            rx: &mut self.rx,
+            rx_open: &mut work.rx_open,
+            queue: &mut work.queue,
+            limit: self.settings.backlog,
+            stats: &self.stats,
+            outcomes: &self.outcomes,
+        }
+        .wait(fut, unusable)
+        .await
     }
 
     /// Drives one connection until it ends; every stream opened on it has
@@ -219,7 +264,11 @@ impl Lane {
                 break End::Drained;
             }
             if !usable && streams.is_empty() {
-                break if answered { End::Healthy } else { End::Broken };
+                break if answered {
+                    End::Healthy
+                } else {
+                    End::Broken(Unusable::GatewayUnreachable)
+                };
             }
             let room = usable && streams.len() < s.max_streams;
             self.lane_stats.window.set(streams.len() as i64);
@@ -292,10 +341,12 @@ impl Lane {
         streams: &mut JoinSet<Finished>,
     ) -> bool {
         let env = &n.envelope;
-        if env
-            .expiry
-            .is_some_and(|e| e != 0 && u64::from(e) < unix_now())
-        {
+        if env.session.get() {
+            // Its broker session ended: the job is redelivered and sends it then.
+            self.stats.dropped_for_redelivery.inc();
+            return true;
+        }
+        if is_expired(&n, unix_now()) {
             let attempts = n.attempts;
             let _ = self.outcomes.send(vec![Outcome {
                 notification: n,
@@ -498,7 +549,7 @@ async fn keepalive(ping: Option<PingPong>, interval: Duration) {
 struct Connection {
     send: SendRequest<Bytes>,
     /// Drives the connection's frames; aborting it ends the connection.
-    driver: JoinHandle<()>,
+    driver: JoinHandle<Result<(), h2::Error>>,
     ping: Option<PingPong>,
 }
 
@@ -512,6 +563,23 @@ enum ConnectError {
     Handshake(#[from] h2::Error),
     #[error("connect timed out")]
     TimedOut,
+}
+
+impl ConnectError {
+    fn unusable(&self) -> Unusable {
+        match self {
+            ConnectError::Io(e) => classify(e),
+            // h2 keeps only the kind and text of an I/O error; under h2 only
+            // the TLS layer reports `InvalidData` (an alert, a bad record).
+            ConnectError::Handshake(e) => match e.get_io() {
+                Some(io) if io.kind() == io::ErrorKind::InvalidData => {
+                    Unusable::CertificateRejected
+                }
+                _ => Unusable::GatewayUnreachable,
+            },
+            ConnectError::NoH2 | ConnectError::TimedOut => Unusable::GatewayUnreachable,
+        }
+    }
 }
 
 async fn connect(target: &Target, timeout: Duration) -> Result<Connection, ConnectError> {
@@ -528,28 +596,24 @@ async fn connect(target: &Target, timeout: Duration) -> Result<Connection, Conne
             .enable_push(false)
             .handshake(tls)
             .await?;
-        let ping = conn.ping_pong();
-        let driver = tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let mut ping = conn.ping_pong();
+        let mut driver = tokio::spawn(conn);
+        // A PONG shows the server took our identity: under TLS 1.3 a refused
+        // client certificate only shows now, as an alert ending the connection.
+        if let Some(ping) = ping.as_mut() {
+            if let Err(e) = ping.ping(Ping::opaque()).await {
+                let cause = match (&mut driver).await {
+                    Ok(Err(cause)) => cause,
+                    _ => e,
+                };
+                return Err(ConnectError::Handshake(cause));
+            }
+        }
         Ok(Connection { send, driver, ping })
     };
     tokio::time::timeout(timeout, attempt)
         .await
         .unwrap_or(Err(ConnectError::TimedOut))
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
