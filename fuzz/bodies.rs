@@ -36,7 +36,7 @@ pub fn frame_codec(data: &[u8]) {
         let mut out = Vec::new();
         let sent = Notification {
             identifier: frame.identifier,
-            token: &frame.token,
+            token: frame.token.as_bytes(),
             payload: frame.payload,
             expiry: frame.expiry,
             priority: frame.priority,

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::job::DeviceToken;
+use crate::job::{DeviceToken, Tokens};
 
 /// Names one job for the life of the process (never reused, unlike delivery
 /// tags, which restart with every channel).
@@ -18,7 +18,7 @@ struct Open {
     results: u32,
     /// Tokens that could not be tried (their app was unusable): they travel
     /// on in one retry job once every other token is final.
-    deferred: Vec<DeviceToken>,
+    deferred: Tokens,
 }
 
 /// Where a job stands after one of its tokens is done.
@@ -30,7 +30,7 @@ pub enum Progress {
     Final(u64),
     /// Every token is done but these were deferred: publish them as a retry
     /// job; the job is final once that publish is confirmed.
-    Retry(Vec<DeviceToken>),
+    Retry(Tokens),
 }
 
 #[derive(Debug, Default)]
@@ -48,7 +48,7 @@ impl Ledger {
                 tag,
                 tokens,
                 results,
-                deferred: Vec::new(),
+                deferred: Tokens::default(),
             },
         );
     }
@@ -91,7 +91,7 @@ impl Ledger {
             return Progress::Open;
         };
         open.tokens = open.tokens.saturating_sub(1);
-        open.deferred.push(token);
+        open.deferred.push(&token);
         self.progress(key)
     }
 
@@ -256,7 +256,7 @@ mod tests {
         assert_eq!(l.token_deferred(JobKey(3), t(2)), Progress::Open);
         assert_eq!(
             l.token_done(JobKey(3), 0),
-            Progress::Retry(vec![t(1), t(2)])
+            Progress::Retry(Tokens::from_iter([t(1), t(2)]))
         );
         assert!(
             l.contains(JobKey(3)),

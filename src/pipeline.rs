@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
 use crate::apns::pool::Pool;
 use crate::apns::{Envelope, Failure, Notification, Outcome, Protocol, Reason, SessionEnded};
-use crate::job::{DeviceToken, Job, JobError};
+use crate::job::{Job, JobError, Tokens};
 use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
 use crate::metrics::Stats;
 use crate::results::Event;
@@ -352,9 +352,11 @@ impl Pipeline {
                 s.reject(&self.stats, key, tag, error, d.data, id).await?;
                 continue;
             }
-            s.ledger.open(key, tag, job.tokens.len() as u32, 0);
+            let count = job.tokens.len();
+            s.ledger.open(key, tag, count as u32, 0);
             let envelope = Arc::new(Envelope {
                 key,
+                tokens: job.tokens,
                 id: job.id,
                 app: route.name.clone(),
                 payload: job.payload,
@@ -366,13 +368,9 @@ impl Pipeline {
                 session: s.ended.clone(),
                 retries: amqp::attempts(&d.properties),
             });
-            decoded += job.tokens.len();
+            decoded += count;
             let list = routed.entry(route.name.clone()).or_default();
-            list.extend(
-                job.tokens
-                    .into_iter()
-                    .map(|t| Notification::new(envelope.clone(), t)),
-            );
+            list.extend((0..count as u32).map(|i| Notification::new(envelope.clone(), i)));
             if decoded >= INTAKE_NOTIFICATIONS {
                 self.submit(s, &mut routed).await?;
                 decoded = 0;
@@ -447,7 +445,7 @@ impl Pipeline {
                 if matches!(f.reason, Reason::Unusable(_))
                     && env.retries + 1 < live.max_job_attempts
                 {
-                    let progress = s.ledger.token_deferred(env.key, n.token);
+                    let progress = s.ledger.token_deferred(env.key, n.token());
                     s.progress(stats, env, progress, live.retry_delay).await?;
                     continue;
                 }
@@ -463,7 +461,7 @@ impl Pipeline {
                 Ok(()) if live.delivered_results && !n.reported => Some(Event::Delivered {
                     app: env.app.clone(),
                     id: env.id.clone(),
-                    token: n.token,
+                    token: n.token(),
                 }),
                 Ok(()) => None,
                 Err(f) => {
@@ -472,12 +470,12 @@ impl Pipeline {
                         Reason::Unusable(_) => u8::try_from(env.retries + 1).unwrap_or(u8::MAX),
                         _ => f.attempts,
                     };
-                    tracing::info!(app = %env.app, id = env.id.as_deref().unwrap_or(""), token = %n.token,
+                    tracing::info!(app = %env.app, id = env.id.as_deref().unwrap_or(""), token = %n.token(),
                         reason = f.reason.name(), attempts, "notification failed");
                     Some(Event::Failed {
                         app: env.app.clone(),
                         id: env.id.clone(),
-                        token: n.token,
+                        token: n.token(),
                         reason: f.reason,
                         attempts,
                     })
@@ -491,7 +489,7 @@ impl Pipeline {
                     ..
                 }) => Some(Event::Unregistered {
                     app: env.app.clone(),
-                    token: n.token,
+                    token: n.token(),
                     timestamp: since,
                 }),
                 _ => None,
@@ -595,7 +593,7 @@ impl Session {
         &mut self,
         stats: &Stats,
         env: &Envelope,
-        tokens: Vec<DeviceToken>,
+        tokens: Tokens,
         delay: Duration,
     ) -> Result<(), lapin::Error> {
         stats.jobs_deferred.inc();

@@ -160,7 +160,7 @@ impl ErrorResponse {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Notification<'a> {
     pub identifier: u32,
-    pub token: &'a DeviceToken,
+    pub token: &'a [u8],
     pub payload: &'a [u8],
     /// Unix seconds; `None` leaves the item out (APNs then uses its default).
     pub expiry: Option<u32>,
@@ -187,7 +187,7 @@ impl Notification<'_> {
         out.push(COMMAND_ITEMS);
         out.extend_from_slice(&(body as u32).to_be_bytes());
         put_item(out, ITEM_IDENTIFIER, &self.identifier.to_be_bytes());
-        put_item(out, ITEM_TOKEN, self.token.as_bytes());
+        put_item(out, ITEM_TOKEN, self.token);
         put_item(out, ITEM_PAYLOAD, self.payload);
         if let Some(expiry) = self.expiry {
             put_item(out, ITEM_EXPIRY, &expiry.to_be_bytes());
@@ -481,7 +481,7 @@ mod tests {
         let t = token();
         let n = Notification {
             identifier: 0x01020304,
-            token: &t,
+            token: t.as_bytes(),
             payload: b"{}",
             expiry: Some(0x0a0b0c0d),
             priority: Some(10),
@@ -504,7 +504,7 @@ mod tests {
         let t = token();
         let n = Notification {
             identifier: 7,
-            token: &t,
+            token: t.as_bytes(),
             payload: b"{\"aps\":{}}",
             expiry: None,
             priority: None,
@@ -578,7 +578,7 @@ mod tests {
         let mut out = Vec::new();
         Notification {
             identifier: 1,
-            token: &t,
+            token: t.as_bytes(),
             payload: b"{}",
             expiry: Some(0),
             priority: Some(5),

@@ -350,7 +350,7 @@ impl Lane {
             *next_id += 1;
             frame::Notification {
                 identifier: id,
-                token: &n.token,
+                token: n.token_bytes(),
                 payload: &env.payload,
                 expiry: env.expiry,
                 priority: env.priority.map(|p| p.code()),

@@ -16,7 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::job::{DeviceToken, Priority};
+use crate::job::{DeviceToken, Priority, Tokens};
 use crate::ledger::JobKey;
 use frame::Status;
 use http2::ApnsReason;
@@ -52,10 +52,12 @@ impl Protocol {
 }
 
 /// What every notification of one job shares: one allocation per job, so a
-/// fan-out of 10,000 tokens costs one payload buffer.
+/// fan-out of 10,000 tokens costs one payload buffer and one token list.
 #[derive(Debug)]
 pub struct Envelope {
     pub key: JobKey,
+    /// The job's tokens; a [`Notification`] names one by index.
+    pub tokens: Tokens,
     pub id: Option<Arc<str>>,
     pub app: Arc<str>,
     pub payload: Bytes,
@@ -90,11 +92,13 @@ impl SessionEnded {
     }
 }
 
-/// One device's copy of a job, as it travels through a lane.
+/// One device's copy of a job, as it travels through a lane: 16 bytes, since
+/// its token stays in the envelope's list.
 #[derive(Debug, Clone)]
 pub struct Notification {
     pub envelope: Arc<Envelope>,
-    pub token: DeviceToken,
+    /// Which of the envelope's tokens.
+    pub index: u32,
     /// Tries that ended in a transient status.
     pub attempts: u8,
     /// An acceptance was reported already (it settled, then a late error made it
@@ -103,13 +107,36 @@ pub struct Notification {
 }
 
 impl Notification {
-    pub fn new(envelope: Arc<Envelope>, token: DeviceToken) -> Self {
+    pub fn new(envelope: Arc<Envelope>, index: u32) -> Self {
         Notification {
             envelope,
-            token,
+            index,
             attempts: 0,
             reported: false,
         }
+    }
+
+    /// The token's bytes, for the wire.
+    pub fn token_bytes(&self) -> &[u8] {
+        self.envelope.tokens.bytes(self.index as usize)
+    }
+
+    /// The token as a value of its own, for results and logs. Every token in
+    /// an envelope came from a `DeviceToken`, so this is never the fallback.
+    pub fn token(&self) -> DeviceToken {
+        self.envelope
+            .tokens
+            .get(self.index as usize)
+            .unwrap_or(DeviceToken::from_bytes([0; DeviceToken::BINARY_LEN]))
+    }
+
+    /// A stable hash of the token, routing one device's notifications to one lane.
+    pub fn route_hash(&self) -> u64 {
+        let mut head = [0u8; 8];
+        let bytes = self.token_bytes();
+        let n = bytes.len().min(8);
+        head[..n].copy_from_slice(&bytes[..n]);
+        u64::from_le_bytes(head)
     }
 }
 

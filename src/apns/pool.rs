@@ -62,7 +62,7 @@ impl Pool {
             .map(|_| Vec::with_capacity(share + share / 4))
             .collect();
         for item in notifications {
-            split[(item.token.route_hash() % n) as usize].push(item);
+            split[(item.route_hash() % n) as usize].push(item);
         }
         for (lane, batch) in self.lanes.iter().zip(split) {
             if !batch.is_empty() {

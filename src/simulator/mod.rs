@@ -517,7 +517,7 @@ mod tests {
         for (i, t) in tokens.iter().enumerate() {
             Notification {
                 identifier: i as u32 + 1,
-                token: t,
+                token: t.as_bytes(),
                 payload: b"{\"aps\":{}}",
                 expiry: None,
                 priority: Some(10),

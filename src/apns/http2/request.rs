@@ -162,7 +162,7 @@ pub fn build(
     let push_type = env.push_type.as_deref().unwrap_or(DEFAULT_PUSH_TYPE);
     let mut req = Request::builder()
         .method(Method::POST)
-        .uri(format!("https://{authority}/3/device/{}", n.token))
+        .uri(format!("https://{authority}/3/device/{}", n.token()))
         .header(&APNS_TOPIC, topic_for(topic, push_type))
         .header(&APNS_PUSH_TYPE, push_type)
         .header(&APNS_ID, apns_id(n));
@@ -217,7 +217,7 @@ pub fn apns_id(n: &Notification) -> String {
         None => ctx.update(&env.payload),
     }
     ctx.update(&[0]);
-    ctx.update(n.token.as_bytes());
+    ctx.update(n.token_bytes());
     let hash = ctx.finish();
     let mut b = [0u8; 16];
     b.copy_from_slice(&hash.as_ref()[..16]);
@@ -314,8 +314,13 @@ mod tests {
     }
 
     fn notification(id: Option<&str>, push_type: Option<&str>) -> Notification {
+        let tokens = [[0xab; 40].as_slice(), &[1; 32]]
+            .iter()
+            .filter_map(|t| DeviceToken::from_slice(t))
+            .collect();
         let envelope = Arc::new(Envelope {
             key: JobKey(1),
+            tokens,
             id: id.map(Arc::from),
             app: "example".into(),
             payload: bytes::Bytes::from_static(br#"{"aps":{}}"#),
@@ -327,7 +332,7 @@ mod tests {
             session: Default::default(),
             retries: 0,
         });
-        Notification::new(envelope, DeviceToken::from_slice(&[0xab; 40]).unwrap())
+        Notification::new(envelope, 0)
     }
 
     #[test]
@@ -372,7 +377,7 @@ mod tests {
         assert_eq!(a, apns_id(&notification(Some("order-1"), None)));
         assert_ne!(a, apns_id(&notification(Some("order-2"), None)));
         let mut other_token = notification(Some("order-1"), None);
-        other_token.token = DeviceToken::from_bytes([1; 32]);
+        other_token.index = 1;
         assert_ne!(a, apns_id(&other_token));
         let groups: Vec<usize> = a.split('-').map(str::len).collect();
         assert_eq!(groups, [8, 4, 4, 4, 12]);
