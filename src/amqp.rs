@@ -12,6 +12,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
+use lapin::uri::AMQPUri;
 use tokio::sync::oneshot;
 
 use crate::ledger::JobKey;
@@ -47,9 +48,22 @@ impl Topology {
     }
 }
 
+/// The frame size asked for unless the URI names one (`?frame_max=`). lapin
+/// keeps 32 frames of buffer per direction and connection: at RabbitMQ's
+/// 128 KiB that is 16 MiB for the daemon's two connections, at 32 KiB 4 MiB,
+/// and bodies are no slower to read in 32 KiB frames.
+const FRAME_MAX: u32 = 32 * 1024;
+
 pub async fn connect(uri: &str, name: &str) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(uri, props).await
+    match uri.parse::<AMQPUri>() {
+        Ok(mut parsed) => {
+            parsed.query.frame_max.get_or_insert(FRAME_MAX);
+            Connection::connect_uri(parsed, props).await
+        }
+        // lapin names what is wrong with the URI.
+        Err(_) => Connection::connect(uri, props).await,
+    }
 }
 
 /// Declares the durable jobs queue (idempotent) and sets the prefetch before
