@@ -10,9 +10,9 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use lapin::{Confirmation, PublisherConfirm};
-use lapin::uri::AMQPUri;
 use tokio::sync::oneshot;
 
 use crate::ledger::JobKey;

@@ -316,7 +316,6 @@ impl Lane {
         out: &mut Vec<u8>,
         rx_open: &mut bool,
     ) -> u64 {
-        let now = Instant::now();
         let unix_now = unix_now();
         let mut count = 0;
         let mut stale = 0;
@@ -356,7 +355,7 @@ impl Lane {
                 priority: env.priority.map(|p| p.code()),
             }
             .encode(out);
-            window.push(id, n, now);
+            window.push(id, n);
             count += 1;
         }
         if !expired.is_empty() {

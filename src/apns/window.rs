@@ -35,21 +35,28 @@ pub enum Kind {
     Ambiguous,
 }
 
-struct Entry<T> {
-    id: u32,
-    item: T,
-    /// Meaningful only once flushed: the time the bytes reached the socket.
+/// Entries up to (not including) `end` reached the socket, or were retained, at `at`.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    end: u32,
     at: Instant,
 }
 
-/// The notifications written on one connection, oldest first.
+/// The notifications written on one connection, oldest first. Identifiers
+/// are contiguous, so entries hold only the item: an identifier is a
+/// position, and a time is kept once per flush (or settling tick), not per entry.
 pub struct Window<T> {
-    /// Written but not yet settled; identifiers contiguous and increasing.
-    unsettled: VecDeque<Entry<T>>,
-    /// How many entries at the front of `unsettled` have been flushed to the socket.
-    flushed: usize,
-    /// Settled as accepted, kept for `retain` so a late error can still be acted on.
-    retained: VecDeque<Entry<T>>,
+    /// Written but not yet settled; the front has identifier `front_id`.
+    unsettled: VecDeque<T>,
+    /// The identifier of `unsettled`'s front (the next one to push when empty).
+    front_id: u32,
+    /// Flushes whose entries are still unsettled, oldest first.
+    flushes: VecDeque<Mark>,
+    /// Settled as accepted, kept for `retain` so a late error can still be
+    /// acted on. They are the identifiers just before `front_id`.
+    retained: VecDeque<T>,
+    /// When each run of retained entries settled, oldest first.
+    settled: VecDeque<Mark>,
     settle: Duration,
     retain: Duration,
     retain_cap: usize,
@@ -59,8 +66,10 @@ impl<T: Clone> Window<T> {
     pub fn new(settle: Duration, retain: Duration, retain_cap: usize) -> Self {
         Window {
             unsettled: VecDeque::new(),
-            flushed: 0,
+            front_id: 0,
+            flushes: VecDeque::new(),
             retained: VecDeque::new(),
+            settled: VecDeque::new(),
             settle,
             retain,
             retain_cap,
@@ -76,30 +85,33 @@ impl<T: Clone> Window<T> {
         self.unsettled.is_empty()
     }
 
+    /// One past the last identifier pushed.
+    fn end_id(&self) -> u32 {
+        self.front_id.wrapping_add(self.unsettled.len() as u32)
+    }
+
     /// Records a notification about to be written. `id` must follow the last one.
-    pub fn push(&mut self, id: u32, item: T, now: Instant) {
-        debug_assert!(self
-            .unsettled
-            .back()
-            .or(self.retained.back())
-            .is_none_or(|e| e.id.wrapping_add(1) == id));
-        self.unsettled.push_back(Entry { id, item, at: now });
+    pub fn push(&mut self, id: u32, item: T) {
+        if self.unsettled.is_empty() && self.retained.is_empty() {
+            self.front_id = id;
+        }
+        debug_assert_eq!(self.end_id(), id);
+        self.unsettled.push_back(item);
     }
 
     /// Everything pushed so far has reached the socket: its settle clock starts now.
     pub fn flushed(&mut self, now: Instant) {
-        for e in self.unsettled.range_mut(self.flushed..) {
-            e.at = now;
+        let end = self.end_id();
+        let flushed_to = self.flushes.back().map_or(self.front_id, |m| m.end);
+        if end != flushed_to {
+            self.flushes.push_back(Mark { end, at: now });
         }
-        self.flushed = self.unsettled.len();
     }
 
     /// When `tick` next has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let settle = (self.flushed > 0)
-            .then(|| self.unsettled.front().map(|e| e.at + self.settle))
-            .flatten();
-        let expire = self.retained.front().map(|e| e.at + self.retain);
+        let settle = self.flushes.front().map(|m| m.at + self.settle);
+        let expire = self.settled.front().map(|m| m.at + self.retain);
         match (settle, expire) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -109,44 +121,68 @@ impl<T: Clone> Window<T> {
     /// Settles entries that have been on the wire for `settle` and forgets
     /// retained ones older than `retain`. Call only while the connection is healthy.
     pub fn tick(&mut self, now: Instant, out: &mut Vec<Verdict<T>>) {
-        while self.flushed > 0 {
-            match self.unsettled.front() {
-                Some(e) if e.at + self.settle <= now => {}
-                _ => break,
-            }
-            let Some(e) = self.unsettled.pop_front() else {
-                break;
-            };
-            self.flushed -= 1;
-            if !self.retain.is_zero() && self.retain_cap > 0 {
-                self.retained.push_back(Entry {
-                    id: e.id,
-                    item: e.item.clone(),
-                    at: now,
-                });
-            }
-            out.push(verdict(e.item, Kind::Accepted, false));
-        }
-        while let Some(e) = self.retained.front() {
-            if e.at + self.retain > now && self.retained.len() <= self.retain_cap {
+        let keep = !self.retain.is_zero() && self.retain_cap > 0;
+        let mut settled_to = None;
+        while let Some(mark) = self.flushes.front().copied() {
+            if mark.at + self.settle > now {
                 break;
             }
-            self.retained.pop_front();
+            self.flushes.pop_front();
+            while self.front_id != mark.end {
+                let Some(item) = self.unsettled.pop_front() else {
+                    break;
+                };
+                self.front_id = self.front_id.wrapping_add(1);
+                if keep {
+                    self.retained.push_back(item.clone());
+                }
+                out.push(verdict(item, Kind::Accepted, false));
+            }
+            settled_to = Some(mark.end);
         }
+        if let (true, Some(end)) = (keep, settled_to) {
+            self.settled.push_back(Mark { end, at: now });
+        }
+        while let Some(mark) = self.settled.front().copied() {
+            if mark.at + self.retain > now {
+                break;
+            }
+            self.settled.pop_front();
+            let expired = self.retained.len() - self.retained_from(mark.end);
+            self.retained.drain(..expired);
+        }
+        if self.retained.len() > self.retain_cap {
+            let over = self.retained.len() - self.retain_cap;
+            self.retained.drain(..over);
+            let first = self.first_retained();
+            while self
+                .settled
+                .front()
+                .is_some_and(|m| m.end.wrapping_sub(first) as i32 <= 0)
+            {
+                self.settled.pop_front();
+            }
+        }
+    }
+
+    /// The identifier of the oldest retained entry (`front_id` when none is).
+    fn first_retained(&self) -> u32 {
+        self.front_id.wrapping_sub(self.retained.len() as u32)
+    }
+
+    /// How many retained entries have identifiers at or after `id`.
+    fn retained_from(&self, id: u32) -> usize {
+        (self.front_id.wrapping_sub(id) as usize).min(self.retained.len())
     }
 
     /// The gateway answered `resp` and is closing: every entry gets its verdict and
     /// the window is left empty, as the connection is dead.
     pub fn on_error(&mut self, resp: ErrorResponse, out: &mut Vec<Verdict<T>>) {
-        let first = self
-            .retained
-            .front()
-            .or(self.unsettled.front())
-            .map(|e| e.id);
-        let last = self.unsettled.back().or(self.retained.back()).map(|e| e.id);
-        let (Some(first), Some(last)) = (first, last) else {
+        if self.unsettled.is_empty() && self.retained.is_empty() {
             return;
-        };
+        }
+        let first = self.first_retained();
+        let last = self.end_id().wrapping_sub(1);
         let id = resp.identifier;
         let disposition = resp.status.disposition();
         if id == 0 || id > last {
@@ -179,21 +215,26 @@ impl<T: Clone> Window<T> {
     /// The connection closed (or was abandoned) without an error response.
     pub fn on_close(&mut self, out: &mut Vec<Verdict<T>>) {
         self.retained.clear();
+        self.settled.clear();
         self.drain_unsettled(|_| Kind::Ambiguous, out);
     }
 
     fn drain_retained(&mut self, kind: impl Fn(u32) -> Option<Kind>, out: &mut Vec<Verdict<T>>) {
-        for e in self.retained.drain(..) {
-            if let Some(k) = kind(e.id) {
-                out.push(verdict(e.item, k, true));
+        let first = self.first_retained();
+        self.settled.clear();
+        for (i, item) in self.retained.drain(..).enumerate() {
+            if let Some(k) = kind(first.wrapping_add(i as u32)) {
+                out.push(verdict(item, k, true));
             }
         }
     }
 
     fn drain_unsettled(&mut self, kind: impl Fn(u32) -> Kind, out: &mut Vec<Verdict<T>>) {
-        self.flushed = 0;
-        for e in self.unsettled.drain(..) {
-            out.push(verdict(e.item, kind(e.id), false));
+        self.flushes.clear();
+        let first = self.front_id;
+        self.front_id = self.end_id();
+        for (i, item) in self.unsettled.drain(..).enumerate() {
+            out.push(verdict(item, kind(first.wrapping_add(i as u32)), false));
         }
     }
 }
@@ -213,7 +254,7 @@ mod tests {
     fn window_with(n: u32, t0: Instant) -> Window<u32> {
         let mut w = Window::new(SETTLE, RETAIN, 1000);
         for id in 1..=n {
-            w.push(id, id, t0);
+            w.push(id, id);
         }
         w.flushed(t0);
         w
@@ -231,7 +272,7 @@ mod tests {
     fn silence_settles_only_flushed_entries_after_settle() {
         let t0 = Instant::now();
         let mut w = window_with(2, t0);
-        w.push(3, 3, t0);
+        w.push(3, 3);
         let mut out = Vec::new();
         w.tick(t0 + SETTLE - Duration::from_millis(1), &mut out);
         assert!(out.is_empty());
@@ -316,8 +357,8 @@ mod tests {
             let mut w = window_with(3, t0);
             let mut out = Vec::new();
             w.tick(t0 + SETTLE, &mut out);
-            w.push(4, 4, t0);
-            w.push(5, 5, t0);
+            w.push(4, 4);
+            w.push(5, 5);
             out.clear();
             match resp {
                 Some(r) => w.on_error(r, &mut out),
@@ -337,7 +378,7 @@ mod tests {
         let mut w = window_with(3, t0);
         let mut out = Vec::new();
         w.tick(t0 + SETTLE, &mut out);
-        w.push(4, 4, t0 + SETTLE);
+        w.push(4, 4);
         out.clear();
         w.on_error(err(Status::InvalidToken, 2), &mut out);
         assert_eq!(
@@ -355,18 +396,40 @@ mod tests {
         let t0 = Instant::now();
         let mut w = Window::new(SETTLE, Duration::ZERO, 0);
         for id in 1..=4 {
-            w.push(id, id, t0);
+            w.push(id, id);
         }
         w.flushed(t0);
         let mut out = Vec::new();
         w.tick(t0 + SETTLE, &mut out);
-        w.push(5, 5, t0 + SETTLE);
-        w.push(6, 6, t0 + SETTLE);
+        w.push(5, 5);
+        w.push(6, 6);
         out.clear();
         w.on_error(err(Status::Shutdown, 3), &mut out);
         assert_eq!(
             kinds(&out),
             vec![(5, Kind::Resend, false), (6, Kind::Resend, false)]
+        );
+    }
+
+    #[test]
+    fn the_retain_cap_keeps_the_newest_and_their_identifiers() {
+        let t0 = Instant::now();
+        let mut w = Window::new(SETTLE, RETAIN, 2);
+        for id in 1..=5 {
+            w.push(id, id);
+        }
+        w.flushed(t0);
+        let mut out = Vec::new();
+        w.tick(t0 + SETTLE, &mut out);
+        assert_eq!(out.len(), 5);
+        out.clear();
+        w.on_error(err(Status::InvalidToken, 4), &mut out);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (4, Kind::Failed(Status::InvalidToken), true),
+                (5, Kind::Resend, true)
+            ]
         );
     }
 
@@ -503,7 +566,7 @@ mod tests {
                                 Item { n: next_item, attempts: 0, reported: false }
                             });
                             let id = written.len() as u32 + 1;
-                            w.push(id, item, now);
+                            w.push(id, item);
                             written.push(id);
                         }
                     }
@@ -536,7 +599,7 @@ mod tests {
             while !queue.is_empty() || !w.is_empty() {
                 while let Some(item) = queue.pop_front() {
                     let id = written.len() as u32 + 1;
-                    w.push(id, item, now);
+                    w.push(id, item);
                     written.push(id);
                 }
                 w.flushed(now);
