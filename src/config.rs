@@ -273,7 +273,7 @@ mod defaults {
         Duration::from_secs(3600)
     }
     /// Short enough that `prefetch ÷ settle` (100,000 jobs/s) and
-    /// `connections × window ÷ settle` (1,000,000 notifications/s) leave the
+    /// `connections × window ÷ settle` (2,000,000 notifications/s) leave the
     /// broker as the limit; `retain` still honours errors that come later.
     pub fn settle() -> Duration {
         Duration::from_millis(200)
@@ -282,7 +282,7 @@ mod defaults {
         Duration::from_secs(2)
     }
     pub fn window() -> usize {
-        100_000
+        200_000
     }
     pub fn max_attempts() -> u8 {
         3
@@ -703,7 +703,7 @@ feedback_interval = "1h"
         assert_eq!(app.feedback_interval, Duration::from_secs(3600));
         assert_eq!(
             (app.settle, app.window, app.max_attempts),
-            (Duration::from_millis(200), 100_000, 3)
+            (Duration::from_millis(200), 200_000, 3)
         );
         assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.amqp.prefetch, 20_000);

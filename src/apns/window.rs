@@ -134,6 +134,9 @@ impl<T: Clone> Window<T> {
                 };
                 self.front_id = self.front_id.wrapping_add(1);
                 if keep {
+                    if self.retained.len() == self.retain_cap {
+                        self.retained.pop_front();
+                    }
                     self.retained.push_back(item.clone());
                 }
                 out.push(verdict(item, Kind::Accepted, false));
@@ -151,17 +154,14 @@ impl<T: Clone> Window<T> {
             let expired = self.retained.len() - self.retained_from(mark.end);
             self.retained.drain(..expired);
         }
-        if self.retained.len() > self.retain_cap {
-            let over = self.retained.len() - self.retain_cap;
-            self.retained.drain(..over);
-            let first = self.first_retained();
-            while self
-                .settled
-                .front()
-                .is_some_and(|m| m.end.wrapping_sub(first) as i32 <= 0)
-            {
-                self.settled.pop_front();
-            }
+        // Runs whose entries the cap pushed out of `retained` are done with.
+        let first = self.first_retained();
+        while self
+            .settled
+            .front()
+            .is_some_and(|m| m.end.wrapping_sub(first) as i32 <= 0)
+        {
+            self.settled.pop_front();
         }
     }
 
