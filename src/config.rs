@@ -121,6 +121,9 @@ pub struct AmqpConfig {
     /// `x-queue-type` of the jobs queue: `classic` (default) or `quorum`.
     pub queue_type: Option<String>,
     pub prefetch: u16,
+    /// Most job body bytes held unacknowledged: the prefetch in force adapts
+    /// under `prefetch` to keep within it (0: `prefetch` alone).
+    pub prefetch_bytes: u64,
     pub results_exchange: String,
     pub consumer_tag: Option<String>,
     /// A result the broker has not confirmed by then ends the broker session.
@@ -140,6 +143,7 @@ impl Default for AmqpConfig {
             queue: "apns.jobs".into(),
             queue_type: None,
             prefetch: 20_000,
+            prefetch_bytes: 32 << 20,
             results_exchange: "apns.results".into(),
             consumer_tag: None,
             confirm_timeout: Duration::from_secs(30),

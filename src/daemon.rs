@@ -448,6 +448,7 @@ fn session_config(config: &Config) -> SessionConfig {
             results_exchange: amqp.results_exchange.clone(),
         },
         prefetch: amqp.prefetch,
+        prefetch_bytes: amqp.prefetch_bytes,
         consumer_tag: amqp
             .consumer_tag
             .clone()

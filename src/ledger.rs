@@ -14,6 +14,8 @@ pub struct JobKey(pub u64);
 #[derive(Debug)]
 struct Open {
     tag: u64,
+    /// The job's body size, counted in [`Ledger::held_bytes`] until it is final.
+    bytes: u32,
     tokens: u32,
     results: u32,
     /// Tokens that could not be tried (their app was unusable): they travel
@@ -36,21 +38,32 @@ pub enum Progress {
 #[derive(Debug, Default)]
 pub struct Ledger {
     jobs: HashMap<JobKey, Open>,
+    held_bytes: u64,
 }
 
 impl Ledger {
-    /// Registers a job with `tokens` notifications and `results` results
-    /// already owed (a rejected job owes one and has no tokens).
-    pub fn open(&mut self, key: JobKey, tag: u64, tokens: u32, results: u32) {
-        self.jobs.insert(
+    /// Registers a job of `bytes` with `tokens` notifications and `results`
+    /// results already owed (a rejected job owes one and has no tokens).
+    pub fn open(&mut self, key: JobKey, tag: u64, bytes: u32, tokens: u32, results: u32) {
+        self.held_bytes += u64::from(bytes);
+        let replaced = self.jobs.insert(
             key,
             Open {
                 tag,
+                bytes,
                 tokens,
                 results,
                 deferred: Tokens::default(),
             },
         );
+        if let Some(old) = replaced {
+            self.held_bytes -= u64::from(old.bytes);
+        }
+    }
+
+    /// The body bytes of the jobs not yet final: what the intake bounds.
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
     }
 
     pub fn contains(&self, key: JobKey) -> bool {
@@ -116,9 +129,11 @@ impl Ledger {
             open.results += 1;
             Progress::Retry(std::mem::take(&mut open.deferred))
         } else if open.results == 0 {
-            self.jobs
-                .remove(&key)
-                .map_or(Progress::Open, |o| Progress::Final(o.tag))
+            let Some(done) = self.jobs.remove(&key) else {
+                return Progress::Open;
+            };
+            self.held_bytes -= u64::from(done.bytes);
+            Progress::Final(done.tag)
         } else {
             Progress::Open
         }
@@ -162,7 +177,17 @@ impl AckPlanner {
         }
     }
 
+    /// Follows the prefetch in force: with a small one, a stuck delivery must
+    /// not wait for more final ones than the broker will ever send.
+    pub fn set_slack(&mut self, slack: usize) {
+        self.slack = slack;
+    }
+
     pub fn delivered(&mut self, tag: u64) {
+        debug_assert!(
+            self.states.back().is_none_or(|&(last, _)| last < tag),
+            "deliveries must be planned in tag order"
+        );
         self.states.push_back((tag, State::Pending));
     }
 
@@ -228,7 +253,7 @@ mod tests {
     #[test]
     fn a_job_is_final_after_its_tokens_and_results() {
         let mut l = Ledger::default();
-        l.open(JobKey(1), 7, 3, 0);
+        l.open(JobKey(1), 7, 100, 3, 0);
         assert_eq!(l.token_done(JobKey(1), 0), Progress::Open);
         assert_eq!(l.token_done(JobKey(1), 1), Progress::Open);
         assert_eq!(
@@ -236,14 +261,16 @@ mod tests {
             Progress::Open,
             "a result is still unconfirmed"
         );
+        assert_eq!(l.held_bytes(), 100, "held until final");
         assert_eq!(l.result_confirmed(JobKey(1)), Some(7));
         assert!(l.is_empty());
+        assert_eq!(l.held_bytes(), 0);
         assert_eq!(
             l.token_done(JobKey(1), 0),
             Progress::Open,
             "unknown jobs are ignored"
         );
-        l.open(JobKey(2), 8, 1, 0);
+        l.open(JobKey(2), 8, 100, 1, 0);
         assert_eq!(l.token_done(JobKey(2), 0), Progress::Final(8));
     }
 
@@ -251,7 +278,7 @@ mod tests {
     fn deferred_tokens_leave_in_one_retry_job_once_the_rest_is_final() {
         let t = |n: u8| DeviceToken::from_bytes([n; 32]);
         let mut l = Ledger::default();
-        l.open(JobKey(3), 4, 3, 0);
+        l.open(JobKey(3), 4, 100, 3, 0);
         assert_eq!(l.token_deferred(JobKey(3), t(1)), Progress::Open);
         assert_eq!(l.token_deferred(JobKey(3), t(2)), Progress::Open);
         assert_eq!(
@@ -269,7 +296,7 @@ mod tests {
     #[test]
     fn a_fan_out_job_counts_its_tokens_in_runs() {
         let mut l = Ledger::default();
-        l.open(JobKey(3), 4, 10_000, 0);
+        l.open(JobKey(3), 4, 100, 10_000, 0);
         assert_eq!(l.tokens_accepted(JobKey(3), 6_000), Progress::Open);
         assert_eq!(l.tokens_accepted(JobKey(3), 4_000), Progress::Final(4));
         assert!(l.is_empty());
@@ -278,7 +305,7 @@ mod tests {
     #[test]
     fn a_rejected_job_waits_for_its_result() {
         let mut l = Ledger::default();
-        l.open(JobKey(2), 9, 0, 1);
+        l.open(JobKey(2), 9, 100, 0, 1);
         assert!(l.contains(JobKey(2)));
         assert_eq!(l.result_confirmed(JobKey(2)), Some(9));
     }

@@ -3,7 +3,7 @@
 //! The flow of one job, module by module:
 //!
 //! ```text
-//! [jobs queue] → pipeline (intake: job::Job::decode, Job::check per protocol)
+//! [jobs queue] → pipeline (intake: intake::Prefetch, job::Job::decode, Job::check per protocol)
 //!      → apns::pool (route by token)
 //!      → apns::lane (binary: TLS socket, apns::frame, apns::window) → APNs
 //!        or apns::http2 (a stream per notification, apns::http2::request) → APNs
@@ -21,6 +21,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod feedback;
+pub mod intake;
 pub mod job;
 pub mod ledger;
 pub mod logging;

@@ -92,6 +92,10 @@ pub struct Stats {
     pub jobs_deferred: Counter,
     /// Jobs of the current broker session not yet final (0 between sessions).
     pub jobs_in_flight: Gauge,
+    /// Body bytes of those jobs: what `amqp.prefetch_bytes` bounds.
+    pub job_bytes_held: Gauge,
+    /// The prefetch of the current subscription (0 between sessions).
+    pub prefetch: Gauge,
     /// Frames handed to a socket and flushed.
     pub written: Counter,
     pub accepted: Counter,
@@ -213,6 +217,18 @@ impl Stats {
             "Jobs consumed by the current broker session and not yet final",
             jobs_in_flight.0.clone(),
         );
+        let job_bytes_held = Gauge::default();
+        registry.register(
+            "job_bytes_held",
+            "Body bytes of the jobs in flight (bounded by amqp.prefetch_bytes)",
+            job_bytes_held.0.clone(),
+        );
+        let prefetch = Gauge::default();
+        registry.register(
+            "prefetch",
+            "Prefetch of the current subscription, adapted under amqp.prefetch and amqp.prefetch_bytes",
+            prefetch.0.clone(),
+        );
         let connections_up = Family::<AppLabel, PGauge>::default();
         registry.register(
             "connections_up",
@@ -252,6 +268,8 @@ impl Stats {
             jobs_redelivered,
             jobs_deferred,
             jobs_in_flight,
+            job_bytes_held,
+            prefetch,
             written,
             accepted,
             failed,

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
+use lapin::Consumer;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
 use crate::apns::pool::Pool;
 use crate::apns::{Envelope, Failure, Notification, Outcome, Protocol, Reason, SessionEnded};
+use crate::intake::Prefetch;
 use crate::job::{Job, JobError, Tokens};
 use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
 use crate::metrics::Stats;
@@ -29,9 +31,9 @@ use crate::results::Event;
 /// Most deliveries taken in one go before routing them, so one-token jobs
 /// travel to the lanes in batches.
 const INTAKE_BATCH: usize = 256;
-/// Decoded notifications handed to the lanes before decoding more: a batch
-/// of fan-out jobs would otherwise be expanded whole (a `Notification` per
-/// token) before the first one is written.
+/// Notifications handed to the lanes at a time: a batch of fan-out jobs
+/// would otherwise be expanded whole (a `Notification` per token) before the
+/// first one is written.
 const INTAKE_NOTIFICATIONS: usize = 16 * 1024;
 
 /// An app as the router sees it.
@@ -52,6 +54,8 @@ pub struct SessionConfig {
     pub uri: String,
     pub topology: Topology,
     pub prefetch: u16,
+    /// Most job body bytes held; the prefetch in force adapts under it (0: off).
+    pub prefetch_bytes: u64,
     pub consumer_tag: String,
     pub confirm_timeout: Duration,
 }
@@ -199,22 +203,24 @@ impl Pipeline {
     ) -> Result<SessionEnd, AmqpError> {
         let consume_conn = amqp::connect(&cfg.uri, "apnsd-consume").await?;
         let publish_conn = amqp::connect(&cfg.uri, "apnsd-publish").await?;
-        let consume = amqp::consumer_channel(&consume_conn, &cfg.topology, cfg.prefetch).await?;
+        let mut intake = Prefetch::new(cfg.prefetch, cfg.prefetch_bytes);
+        let consume =
+            amqp::consumer_channel(&consume_conn, &cfg.topology, intake.current()).await?;
         let publisher = Publisher::open(
             &publish_conn,
             &cfg.topology.results_exchange,
             cfg.confirm_timeout,
         )
         .await?;
-        let mut consumer = consume
-            .basic_consume(
-                cfg.topology.queue.as_str().into(),
-                cfg.consumer_tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        tracing::info!(queue = %cfg.topology.queue, prefetch = cfg.prefetch, "consuming jobs");
+        let mut tag = cfg.consumer_tag.clone();
+        let mut consumer = subscribe(&consume, &cfg.topology.queue, &tag).await?;
+        // A former subscription, cancelled, still handing over what the broker
+        // sent it before the cancel took effect.
+        let mut former: Option<Consumer> = None;
+        let mut subscriptions = 0u32;
+        self.stats.prefetch.set(i64::from(intake.current()));
+        tracing::info!(queue = %cfg.topology.queue, prefetch = intake.current(),
+            max_prefetch = cfg.prefetch, prefetch_bytes = cfg.prefetch_bytes, "consuming jobs");
         self.stats.set_ready(true);
         ready();
 
@@ -225,7 +231,7 @@ impl Pipeline {
             // Lanes settle at different moments, so one lane's finished jobs
             // often wait behind another's for a tick: only a stuck delivery
             // holding half the prefetch is worth acking around one by one.
-            acks: AckPlanner::new(usize::from(cfg.prefetch) / 2),
+            acks: AckPlanner::new(usize::from(intake.current()) / 2),
             ack_buf: Vec::new(),
             ended: SessionEnded::default(),
             retry_queue: cfg.topology.retry_queue(),
@@ -248,10 +254,9 @@ impl Pipeline {
                     in_flight = s.ledger.len(),
                     "stopping intake, letting in-flight jobs finish"
                 );
-                let tag = cfg.consumer_tag.as_str().into();
                 if let Err(e) = s
                     .consume
-                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                     .await
                 {
                     break Err(e.into());
@@ -280,6 +285,13 @@ impl Pipeline {
                 Some((event, waiter)) = self.requests.recv(), if consuming => {
                     if let Err(e) = s.publisher.publish(&event, Owner::Waiter(waiter)).await { break Err(e.into()) }
                 }
+                // Before the current subscription's: the former's deliveries
+                // have the lower tags, and acks are planned in tag order.
+                delivery = next_delivery(&mut former), if consuming => match delivery {
+                    Some(Ok(d)) => if let Err(e) = self.on_deliveries(&mut s, vec![d]).await { break Err(e) },
+                    Some(Err(e)) => break Err(e.into()),
+                    None => former = None,
+                },
                 delivery = consumer.next(), if consuming => match delivery {
                     Some(Ok(first)) => {
                         let mut batch = vec![first];
@@ -298,10 +310,42 @@ impl Pipeline {
             if let Err(e) = s.flush_acks().await {
                 break Err(e.into());
             }
-            self.stats.jobs_in_flight.set(s.ledger.len() as i64);
+            let held = (s.ledger.len(), s.ledger.held_bytes());
+            if let (true, None, Some(prefetch)) = (consuming, &former, intake.next(held.0, held.1))
+            {
+                // Cancel first: the broker never holds more than one prefetch for us.
+                subscriptions += 1;
+                let next_tag = format!("{}.{subscriptions}", cfg.consumer_tag);
+                let cancel = BasicCancelOptions::default();
+                let resubscribed = async {
+                    s.consume.basic_cancel(tag.as_str().into(), cancel).await?;
+                    s.consume
+                        .basic_qos(prefetch, BasicQosOptions { global: false })
+                        .await?;
+                    subscribe(&s.consume, &cfg.topology.queue, &next_tag).await
+                };
+                match resubscribed.await {
+                    Ok(next) => former = Some(std::mem::replace(&mut consumer, next)),
+                    Err(e) => break Err(e.into()),
+                }
+                tracing::debug!(
+                    prefetch,
+                    held_jobs = held.0,
+                    held_bytes = held.1,
+                    "prefetch adapted"
+                );
+                tag = next_tag;
+                intake.set(prefetch);
+                s.acks.set_slack(usize::from(prefetch) / 2);
+                self.stats.prefetch.set(i64::from(prefetch));
+            }
+            self.stats.jobs_in_flight.set(held.0 as i64);
+            self.stats.job_bytes_held.set(held.1 as i64);
         };
         self.stats.set_ready(false);
         self.stats.jobs_in_flight.set(0);
+        self.stats.job_bytes_held.set(0);
+        self.stats.prefetch.set(0);
         if result.is_ok() {
             let _ = s.flush_acks().await;
             let _ = consume_conn.close(200, "bye".into()).await;
@@ -315,8 +359,9 @@ impl Pipeline {
         s: &mut Session,
         batch: Vec<Delivery>,
     ) -> Result<(), AmqpError> {
-        let mut routed: HashMap<Arc<str>, Vec<Notification>> = HashMap::new();
-        let mut decoded = 0;
+        // Decode the whole batch first: a job's compact tokens cost far less
+        // than its JSON body, which is freed as soon as it is read.
+        let mut jobs = Vec::with_capacity(batch.len());
         let consumed_at = Instant::now();
         for d in batch {
             self.stats.jobs_consumed.inc();
@@ -353,7 +398,7 @@ impl Pipeline {
                 continue;
             }
             let count = job.tokens.len();
-            s.ledger.open(key, tag, count as u32, 0);
+            s.ledger.open(key, tag, body_len(&d.data), count as u32, 0);
             let envelope = Arc::new(Envelope {
                 key,
                 tokens: job.tokens,
@@ -368,12 +413,23 @@ impl Pipeline {
                 session: s.ended.clone(),
                 retries: amqp::attempts(&d.properties),
             });
-            decoded += count;
-            let list = routed.entry(route.name.clone()).or_default();
-            list.extend((0..count as u32).map(|i| Notification::new(envelope.clone(), i)));
-            if decoded >= INTAKE_NOTIFICATIONS {
-                self.submit(s, &mut routed).await?;
-                decoded = 0;
+            jobs.push(envelope);
+        }
+        let mut routed: HashMap<Arc<str>, Vec<Notification>> = HashMap::new();
+        let mut pending = 0;
+        for envelope in jobs {
+            let count = envelope.tokens.len();
+            let mut next = 0;
+            while next < count {
+                let end = count.min(next + INTAKE_NOTIFICATIONS - pending);
+                let list = routed.entry(envelope.app.clone()).or_default();
+                list.extend((next..end).map(|i| Notification::new(envelope.clone(), i as u32)));
+                pending += end - next;
+                next = end;
+                if pending >= INTAKE_NOTIFICATIONS {
+                    self.submit(s, &mut routed).await?;
+                    pending = 0;
+                }
             }
         }
         Ok(self.submit(s, &mut routed).await?)
@@ -547,7 +603,7 @@ impl Session {
     ) -> Result<(), lapin::Error> {
         stats.jobs_rejected.inc();
         tracing::warn!(id = id.as_deref().unwrap_or(""), %error, "rejected job");
-        self.ledger.open(key, tag, 0, 1);
+        self.ledger.open(key, tag, body_len(&body), 0, 1);
         let event = Event::Rejected {
             error: error.to_string(),
             body,
@@ -650,6 +706,34 @@ impl Session {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// A body's size as the ledger counts it (RabbitMQ caps messages far below 4 GiB).
+fn body_len(body: &[u8]) -> u32 {
+    u32::try_from(body.len()).unwrap_or(u32::MAX)
+}
+
+async fn subscribe(
+    channel: &lapin::Channel,
+    queue: &str,
+    tag: &str,
+) -> Result<Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// The next delivery of `consumer`, or never when there is none.
+async fn next_delivery(consumer: &mut Option<Consumer>) -> Option<Result<Delivery, lapin::Error>> {
+    match consumer {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -18,6 +18,8 @@ struct Options {
     delivered: bool,
     connections: u32,
     extra: String,
+    /// More `[amqp]` keys.
+    amqp: &'static str,
     /// Tuples the feedback service holds before the daemon starts.
     feedback: Vec<(DeviceToken, u32)>,
 }
@@ -29,6 +31,7 @@ impl Default for Options {
             delivered: false,
             connections: 2,
             extra: String::new(),
+            amqp: "",
             feedback: Vec::new(),
         }
     }
@@ -70,8 +73,9 @@ async fn rig(test: &str, opts: Options) -> Rig {
         sim.add_feedback(token, timestamp);
     }
     let toml = format!(
-        "shutdown_timeout = \"10s\"\n{}\n[results]\ndelivered = {}\n{}\n{}",
+        "shutdown_timeout = \"10s\"\n{}{}\n[results]\ndelivered = {}\n{}\n{}",
         broker.amqp_toml(5000),
+        opts.amqp,
         opts.delivered,
         app_toml("example", dir.path(), "client", &sim, opts.connections),
         opts.extra
@@ -399,6 +403,75 @@ async fn fan_out_job_of_ten_thousand_tokens() {
     assert!(counts.values().all(|&n| n == 1));
     let stats = rig.finish().await;
     assert_eq!(stats.jobs_acked, 1);
+}
+
+/// `amqp.prefetch_bytes` at work: large jobs are taken a few at a time, small
+/// ones fill the prefetch, and nothing is lost across the subscriptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefetch_follows_the_bytes_held() {
+    let budget = 100_000;
+    let rig = rig(
+        "prefetchbytes",
+        Options {
+            amqp: "prefetch_bytes = 100000\n",
+            ..Default::default()
+        },
+    )
+    .await;
+    let stats = rig.daemon.stats.clone();
+    // Polls the gauges until every job so far is acked: (most bytes held,
+    // least and most prefetch seen).
+    let watch = |acked: u64| {
+        let stats = stats.clone();
+        async move {
+            let (mut held, mut low, mut high) = (0, i64::MAX, 0);
+            let deadline = std::time::Instant::now() + WAIT;
+            while stats.jobs_acked.get() < acked {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{:?}",
+                    stats.snapshot()
+                );
+                held = held.max(stats.job_bytes_held.get());
+                let prefetch = stats.prefetch.get();
+                (low, high) = (low.min(prefetch), high.max(prefetch));
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (held, low, high)
+        }
+    };
+    // 60 jobs of 500 tokens, about 34 kB each: 2 MB in all.
+    let mut tokens = Vec::new();
+    let bodies: Vec<Vec<u8>> = (0..60u32)
+        .map(|j| {
+            let list: Vec<String> = (0..500).map(|i| token(0x31, j * 500 + i)).collect();
+            tokens.extend(list.iter().cloned());
+            serde_json::to_vec(&serde_json::json!({
+                "id": format!("big{j}"), "tokens": list, "payload": {"aps": {"alert": "x"}}
+            }))
+            .unwrap()
+        })
+        .collect();
+    let size = bodies[0].len() as i64;
+    let total: i64 = bodies.iter().map(|b| b.len() as i64).sum();
+    rig.broker.publish_all(bodies).await;
+    let (held, low, _) = watch(60).await;
+    assert!(
+        low <= budget / size,
+        "the prefetch shrank to what fits: {low}"
+    );
+    // The first subscription's jobs, then at most what fits on top.
+    let bound = (i64::from(apnsd::intake::START) + budget / size + 1) * size;
+    assert!(
+        held <= bound && held < total / 2,
+        "{held} bytes held of {total}, bound {bound}"
+    );
+    let small = rig.burst(3000, |i| token(0x32, i)).await;
+    let (_, _, high) = watch(60 + 3000).await;
+    assert!(high >= 512, "small jobs grew the prefetch: {high}");
+    tokens.extend(small);
+    rig.assert_once(&tokens);
+    rig.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,6 +31,10 @@ const BATCH_BYTES: usize = 128 * 1024;
 /// Settle ticks per `settle` period at most: entries settle up to
 /// `settle / SETTLE_BATCHES` late, in batches.
 const SETTLE_BATCHES: u32 = 16;
+/// Settled notifications retained at most, as a share of `window`: a late
+/// error naming one older than those resends everything retained (safe, at
+/// worst twice), so the cap trades duplicates in a rare case for memory.
+const RETAIN_SHARE: usize = 4;
 /// The smallest in-flight window a lane shrinks to after silent closes.
 const MIN_WINDOW: usize = 8;
 /// After a failed write, how long to wait for the error response that probably
@@ -217,7 +221,7 @@ impl Lane {
         let s = self.settings;
         let (rd, mut wr) = tokio::io::split(stream);
         let mut reader = tokio::spawn(read_answer(rd));
-        let mut window = Window::new(s.settle, s.retain, s.window);
+        let mut window = Window::new(s.settle, s.retain, s.window / RETAIN_SHARE);
         let mut verdicts = Vec::new();
         let mut out: Vec<u8> = Vec::with_capacity(BATCH_BYTES + frame::MAX_FRAME_BODY + 5);
         let mut written = 0usize;
