@@ -203,7 +203,7 @@ impl Pipeline {
     ) -> Result<SessionEnd, AmqpError> {
         let consume_conn = amqp::connect(&cfg.uri, "apnsd-consume").await?;
         let publish_conn = amqp::connect(&cfg.uri, "apnsd-publish").await?;
-        let mut intake = Prefetch::new(cfg.prefetch, cfg.prefetch_bytes);
+        let intake = Prefetch::new(cfg.prefetch, cfg.prefetch_bytes);
         let consume =
             amqp::consumer_channel(&consume_conn, &cfg.topology, intake.current()).await?;
         let publisher = Publisher::open(
@@ -212,12 +212,8 @@ impl Pipeline {
             cfg.confirm_timeout,
         )
         .await?;
-        let mut tag = cfg.consumer_tag.clone();
-        let mut consumer = subscribe(&consume, &cfg.topology.queue, &tag).await?;
-        // A former subscription, cancelled, still handing over what the broker
-        // sent it before the cancel took effect.
-        let mut former: Option<Consumer> = None;
-        let mut subscriptions = 0u32;
+        let mut sub =
+            Subscription::start(&consume, &cfg.topology.queue, &cfg.consumer_tag, intake).await?;
         self.stats.prefetch.set(i64::from(intake.current()));
         tracing::info!(queue = %cfg.topology.queue, prefetch = intake.current(),
             max_prefetch = cfg.prefetch, prefetch_bytes = cfg.prefetch_bytes, "consuming jobs");
@@ -254,11 +250,7 @@ impl Pipeline {
                     in_flight = s.ledger.len(),
                     "stopping intake, letting in-flight jobs finish"
                 );
-                if let Err(e) = s
-                    .consume
-                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                    .await
-                {
+                if let Err(e) = sub.cancel(&s.consume).await {
                     break Err(e.into());
                 }
             }
@@ -287,16 +279,16 @@ impl Pipeline {
                 }
                 // Before the current subscription's: the former's deliveries
                 // have the lower tags, and acks are planned in tag order.
-                delivery = next_delivery(&mut former), if consuming => match delivery {
+                delivery = next_delivery(&mut sub.former), if consuming => match delivery {
                     Some(Ok(d)) => if let Err(e) = self.on_deliveries(&mut s, vec![d]).await { break Err(e) },
                     Some(Err(e)) => break Err(e.into()),
-                    None => former = None,
+                    None => sub.former = None,
                 },
-                delivery = consumer.next(), if consuming => match delivery {
+                delivery = sub.consumer.next(), if consuming => match delivery {
                     Some(Ok(first)) => {
                         let mut batch = vec![first];
                         while batch.len() < INTAKE_BATCH {
-                            match futures_lite::future::poll_once(consumer.next()).await {
+                            match futures_lite::future::poll_once(sub.consumer.next()).await {
                                 Some(Some(Ok(d))) => batch.push(d),
                                 _ => break,
                             }
@@ -311,33 +303,15 @@ impl Pipeline {
                 break Err(e.into());
             }
             let held = (s.ledger.len(), s.ledger.held_bytes());
-            if let (true, None, Some(prefetch)) = (consuming, &former, intake.next(held.0, held.1))
-            {
-                // Cancel first: the broker never holds more than one prefetch for us.
-                subscriptions += 1;
-                let next_tag = format!("{}.{subscriptions}", cfg.consumer_tag);
-                let cancel = BasicCancelOptions::default();
-                let resubscribed = async {
-                    s.consume.basic_cancel(tag.as_str().into(), cancel).await?;
-                    s.consume
-                        .basic_qos(prefetch, BasicQosOptions { global: false })
-                        .await?;
-                    subscribe(&s.consume, &cfg.topology.queue, &next_tag).await
-                };
-                match resubscribed.await {
-                    Ok(next) => former = Some(std::mem::replace(&mut consumer, next)),
+            if consuming {
+                match sub.adapt(&s.consume, &cfg.topology.queue, held).await {
+                    Ok(Some(prefetch)) => {
+                        s.acks.set_slack(usize::from(prefetch) / 2);
+                        self.stats.prefetch.set(i64::from(prefetch));
+                    }
+                    Ok(None) => {}
                     Err(e) => break Err(e.into()),
                 }
-                tracing::debug!(
-                    prefetch,
-                    held_jobs = held.0,
-                    held_bytes = held.1,
-                    "prefetch adapted"
-                );
-                tag = next_tag;
-                intake.set(prefetch);
-                s.acks.set_slack(usize::from(prefetch) / 2);
-                self.stats.prefetch.set(i64::from(prefetch));
             }
             self.stats.jobs_in_flight.set(held.0 as i64);
             self.stats.job_bytes_held.set(held.1 as i64);
@@ -712,6 +686,79 @@ impl Session {
 /// A body's size as the ledger counts it (RabbitMQ caps messages far below 4 GiB).
 fn body_len(body: &[u8]) -> u32 {
     u32::try_from(body.len()).unwrap_or(u32::MAX)
+}
+
+/// A session's subscription to the jobs queue, made again whenever the
+/// intake policy asks for another prefetch.
+struct Subscription {
+    consumer: Consumer,
+    /// The former subscription, cancelled, still handing over what the broker
+    /// sent it before the cancel took effect.
+    former: Option<Consumer>,
+    /// `amqp.consumer_tag`; later subscriptions add `.1`, `.2`, ...
+    base: String,
+    tag: String,
+    made: u32,
+    prefetch: Prefetch,
+}
+
+impl Subscription {
+    async fn start(
+        channel: &lapin::Channel,
+        queue: &str,
+        tag: &str,
+        prefetch: Prefetch,
+    ) -> Result<Self, lapin::Error> {
+        Ok(Subscription {
+            consumer: subscribe(channel, queue, tag).await?,
+            former: None,
+            base: tag.to_owned(),
+            tag: tag.to_owned(),
+            made: 0,
+            prefetch,
+        })
+    }
+
+    /// Subscribes again when the policy wants another prefetch for the jobs
+    /// and bytes `held`; returns the new prefetch. Waits while the former
+    /// subscription still hands over deliveries.
+    async fn adapt(
+        &mut self,
+        channel: &lapin::Channel,
+        queue: &str,
+        held: (usize, u64),
+    ) -> Result<Option<u16>, lapin::Error> {
+        if self.former.is_some() {
+            return Ok(None);
+        }
+        let Some(prefetch) = self.prefetch.next(held.0, held.1) else {
+            return Ok(None);
+        };
+        // Cancel first: the broker never has two subscriptions' worth out to us.
+        self.cancel(channel).await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+        self.made += 1;
+        let tag = format!("{}.{}", self.base, self.made);
+        let next = subscribe(channel, queue, &tag).await?;
+        self.former = Some(std::mem::replace(&mut self.consumer, next));
+        self.tag = tag;
+        self.prefetch.set(prefetch);
+        tracing::debug!(
+            prefetch,
+            held_jobs = held.0,
+            held_bytes = held.1,
+            "prefetch adapted"
+        );
+        Ok(Some(prefetch))
+    }
+
+    async fn cancel(&self, channel: &lapin::Channel) -> Result<(), lapin::Error> {
+        channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await
+    }
 }
 
 async fn subscribe(
