@@ -68,12 +68,30 @@ struct Recipients {
     tokens_file: Option<PathBuf>,
 }
 
+/// glibc raises its mmap threshold whenever a large block is freed (up to
+/// 32 MiB): after the first few, megabyte message bodies come from the heap,
+/// and what they leave behind when freed stays resident. Pinning the
+/// threshold at its initial 128 KiB (which also ends the adjustment) keeps
+/// them mapped and returned: fan-out peak RSS 49–51 MB instead of 60–73 MB.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn pin_mmap_threshold() {
+    // SAFETY: mallopt only sets an allocator parameter, and no other thread
+    // exists yet to be allocating meanwhile.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn pin_mmap_threshold() {}
+
 /// Bad configuration or arguments: exit 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct Usage(String);
 
 fn main() -> ExitCode {
+    pin_mmap_threshold();
     let cli = Cli::parse();
     apnsd::apns::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
