@@ -22,7 +22,7 @@ use h2::{Ping, PingPong};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio_rustls::TlsConnector;
 
 use super::lane::Outcomes;
@@ -583,6 +583,9 @@ impl ConnectError {
 }
 
 async fn connect(target: &Target, timeout: Duration) -> Result<Connection, ConnectError> {
+    // The driver runs from the h2 handshake on; a connect that fails or times
+    // out after it must not leave it holding the socket.
+    let mut spawned: Option<AbortHandle> = None;
     let attempt = async {
         let tcp = TcpStream::connect(&target.addr).await?;
         tcp.set_nodelay(true)?;
@@ -598,6 +601,7 @@ async fn connect(target: &Target, timeout: Duration) -> Result<Connection, Conne
             .await?;
         let mut ping = conn.ping_pong();
         let mut driver = tokio::spawn(conn);
+        spawned = Some(driver.abort_handle());
         // A PONG shows the server took our identity: under TLS 1.3 a refused
         // client certificate only shows now, as an alert ending the connection.
         if let Some(ping) = ping.as_mut() {
@@ -611,9 +615,13 @@ async fn connect(target: &Target, timeout: Duration) -> Result<Connection, Conne
         }
         Ok(Connection { send, driver, ping })
     };
-    tokio::time::timeout(timeout, attempt)
+    let result = tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or(Err(ConnectError::TimedOut))
+        .unwrap_or(Err(ConnectError::TimedOut));
+    if let (Err(_), Some(driver)) = (&result, spawned) {
+        driver.abort();
+    }
+    result
 }
 
 #[cfg(test)]
