@@ -103,6 +103,11 @@ pub struct Config {
     /// On SIGTERM, how long in-flight jobs may take to become final.
     #[serde(default = "defaults::shutdown_timeout", deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Threads running the daemon's tasks (lapin adds one I/O thread per
+    /// broker connection). One makes every hand-off between the intake, the
+    /// lanes and the acks a plain task switch instead of a cross-thread wake.
+    #[serde(default = "defaults::worker_threads")]
+    pub worker_threads: usize,
     #[serde(default)]
     pub amqp: AmqpConfig,
     #[serde(default)]
@@ -262,6 +267,9 @@ impl std::fmt::Debug for AppConfig {
     }
 }
 
+/// More threads than this only add contention: the work is I/O.
+pub const MAX_WORKER_THREADS: usize = 256;
+
 mod defaults {
     use std::time::Duration;
     pub fn log_level() -> String {
@@ -269,6 +277,9 @@ mod defaults {
     }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn worker_threads() -> usize {
+        1
     }
     pub fn connections() -> usize {
         2
@@ -445,6 +456,15 @@ impl Config {
         let mut bad = |key: String, problem: String| problems.push(key_error(file, key, problem));
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             bad("log_level".into(), format!("{:?}: {e}", self.log_level));
+        }
+        if !(1..=MAX_WORKER_THREADS).contains(&self.worker_threads) {
+            bad(
+                "worker_threads".into(),
+                format!(
+                    "must be 1 to {MAX_WORKER_THREADS}, not {}",
+                    self.worker_threads
+                ),
+            );
         }
         if self.apps.is_empty() {
             bad(
@@ -712,6 +732,7 @@ feedback_interval = "1h"
         assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.amqp.prefetch, 20_000);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.worker_threads, 1);
         assert!(!format!("{app:?}").contains("s3cret"));
         assert_eq!(c.app(None).map(|a| a.name.as_str()), Some("example"));
         assert!(c.app(Some("other")).is_none());
@@ -732,6 +753,14 @@ feedback_interval = "1h"
         let c = Config::load_with_env(&p, Some(env)).unwrap();
         assert_eq!((c.amqp.prefetch, c.log_level.as_str()), (10, "debug"));
         assert_eq!(c.amqp.uri, "amqp://other:5672/%2f");
+    }
+
+    #[test]
+    fn worker_threads_are_bounded() {
+        let m = message(&format!("worker_threads = 0\n{APP}"));
+        assert!(m.contains("worker_threads: must be 1 to 256, not 0"), "{m}");
+        assert!(message(&format!("worker_threads = 257\n{APP}")).contains("not 257"));
+        assert_eq!(load(&format!("worker_threads = 4\n{APP}")).unwrap().worker_threads, 4);
     }
 
     #[test]

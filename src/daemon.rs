@@ -215,6 +215,9 @@ impl Daemon {
         if config.metrics.listen != w.config.metrics.listen {
             tracing::warn!("metrics.listen changes take effect at the next start");
         }
+        if config.worker_threads != w.config.worker_threads {
+            tracing::warn!("worker_threads changes take effect at the next start");
+        }
         let session = session_config(&config);
         done.broker_session = session != session_config(&w.config);
         let (tx, rx) = oneshot::channel();

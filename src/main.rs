@@ -94,14 +94,22 @@ fn main() -> ExitCode {
     pin_mmap_threshold();
     let cli = Cli::parse();
     apnsd::apns::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("apnsd: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+    let result = match cli.command {
+        // The daemon's configuration decides how many threads run it.
+        Command::Run { config: path } => load(&path)
+            .and_then(|config| runtime(config.worker_threads)?.block_on(run(&path, config))),
+        Command::Check { config, connect } => {
+            runtime(1).and_then(|rt| rt.block_on(check(&config, connect)))
         }
+        Command::Send {
+            config,
+            to,
+            alert,
+            app,
+        } => runtime(1).and_then(|rt| rt.block_on(send(&config, &to, &alert, app.as_deref()))),
+        Command::Simulate(args) => runtime(0).and_then(|rt| rt.block_on(simulate(*args))),
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<Usage>().is_some() => {
             eprintln!("apnsd: {e:#}");
@@ -114,31 +122,35 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command) -> anyhow::Result<()> {
-    match command {
-        Command::Run { config } => run(&config).await,
-        Command::Check { config, connect } => check(&config, connect).await,
-        Command::Send {
-            config,
-            to,
-            alert,
-            app,
-        } => send(&config, &to, &alert, app.as_deref()).await,
-        Command::Simulate(args) => {
-            Logging::init("info", LogFormat::Text);
-            let shutdown = CancellationToken::new();
-            apnsd::shutdown::install(shutdown.clone())?;
-            apnsd::simulator::run_cli(*args, shutdown.cancelled_owned()).await
+/// One thread runs everything on it; more (0: one per core) steal work.
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
         }
-    }
+        b
+    };
+    builder
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+async fn simulate(args: apnsd::simulator::SimulateArgs) -> anyhow::Result<()> {
+    Logging::init("info", LogFormat::Text);
+    let shutdown = CancellationToken::new();
+    apnsd::shutdown::install(shutdown.clone())?;
+    apnsd::simulator::run_cli(args, shutdown.cancelled_owned()).await
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| Usage(e.to_string()).into())
 }
 
-async fn run(path: &Path) -> anyhow::Result<()> {
-    let config = load(path)?;
+async fn run(path: &Path, config: Config) -> anyhow::Result<()> {
     let logging = Logging::init(&config.log_level, config.log_format);
     let shutdown = CancellationToken::new();
     let reloads =

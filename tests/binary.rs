@@ -20,7 +20,8 @@ async fn five_thousand_jobs_with_bad_tokens_and_unusable_jobs() {
     std::fs::write(
         &config,
         format!(
-            "shutdown_timeout = \"20s\"\n{}{}",
+            // The multi-threaded runtime here; the other binary tests run the default one.
+            "shutdown_timeout = \"20s\"\nworker_threads = 2\n{}{}",
             broker.amqp_toml(2000),
             sim.app_toml("connections = 2\nsettle = \"200ms\"")
         ),
