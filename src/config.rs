@@ -760,7 +760,12 @@ feedback_interval = "1h"
         let m = message(&format!("worker_threads = 0\n{APP}"));
         assert!(m.contains("worker_threads: must be 1 to 256, not 0"), "{m}");
         assert!(message(&format!("worker_threads = 257\n{APP}")).contains("not 257"));
-        assert_eq!(load(&format!("worker_threads = 4\n{APP}")).unwrap().worker_threads, 4);
+        assert_eq!(
+            load(&format!("worker_threads = 4\n{APP}"))
+                .unwrap()
+                .worker_threads,
+            4
+        );
     }
 
     #[test]

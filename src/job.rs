@@ -3,11 +3,15 @@
 //! Decoding is pure (bytes in, `Job` or `Rejection` out) so that every way a job
 //! can be unusable is unit-tested and fuzzable without a broker.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde_json::{Map, Value};
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::apns::Protocol;
 
@@ -324,124 +328,55 @@ impl Job {
     /// has no `id`.
     pub fn decode(body: &[u8], message_id: Option<&str>) -> Result<Job, Rejection> {
         let fallback_id = || message_id.map(str::to_owned);
-        let text = std::str::from_utf8(body).map_err(|_| Rejection {
-            error: JobError::NotUtf8,
+        let reject = |error| Rejection {
+            error,
             id: fallback_id(),
-        })?;
-        let value: Value = serde_json::from_str(text).map_err(|e| Rejection {
-            error: JobError::NotJson(e.to_string()),
-            id: fallback_id(),
-        })?;
-        let Value::Object(map) = value else {
-            return Err(Rejection {
-                error: JobError::NotObject,
-                id: fallback_id(),
-            });
         };
-        let id = match map.get("id") {
-            None | Some(Value::Null) => fallback_id(),
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(_) => {
-                return Err(Rejection {
-                    error: JobError::WrongType {
-                        field: "id",
-                        expected: "a string",
-                    },
-                    id: fallback_id(),
-                })
-            }
+        let text = std::str::from_utf8(body).map_err(|_| reject(JobError::NotUtf8))?;
+        // A struct also deserializes from an array: only an object is a job.
+        if !text.trim_start().starts_with('{') {
+            return Err(reject(match serde_json::from_str::<IgnoredAny>(text) {
+                Ok(_) => JobError::NotObject,
+                Err(e) => JobError::NotJson(e.to_string()),
+            }));
+        }
+        let fields: Fields =
+            serde_json::from_str(text).map_err(|e| reject(JobError::NotJson(e.to_string())))?;
+        let id = match fields.id {
+            None => fallback_id(),
+            Some(raw) => match id_text(raw) {
+                Some(id) => Some(id),
+                None => return Err(reject(wrong("id", "a string"))),
+            },
         };
-        Self::from_map(map)
+        fields
+            .into_job()
             .map(|mut job| {
-                job.id = id.clone().map(Arc::from);
+                job.id = id.as_deref().map(Arc::from);
                 job
             })
             .map_err(|error| Rejection { error, id })
     }
 
     /// The job as a body [`Job::decode`] reads back: how a job with its
-    /// deferred tokens travels through the retry queue.
+    /// deferred tokens travels through the retry queue. The payload goes
+    /// byte for byte.
     pub fn encode(&self) -> Vec<u8> {
-        let mut map = Map::new();
-        if let Some(id) = &self.id {
-            map.insert("id".into(), Value::String(id.to_string()));
-        }
-        if let Some(app) = &self.app {
-            map.insert("app".into(), Value::String(app.clone()));
-        }
-        let tokens = self.tokens.iter().map(|t| Value::String(t.to_hex()));
-        map.insert("tokens".into(), Value::Array(tokens.collect()));
-        // The payload was produced by serde_json from a JSON object.
-        let payload = serde_json::from_slice(&self.payload).unwrap_or(Value::Null);
-        map.insert("payload".into(), payload);
-        if let Some(expiry) = self.expiry {
-            map.insert("expiry".into(), expiry.into());
-        }
-        if let Some(priority) = self.priority {
-            map.insert("priority".into(), priority.code().into());
-        }
-        for (key, value) in [
-            ("push_type", &self.push_type),
-            ("collapse_id", &self.collapse_id),
-        ] {
-            if let Some(v) = value {
-                map.insert(key.into(), Value::String(v.to_string()));
-            }
-        }
-        serde_json::to_vec(&Value::Object(map)).unwrap_or_default()
-    }
-
-    fn from_map(mut map: Map<String, Value>) -> Result<Job, JobError> {
-        let app = match map.remove("app") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s),
-            Some(_) => return Err(wrong("app", "a string")),
-        };
-        let tokens = tokens(map.remove("token"), map.remove("tokens"))?;
-        let (payload, content_only) = payload(map.remove("payload"))?;
-        let expiry = match map.remove("expiry") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => Some(
-                n.as_u64()
-                    .and_then(|v| u32::try_from(v).ok())
-                    .ok_or_else(|| JobError::BadExpiry(n.to_string()))?,
-            ),
-            Some(_) => return Err(wrong("expiry", "a number (unix seconds)")),
-        };
-        let priority = match map.remove("priority") {
-            None | Some(Value::Null) => None,
-            Some(Value::Number(n)) => match n.as_i64() {
-                Some(10) => Some(Priority::Immediate),
-                Some(5) => Some(Priority::PowerConsiderate),
-                Some(other) => return Err(JobError::BadPriority(other)),
-                None => return Err(wrong("priority", "10 or 5")),
-            },
-            Some(_) => return Err(wrong("priority", "10 or 5")),
-        };
-        let push_type = match map.remove("push_type") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if is_push_type(&s) => Some(s.into_boxed_str()),
-            Some(Value::String(s)) => return Err(JobError::BadPushType(s)),
-            Some(_) => return Err(wrong("push_type", "a string")),
-        }
-        .or_else(|| content_only.then(|| "background".into()));
-        let collapse_id = match map.remove("collapse_id") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if is_collapse_id(&s) => Some(s.into_boxed_str()),
-            Some(Value::String(_)) => return Err(JobError::BadCollapseId),
-            Some(_) => return Err(wrong("collapse_id", "a string")),
-        };
-        Ok(Job {
-            id: None,
-            app,
-            tokens,
+        let payload = std::str::from_utf8(&self.payload)
+            .ok()
+            .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
+            .unwrap_or(RawValue::NULL);
+        let body = Body {
+            id: self.id.as_deref(),
+            app: self.app.as_deref(),
+            tokens: self.tokens.iter().map(|t| t.to_hex()).collect(),
             payload,
-            expiry,
-            priority,
-            push_type,
-            collapse_id,
-        })
+            expiry: self.expiry,
+            priority: self.priority.map(Priority::code),
+            push_type: self.push_type.as_deref(),
+            collapse_id: self.collapse_id.as_deref(),
+        };
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 
     /// The limits of the protocol the job's app speaks: token length and
@@ -475,35 +410,147 @@ fn is_collapse_id(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_COLLAPSE_ID && s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
+/// A job body's fields as they were written: each is read (and its type
+/// checked) on its own, so an error names the field, and nothing of the body
+/// is copied that the job does not keep. `null` reads as absent.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    app: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tokens: Option<&'a RawValue>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    expiry: Option<&'a RawValue>,
+    #[serde(borrow)]
+    priority: Option<&'a RawValue>,
+    #[serde(borrow)]
+    push_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    collapse_id: Option<&'a RawValue>,
+}
+
+impl Fields<'_> {
+    fn into_job(self) -> Result<Job, JobError> {
+        let app = self
+            .app
+            .map(|raw| string(raw).ok_or_else(|| wrong("app", "a string")))
+            .transpose()?;
+        let tokens = tokens(self.token, self.tokens)?;
+        let (payload, content_only) = payload(self.payload)?;
+        let expiry = match self.expiry {
+            None => None,
+            Some(raw) => {
+                let n = number(raw).ok_or_else(|| wrong("expiry", "a number (unix seconds)"))?;
+                let secs = n.as_u64().and_then(|v| u32::try_from(v).ok());
+                Some(secs.ok_or_else(|| JobError::BadExpiry(n.to_string()))?)
+            }
+        };
+        let priority = match self.priority.map(|raw| number(raw).map(|n| n.as_i64())) {
+            None => None,
+            Some(Some(Some(10))) => Some(Priority::Immediate),
+            Some(Some(Some(5))) => Some(Priority::PowerConsiderate),
+            Some(Some(Some(other))) => return Err(JobError::BadPriority(other)),
+            Some(_) => return Err(wrong("priority", "10 or 5")),
+        };
+        let push_type = match self.push_type.map(string) {
+            None => None,
+            Some(Some(s)) if is_push_type(&s) => Some(s.into_boxed_str()),
+            Some(Some(s)) => return Err(JobError::BadPushType(s)),
+            Some(None) => return Err(wrong("push_type", "a string")),
+        }
+        .or_else(|| content_only.then(|| "background".into()));
+        let collapse_id = match self.collapse_id.map(string) {
+            None => None,
+            Some(Some(s)) if is_collapse_id(&s) => Some(s.into_boxed_str()),
+            Some(Some(_)) => return Err(JobError::BadCollapseId),
+            Some(None) => return Err(wrong("collapse_id", "a string")),
+        };
+        Ok(Job {
+            id: None,
+            app,
+            tokens,
+            payload,
+            expiry,
+            priority,
+            push_type,
+            collapse_id,
+        })
+    }
+}
+
+/// What [`Job::encode`] writes.
+#[derive(Serialize)]
+struct Body<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app: Option<&'a str>,
+    tokens: Vec<String>,
+    payload: &'a RawValue,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expiry: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    push_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    collapse_id: Option<&'a str>,
+}
+
+fn string(raw: &RawValue) -> Option<String> {
+    serde_json::from_str(raw.get()).ok()
+}
+
+fn number(raw: &RawValue) -> Option<serde_json::Number> {
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// A job id: a string, or a number written as it reads.
+fn id_text(raw: &RawValue) -> Option<String> {
+    string(raw).or_else(|| number(raw).map(|n| n.to_string()))
+}
+
+/// The first byte of a JSON value tells its type.
+fn starts(raw: Option<&RawValue>, byte: u8) -> bool {
+    raw.is_some_and(|r| r.get().as_bytes().first() == Some(&byte))
+}
+
 fn wrong(field: &'static str, expected: &'static str) -> JobError {
     JobError::WrongType { field, expected }
 }
 
-fn tokens(one: Option<Value>, many: Option<Value>) -> Result<Tokens, JobError> {
-    let parse = |index: usize, v: &Value| match v {
-        Value::String(s) => DeviceToken::parse(s).map_err(|error| JobError::BadToken {
+fn tokens(one: Option<&RawValue>, many: Option<&RawValue>) -> Result<Tokens, JobError> {
+    let parse = |index: usize, s: &str| {
+        DeviceToken::parse(s).map_err(|error| JobError::BadToken {
             index,
-            text: s.clone(),
+            text: s.to_owned(),
             error,
-        }),
-        _ => Err(wrong("tokens", "a list of hex strings")),
+        })
     };
     match (one, many) {
-        (Some(Value::Null) | None, Some(Value::Null) | None) => Err(JobError::NoToken),
-        (Some(Value::String(s)), None | Some(Value::Null)) => {
-            Ok(Tokens::from_iter([parse(0, &Value::String(s))?]))
+        (None, None) => Err(JobError::NoToken),
+        (Some(raw), None) if starts(one, b'"') => {
+            let text = borrowed(raw).ok_or_else(|| wrong("token", "a hex string"))?;
+            Ok(Tokens::from_iter([parse(0, &text)?]))
         }
-        (Some(Value::Null) | None, Some(Value::Array(list))) => {
+        (None, Some(raw)) if starts(many, b'[') => {
+            let list = hex_list(raw).ok_or_else(|| wrong("tokens", "a list of hex strings"))?;
             if list.is_empty() {
                 return Err(JobError::EmptyTokens);
             }
             let mut tokens = Tokens::with_capacity(list.len());
-            for (i, v) in list.iter().enumerate() {
-                tokens.push(&parse(i, v)?);
+            for (i, text) in list.iter().enumerate() {
+                tokens.push(&parse(i, text)?);
             }
             Ok(tokens)
         }
-        (Some(Value::String(_)), Some(_)) | (Some(Value::Array(_)), Some(_)) => {
+        (Some(_), Some(_)) if starts(one, b'"') || starts(one, b'[') => {
             Err(JobError::BothTokenFields)
         }
         (Some(_), _) => Err(wrong("token", "a hex string")),
@@ -511,20 +558,69 @@ fn tokens(one: Option<Value>, many: Option<Value>) -> Result<Tokens, JobError> {
     }
 }
 
+/// A string, borrowed from the body unless it has escapes.
+fn borrowed(raw: &RawValue) -> Option<Cow<'_, str>> {
+    match serde_json::from_str::<&str>(raw.get()) {
+        Ok(text) => Some(Cow::Borrowed(text)),
+        Err(_) => string(raw).map(Cow::Owned),
+    }
+}
+
+/// A list of strings, borrowed from the body unless one has escapes.
+fn hex_list(raw: &RawValue) -> Option<Vec<Cow<'_, str>>> {
+    match serde_json::from_str::<Vec<&str>>(raw.get()) {
+        Ok(list) => Some(list.into_iter().map(Cow::Borrowed).collect()),
+        Err(_) => serde_json::from_str::<Vec<String>>(raw.get())
+            .ok()
+            .map(|list| list.into_iter().map(Cow::Owned).collect()),
+    }
+}
+
 /// The compact payload, and whether its `aps` holds nothing but
-/// `content-available` (a silent, background push).
-fn payload(value: Option<Value>) -> Result<(Bytes, bool), JobError> {
-    let payload = match value {
-        None | Some(Value::Null) => return Err(JobError::NoPayload),
-        Some(v @ Value::Object(_)) => v,
-        Some(_) => return Err(wrong("payload", "a JSON object")),
-    };
-    let content_only = match payload.get("aps") {
-        Some(Value::Object(aps)) => aps.len() == 1 && aps.contains_key("content-available"),
-        _ => return Err(JobError::NoAps),
-    };
-    let compact = serde_json::to_vec(&payload).map_err(|e| JobError::NotJson(e.to_string()))?;
-    Ok((Bytes::from(compact), content_only))
+/// `content-available` (a silent, background push). The payload keeps the
+/// publisher's key order, numbers and escapes; only whitespace goes.
+fn payload(raw: Option<&RawValue>) -> Result<(Bytes, bool), JobError> {
+    let raw = raw.ok_or(JobError::NoPayload)?;
+    if !starts(Some(raw), b'{') {
+        return Err(wrong("payload", "a JSON object"));
+    }
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        aps: Option<&'a RawValue>,
+    }
+    let head: Head =
+        serde_json::from_str(raw.get()).map_err(|e| JobError::NotJson(e.to_string()))?;
+    let aps = head
+        .aps
+        .filter(|a| starts(Some(a), b'{'))
+        .ok_or(JobError::NoAps)?;
+    let keys: BTreeMap<String, IgnoredAny> =
+        serde_json::from_str(aps.get()).map_err(|e| JobError::NotJson(e.to_string()))?;
+    let content_only = keys.len() == 1 && keys.contains_key("content-available");
+    Ok((Bytes::from(compact(raw.get())), content_only))
+}
+
+/// Valid JSON `text` without the whitespace between its tokens.
+fn compact(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = b == b'"';
+            out.push(b);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -631,7 +727,27 @@ mod tests {
         let cases: Vec<(String, JobError)> = vec![
             ("not json".into(), JobError::NotJson(String::new())),
             ("[1,2]".into(), JobError::NotObject),
+            (
+                "[null,null,null,null,null,null,null,null,null]".into(),
+                JobError::NotObject,
+            ),
             (format!("{{{p}}}"), JobError::NoToken),
+            (
+                format!(r#"{{"token":null,"tokens":null,{p}}}"#),
+                JobError::NoToken,
+            ),
+            (
+                format!(r#"{{"token":"{HEX}","token":"{HEX}",{p}}}"#),
+                JobError::NotJson(String::new()),
+            ),
+            (
+                format!(r#"{{"tokens":["{HEX}",7],{p}}}"#),
+                wrong("tokens", "a list of hex strings"),
+            ),
+            (
+                format!(r#"{{"id":[1],"token":"{HEX}",{p}}}"#),
+                wrong("id", "a string"),
+            ),
             (format!(r#"{{"tokens":[],{p}}}"#), JobError::EmptyTokens),
             (
                 format!(r#"{{"token":"{HEX}","tokens":["{HEX}"],{p}}}"#),
@@ -680,6 +796,28 @@ mod tests {
         assert_eq!(
             Job::decode(&[0xff, 0xfe], None).unwrap_err().error,
             JobError::NotUtf8
+        );
+    }
+
+    #[test]
+    fn the_payload_goes_as_written_less_the_whitespace() {
+        let payload =
+            r#"{ "z": 1.50, "aps" : {"alert": "a \"b\"\t c\u00e9 ", "badge":1e2}, "a": [1, 2] }"#;
+        let body = format!(r#"{{"id": 42, "tokens": ["{HEX}"], "payload": {payload}}}"#);
+        let job = decode(&body).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&job.payload).unwrap(),
+            r#"{"z":1.50,"aps":{"alert":"a \"b\"\t c\u00e9 ","badge":1e2},"a":[1,2]}"#
+        );
+        assert_eq!(job.id.as_deref(), Some("42"));
+        assert_eq!(Job::decode(&job.encode(), None).unwrap(), job);
+        let escaped = format!(
+            r#"{{"tokens":["\u0031{}"],"payload":{{"aps":{{}}}}}}"#,
+            &HEX[1..]
+        );
+        assert_eq!(
+            decode(&escaped).unwrap().tokens.get(0),
+            DeviceToken::parse(HEX).ok()
         );
     }
 
