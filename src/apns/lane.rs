@@ -28,6 +28,15 @@ use crate::metrics::{LaneStats, Stats};
 
 /// Coalesce up to this many bytes of frames into one write.
 const BATCH_BYTES: usize = 128 * 1024;
+/// After a write of several frames (a busy lane), the next one waits up to
+/// this long (plus the timer's millisecond) for more, unless a full batch is
+/// already waiting: at high rates that halves the writes and the gateway's
+/// reads. A lane writing single frames (a quiet one) never waits.
+const COALESCE: Duration = Duration::from_millis(1);
+/// Frames in a write that make the next one wait.
+const COALESCE_FROM: u64 = 4;
+/// Queued notifications that make a write worth making at once.
+const HOLD_BELOW: usize = 256;
 /// Settle ticks per `settle` period at most: entries settle up to
 /// `settle / SETTLE_BATCHES` late, in batches.
 const SETTLE_BATCHES: u32 = 16;
@@ -230,9 +239,13 @@ impl Lane {
         let mut write_started: Option<Instant> = None;
         let mut next_id: u32 = 1;
         let mut accepted_any = false;
+        let mut coalesce_until: Option<Instant> = None;
 
         let end = loop {
-            if out.is_empty() {
+            let hold = coalesce_until.filter(|&at| {
+                queue.len() < HOLD_BELOW && self.rx.is_empty() && at > Instant::now()
+            });
+            if out.is_empty() && hold.is_none() {
                 in_batch = self.fill(queue, &mut window, &mut next_id, &mut out, rx_open);
                 if !out.is_empty() {
                     write_started = Some(Instant::now());
@@ -281,9 +294,11 @@ impl Lane {
                         written = 0;
                         flushing = false;
                         write_started = None;
+                        coalesce_until = (in_batch >= COALESCE_FROM).then(|| Instant::now() + COALESCE);
                     }
                     _ => break self.broken_write(reader, &mut window, &mut verdicts, queue, accepted_any).await,
                 },
+                _ = sleep_until(hold), if hold.is_some() && !queue.is_empty() => {}
                 _ = sleep_until(settle_at), if settle_at.is_some() => {
                     window.tick(Instant::now(), &mut verdicts);
                     accepted_any |= !verdicts.is_empty();
