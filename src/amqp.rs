@@ -26,6 +26,10 @@ pub enum AmqpError {
     ConfirmTimeout(Duration),
     #[error("the broker cancelled the consumer (queue deleted?)")]
     ConsumerCancelled,
+    /// The retry queue is gone (deleted while the session ran): the job stays
+    /// unacked and the next session declares the queue again.
+    #[error("RabbitMQ could not route a retry to queue {0} (deleted?)")]
+    Unroutable(String),
 }
 
 /// Where the jobs come from and the results go.
@@ -156,6 +160,9 @@ struct Message {
     routing_key: ShortString,
     body: Vec<u8>,
     props: BasicProperties,
+    /// Set for retries: the broker confirms an unroutable message as well, and
+    /// only a mandatory one comes back to say it was dropped.
+    mandatory: bool,
 }
 
 /// Publishes results with confirms, pipelined: many in flight, resolved in order.
@@ -205,6 +212,7 @@ impl Publisher {
             routing_key: event.routing_key().into(),
             body: event.body(SystemTime::now()),
             props: json_props(),
+            mandatory: false,
         };
         self.send(message, owner).await
     }
@@ -228,6 +236,7 @@ impl Publisher {
             props: json_props()
                 .with_headers(headers)
                 .with_expiration(delay.as_millis().to_string().into()),
+            mandatory: true,
         };
         self.send(message, owner).await
     }
@@ -238,7 +247,10 @@ impl Publisher {
             .basic_publish(
                 message.exchange.clone(),
                 message.routing_key.clone(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: message.mandatory,
+                    ..Default::default()
+                },
                 &message.body,
                 message.props.clone(),
             )
@@ -253,7 +265,8 @@ impl Publisher {
     }
 
     /// Waits for the oldest unconfirmed result. A nack republishes it and
-    /// yields nothing. Cancel-safe: the pending confirm stays in place.
+    /// yields nothing; a returned retry is an error, since its job must not be
+    /// acked. Cancel-safe: the pending confirm stays in place.
     pub async fn confirmed(&mut self) -> Result<Option<Owner>, AmqpError> {
         let Some(front) = self.inflight.front_mut() else {
             return std::future::pending().await;
@@ -273,7 +286,10 @@ impl Publisher {
                 self.send(done.message, done.owner).await?;
                 Ok(None)
             }
-            Confirmation::Ack(_) | Confirmation::NotRequested => Ok(Some(done.owner)),
+            Confirmation::Ack(Some(_)) => {
+                Err(AmqpError::Unroutable(done.message.routing_key.to_string()))
+            }
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Some(done.owner)),
         }
     }
 }

@@ -20,7 +20,7 @@ struct Setup {
     uri: Option<String>,
     prefetch: u32,
     /// More `[amqp]` keys.
-    amqp: &'static str,
+    amqp: String,
     /// More keys for the `example` app (placeholders as in `apps`).
     app: &'static str,
     /// More `[[apps]]`; `{dir}` is the certificates folder, `{gateway}` and
@@ -34,7 +34,7 @@ impl Default for Setup {
         Setup {
             uri: None,
             prefetch: 1000,
-            amqp: "",
+            amqp: "".into(),
             app: "",
             apps: String::new(),
             faults: Faults::default(),
@@ -249,7 +249,7 @@ async fn unusable_apps_retry_then_fail(test: &str, protocol: &str) {
     let mut rig = rig(
         test,
         Setup {
-            amqp: "retry_delay = \"200ms\"\nmax_job_attempts = 3\n",
+            amqp: "retry_delay = \"200ms\"\nmax_job_attempts = 3\n".into(),
             apps,
             ..Default::default()
         },
@@ -504,13 +504,14 @@ async fn the_retry_queue_dead_letters_back_to_the_jobs_queue_classic_and_quorum(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn expired_jobs_are_not_sent_even_after_waiting_in_the_retry_queue() {
+/// A rig with `dead` beside the working `example` app: an app whose gateway
+/// port is closed, unusable after 100 ms; its jobs wait 200 ms per retry.
+async fn rig_with_dead_app(test: &str, max_job_attempts: u32) -> Rig {
     let dead = format!("127.0.0.1:{}", common::process::free_port());
-    let mut rig = rig(
-        "expired",
+    rig(
+        test,
         Setup {
-            amqp: "retry_delay = \"200ms\"\nmax_job_attempts = 1000\n",
+            amqp: format!("retry_delay = \"200ms\"\nmax_job_attempts = {max_job_attempts}\n"),
             apps: app_toml(
                 "dead",
                 Path::new("{dir}"),
@@ -521,7 +522,41 @@ async fn expired_jobs_are_not_sent_even_after_waiting_in_the_retry_queue() {
             ..Default::default()
         },
     )
-    .await;
+    .await
+}
+
+/// The retry queue deleted under a running daemon: the broker confirms the
+/// retry but returns it unroutable, so the job stays unacked, the session
+/// starts again, declares the queue anew and the job still gets its result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_queue_deleted_under_the_daemon_loses_no_job() {
+    let mut rig = rig_with_dead_app("retry-gone", 2).await;
+    // A job of the working app first: the session has declared its queues.
+    let first = tokens(0x29, 1);
+    publish(&rig, &first).await;
+    assert_eq!(all_accepted(&rig, &first).await, 0);
+    rig.broker.delete_retry_queue().await;
+    rig.broker
+        .publish_all([serde_json::to_vec(&serde_json::json!({
+            "id": "parked", "app": "dead", "token": token(0x29, 2), "payload": {"aps": {}},
+        }))
+        .unwrap()])
+        .await;
+    let results = rig.broker.results(1, WAIT).await;
+    assert_eq!(results[0].routing_key, "failed.gateway_unreachable");
+    assert_eq!(results[0].body["id"], "parked");
+    assert_eq!(results[0].body["attempts"], 2, "{:?}", results[0]);
+    let stats = finish(rig).await;
+    assert!(stats.jobs_redelivered >= 1, "{stats:?}");
+    assert_eq!(
+        stats.jobs_deferred, 2,
+        "the returned retry, then the one that went through: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_jobs_are_not_sent_even_after_waiting_in_the_retry_queue() {
+    let mut rig = rig_with_dead_app("expired", 1000).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -242,6 +242,15 @@ impl Broker {
         self.depth(&format!("{}.retry", self.queue)).await
     }
 
+    /// Deletes the retry queue under a running daemon, as an operator might.
+    pub async fn delete_retry_queue(&self) {
+        let queue = format!("{}.retry", self.queue);
+        self.ch
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+
     async fn depth(&self, queue: &str) -> u32 {
         self.ch
             .queue_declare(
