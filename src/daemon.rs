@@ -4,6 +4,7 @@
 //! how it is going.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +51,7 @@ pub enum DaemonError {
     Simulator(String),
     #[error("metrics.listen: cannot listen on {addr}: {source}")]
     Metrics {
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         source: std::io::Error,
     },
     #[error("the daemon has stopped")]
@@ -77,10 +78,46 @@ struct Wiring {
     config: Config,
     apps: HashMap<String, RunningApp>,
     simulator: Option<Simulator>,
+    metrics: Option<MetricsServer>,
     outcomes: Outcomes,
     requests: mpsc::Sender<ResultRequest>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
+}
+
+/// The `/metrics` server in force: a reload that moves `metrics.listen`
+/// starts one on the new address and stops this one.
+struct MetricsServer {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl MetricsServer {
+    /// Binds first, so a bad address fails the start or the reload.
+    async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, DaemonError> {
+        crate::metrics::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Metrics { addr, source })
+    }
+
+    fn serve(
+        addr: SocketAddr,
+        listener: tokio::net::TcpListener,
+        stats: Arc<Stats>,
+        shutdown: &CancellationToken,
+    ) -> MetricsServer {
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+        let stop = shutdown.child_token();
+        tokio::spawn(crate::metrics::serve(listener, stats, stop.clone()));
+        MetricsServer { addr, stop }
+    }
+}
+
+/// What a reload does to the metrics server.
+enum MetricsChange {
+    Keep,
+    Move(SocketAddr, tokio::net::TcpListener),
+    Stop,
 }
 
 struct RunningApp {
@@ -121,19 +158,21 @@ impl Daemon {
         let (requests_tx, requests_rx) = mpsc::channel(1024);
         let (control_tx, control_rx) = mpsc::channel(4);
 
-        if let Some(addr) = config.metrics.listen {
-            let listener = crate::metrics::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Metrics { addr, source })?;
-            tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-            tokio::spawn(crate::metrics::serve(
-                listener,
-                stats.clone(),
-                shutdown.child_token(),
-            ));
-        }
+        let metrics = match config.metrics.listen {
+            Some(addr) => {
+                let listener = MetricsServer::bind(addr).await?;
+                Some(MetricsServer::serve(
+                    addr,
+                    listener,
+                    stats.clone(),
+                    &shutdown,
+                ))
+            }
+            None => None,
+        };
         let mut wiring = Wiring {
             simulator: start_simulator_if_needed(&config, None).await?,
+            metrics,
             config: config.clone(),
             apps: HashMap::new(),
             outcomes: outcomes_tx,
@@ -180,6 +219,7 @@ impl Daemon {
     /// daemon exactly as it was. Logging is the caller's (it owns the subscriber).
     pub async fn reload(&self, config: Config) -> Result<Reloaded, DaemonError> {
         let mut w = self.wiring.lock().await;
+        let metrics = metrics_change(w.metrics.as_ref(), config.metrics.listen).await?;
         w.simulator = start_simulator_if_needed(&config, w.simulator.take()).await?;
         let mut prepared = Vec::new();
         for app in &config.apps {
@@ -212,9 +252,6 @@ impl Daemon {
             }
             keep
         });
-        if config.metrics.listen != w.config.metrics.listen {
-            tracing::warn!("metrics.listen changes take effect at the next start");
-        }
         if config.worker_threads != w.config.worker_threads {
             tracing::warn!("worker_threads changes take effect at the next start");
         }
@@ -234,6 +271,22 @@ impl Daemon {
             .await
             .map_err(|_| DaemonError::Stopped)?;
         rx.await.map_err(|_| DaemonError::Stopped)?;
+        match metrics {
+            MetricsChange::Keep => {}
+            MetricsChange::Move(addr, listener) => {
+                if let Some(old) = w.metrics.take() {
+                    old.stop.cancel();
+                }
+                let stats = w.stats.clone();
+                w.metrics = Some(MetricsServer::serve(addr, listener, stats, &w.shutdown));
+            }
+            MetricsChange::Stop => {
+                if let Some(old) = w.metrics.take() {
+                    old.stop.cancel();
+                    tracing::info!(addr = %old.addr, "metrics server stopped");
+                }
+            }
+        }
         w.config = config;
         Ok(done)
     }
@@ -281,6 +334,33 @@ impl Daemon {
         let done = self.reload(config).await?;
         logging.apply(&level, format);
         Ok(done)
+    }
+}
+
+/// What a reload to `listen` does to the metrics server `current`. A new
+/// address is bound before anything changes; one that overlaps the current
+/// socket (`0.0.0.0` for `127.0.0.1`, same port) cannot be while that is open,
+/// so it waits for the next start rather than leave no server at all.
+async fn metrics_change(
+    current: Option<&MetricsServer>,
+    listen: Option<SocketAddr>,
+) -> Result<MetricsChange, DaemonError> {
+    let serving = current.map(|m| m.addr);
+    match listen {
+        Some(addr) if serving == Some(addr) => Ok(MetricsChange::Keep),
+        Some(addr) => match MetricsServer::bind(addr).await {
+            Ok(listener) => Ok(MetricsChange::Move(addr, listener)),
+            Err(DaemonError::Metrics { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && serving.is_some_and(|old| old.port() == addr.port()) =>
+            {
+                tracing::warn!(%addr, "metrics.listen: the new address overlaps the one served now; it takes effect at the next start");
+                Ok(MetricsChange::Keep)
+            }
+            Err(e) => Err(e),
+        },
+        None if serving.is_some() => Ok(MetricsChange::Stop),
+        None => Ok(MetricsChange::Keep),
     }
 }
 
@@ -731,7 +811,50 @@ fn host_of(addr: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::host_of;
+    use super::*;
+
+    /// A server on `127.0.0.1:<free port>` that `metrics_change` can weigh
+    /// new addresses against; its listener holds the port.
+    async fn serving() -> (MetricsServer, tokio::net::TcpListener) {
+        let listener = crate::metrics::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        (MetricsServer { addr, stop }, listener)
+    }
+
+    #[tokio::test]
+    async fn a_metrics_reload_binds_first_and_keeps_an_overlapping_address_for_later() {
+        let (current, _held) = serving().await;
+        let port = current.addr.port();
+        let same = metrics_change(Some(&current), Some(current.addr)).await;
+        assert!(matches!(same, Ok(MetricsChange::Keep)));
+        let wildcard = format!("0.0.0.0:{port}").parse().unwrap();
+        let overlap = metrics_change(Some(&current), Some(wildcard)).await;
+        assert!(matches!(overlap, Ok(MetricsChange::Keep)), "next start");
+        let moved = metrics_change(Some(&current), Some("127.0.0.1:0".parse().unwrap())).await;
+        assert!(matches!(moved, Ok(MetricsChange::Move(..))));
+        assert!(matches!(
+            metrics_change(Some(&current), None).await,
+            Ok(MetricsChange::Stop)
+        ));
+        assert!(matches!(
+            metrics_change(None, None).await,
+            Ok(MetricsChange::Keep)
+        ));
+        // Another process's port: refused, and the error names the key.
+        let (_other, taken) = serving().await;
+        let taken = taken.local_addr().unwrap();
+        match metrics_change(Some(&current), Some(taken)).await {
+            Err(e) => assert!(
+                e.to_string()
+                    .starts_with("metrics.listen: cannot listen on"),
+                "{e}"
+            ),
+            Ok(_) => panic!("{taken} is in use"),
+        }
+    }
 
     #[test]
     fn host_of_strips_ports_and_brackets() {

@@ -504,3 +504,103 @@ async fn sighup_with_new_broker_settings_drains_and_reconnects() {
     assert!(tokens.iter().all(|t| seen[t].len() == 1), "nothing twice");
     stop_clean(&mut daemon, broker).await;
 }
+
+/// Waits until `log` holds `text` `n` times: the n-th reload, not the first.
+async fn wait_for_nth(log: &Path, text: &str, n: usize) -> String {
+    let mut seen = String::new();
+    eventually(WAIT, text, || {
+        seen = std::fs::read_to_string(log).unwrap_or_default();
+        seen.matches(text).count() >= n
+    })
+    .await;
+    seen
+}
+
+/// Whether something accepts connections on `addr` within a second.
+async fn listening(addr: &str) -> bool {
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Until nothing accepts connections on `addr` (a stopped server's listener
+/// closes as its task sees the stop).
+async fn wait_closed(addr: &str) {
+    for _ in 0..250 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{addr} still accepts connections");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_moves_the_metrics_server_and_refuses_an_address_in_use() {
+    let broker = Broker::new("sighup-metrics").await;
+    let sim = Sim::start().await;
+    let config = sim.path("apnsd.toml");
+    let log = sim.path("apnsd.log");
+    let apps = sim.app("example", "client", 1);
+    let (first, second) = (free_port(), free_port());
+    let (first_addr, second_addr) = (format!("127.0.0.1:{first}"), format!("127.0.0.1:{second}"));
+    write(&config, &daemon_toml(&broker, first, &apps));
+    let mut daemon = spawn_daemon(&config, &log);
+    wait_for_log(&log, "consuming jobs").await;
+    assert!(http_get(&first_addr, "/healthz").await.0.contains("200"));
+
+    // Moved: the new address serves the same counters, the old one closes.
+    write(&config, &daemon_toml(&broker, second, &apps));
+    signal(&daemon.0, "-HUP");
+    wait_for_nth(&log, "configuration reloaded", 1).await;
+    let tokens: Vec<String> = (0..20).map(|i| token(0x71, i)).collect();
+    broker.publish_all(tokens.iter().map(|t| job(t, t))).await;
+    wait_all_accepted(&sim, &tokens).await;
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = http_get(&second_addr, "/metrics").await.1;
+        if metric(&metrics, "apnsd_notifications_accepted_total") == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric(&metrics, "apnsd_notifications_accepted_total"),
+        20,
+        "{metrics}"
+    );
+    wait_closed(&first_addr).await;
+
+    // An address in use: the reload is refused, named, and the server stays.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    write(&config, &daemon_toml(&broker, taken_port, &apps));
+    signal(&daemon.0, "-HUP");
+    let text = wait_for_log(&log, "reload refused").await;
+    assert!(
+        text.contains(&format!(
+            "metrics.listen: cannot listen on 127.0.0.1:{taken_port}"
+        )),
+        "{text}"
+    );
+    assert!(listening(&second_addr).await, "the old server still serves");
+    drop(taken);
+
+    // Without the key the server stops.
+    write(
+        &config,
+        &format!(
+            "shutdown_timeout = \"20s\"\n{}\n{apps}",
+            broker.amqp_toml(1000)
+        ),
+    );
+    signal(&daemon.0, "-HUP");
+    wait_for_nth(&log, "configuration reloaded", 2).await;
+    wait_for_log(&log, "metrics server stopped").await;
+    wait_closed(&second_addr).await;
+    stop_clean(&mut daemon, broker).await;
+}
