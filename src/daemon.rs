@@ -85,21 +85,14 @@ struct Wiring {
     shutdown: CancellationToken,
 }
 
-/// The `/metrics` server in force: a reload that moves `metrics.listen`
-/// starts one on the new address and stops this one.
+/// The `/metrics` server in force; it stops when dropped, so a reload that
+/// moves `metrics.listen` stops it by putting the new one in its place.
 struct MetricsServer {
     addr: SocketAddr,
     stop: CancellationToken,
 }
 
 impl MetricsServer {
-    /// Binds first, so a bad address fails the start or the reload.
-    async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, DaemonError> {
-        crate::metrics::bind(addr)
-            .await
-            .map_err(|source| DaemonError::Metrics { addr, source })
-    }
-
     fn serve(
         addr: SocketAddr,
         listener: tokio::net::TcpListener,
@@ -110,6 +103,13 @@ impl MetricsServer {
         let stop = shutdown.child_token();
         tokio::spawn(crate::metrics::serve(listener, stats, stop.clone()));
         MetricsServer { addr, stop }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        tracing::info!(addr = %self.addr, "metrics server stopped");
     }
 }
 
@@ -158,17 +158,15 @@ impl Daemon {
         let (requests_tx, requests_rx) = mpsc::channel(1024);
         let (control_tx, control_rx) = mpsc::channel(4);
 
-        let metrics = match config.metrics.listen {
-            Some(addr) => {
-                let listener = MetricsServer::bind(addr).await?;
-                Some(MetricsServer::serve(
-                    addr,
-                    listener,
-                    stats.clone(),
-                    &shutdown,
-                ))
-            }
-            None => None,
+        // Start-up is a reload from no server: a bad address fails it.
+        let metrics = match metrics_change(None, config.metrics.listen).await? {
+            MetricsChange::Move(addr, listener) => Some(MetricsServer::serve(
+                addr,
+                listener,
+                stats.clone(),
+                &shutdown,
+            )),
+            MetricsChange::Keep | MetricsChange::Stop => None,
         };
         let mut wiring = Wiring {
             simulator: start_simulator_if_needed(&config, None).await?,
@@ -274,18 +272,10 @@ impl Daemon {
         match metrics {
             MetricsChange::Keep => {}
             MetricsChange::Move(addr, listener) => {
-                if let Some(old) = w.metrics.take() {
-                    old.stop.cancel();
-                }
                 let stats = w.stats.clone();
                 w.metrics = Some(MetricsServer::serve(addr, listener, stats, &w.shutdown));
             }
-            MetricsChange::Stop => {
-                if let Some(old) = w.metrics.take() {
-                    old.stop.cancel();
-                    tracing::info!(addr = %old.addr, "metrics server stopped");
-                }
-            }
+            MetricsChange::Stop => w.metrics = None,
         }
         w.config = config;
         Ok(done)
@@ -348,16 +338,16 @@ async fn metrics_change(
     let serving = current.map(|m| m.addr);
     match listen {
         Some(addr) if serving == Some(addr) => Ok(MetricsChange::Keep),
-        Some(addr) => match MetricsServer::bind(addr).await {
+        Some(addr) => match crate::metrics::bind(addr).await {
             Ok(listener) => Ok(MetricsChange::Move(addr, listener)),
-            Err(DaemonError::Metrics { source, .. })
-                if source.kind() == std::io::ErrorKind::AddrInUse
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
                     && serving.is_some_and(|old| old.port() == addr.port()) =>
             {
                 tracing::warn!(%addr, "metrics.listen: the new address overlaps the one served now; it takes effect at the next start");
                 Ok(MetricsChange::Keep)
             }
-            Err(e) => Err(e),
+            Err(source) => Err(DaemonError::Metrics { addr, source }),
         },
         None if serving.is_some() => Ok(MetricsChange::Stop),
         None => Ok(MetricsChange::Keep),
@@ -846,6 +836,13 @@ mod tests {
         // Another process's port: refused, and the error names the key.
         let (_other, taken) = serving().await;
         let taken = taken.local_addr().unwrap();
+        assert!(
+            matches!(
+                metrics_change(None, Some(taken)).await,
+                Err(DaemonError::Metrics { .. })
+            ),
+            "start-up fails on it"
+        );
         match metrics_change(Some(&current), Some(taken)).await {
             Err(e) => assert!(
                 e.to_string()

@@ -600,7 +600,7 @@ async fn sighup_moves_the_metrics_server_and_refuses_an_address_in_use() {
     );
     signal(&daemon.0, "-HUP");
     wait_for_nth(&log, "configuration reloaded", 2).await;
-    wait_for_log(&log, "metrics server stopped").await;
+    wait_for_nth(&log, "metrics server stopped", 2).await;
     wait_closed(&second_addr).await;
     stop_clean(&mut daemon, broker).await;
 }
