@@ -505,17 +505,6 @@ async fn sighup_with_new_broker_settings_drains_and_reconnects() {
     stop_clean(&mut daemon, broker).await;
 }
 
-/// Waits until `log` holds `text` `n` times: the n-th reload, not the first.
-async fn wait_for_nth(log: &Path, text: &str, n: usize) -> String {
-    let mut seen = String::new();
-    eventually(WAIT, text, || {
-        seen = std::fs::read_to_string(log).unwrap_or_default();
-        seen.matches(text).count() >= n
-    })
-    .await;
-    seen
-}
-
 /// Whether something accepts connections on `addr` within a second.
 async fn listening(addr: &str) -> bool {
     for _ in 0..50 {

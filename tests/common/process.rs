@@ -67,10 +67,16 @@ pub async fn wait_for_file(path: &Path) {
 
 /// Waits until `log` contains `text`; returns the log.
 pub async fn wait_for_log(log: &Path, text: &str) -> String {
+    wait_for_nth(log, text, 1).await
+}
+
+/// Waits until `log` holds `text` `n` times (the n-th reload, not the
+/// first); returns the log.
+pub async fn wait_for_nth(log: &Path, text: &str, n: usize) -> String {
     let mut seen = String::new();
     super::eventually(Duration::from_secs(30), text, || {
         seen = std::fs::read_to_string(log).unwrap_or_default();
-        seen.contains(text)
+        seen.matches(text).count() >= n
     })
     .await;
     seen
