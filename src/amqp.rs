@@ -15,6 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::oneshot;
 
+use crate::config::AmqpConfig;
 use crate::ledger::JobKey;
 use crate::results::Event;
 
@@ -43,6 +44,16 @@ pub struct Topology {
 
 /// Header counting how often a job went through the retry queue.
 pub const ATTEMPTS_HEADER: &str = "x-apnsd-attempts";
+
+impl From<&AmqpConfig> for Topology {
+    fn from(amqp: &AmqpConfig) -> Self {
+        Topology {
+            queue: amqp.queue.clone(),
+            queue_type: amqp.queue_type.clone(),
+            results_exchange: amqp.results_exchange.clone(),
+        }
+    }
+}
 
 impl Topology {
     /// `<queue>.retry`: jobs whose app is unusable wait here until their

@@ -28,7 +28,7 @@ use crate::metrics::Stats;
 use crate::pipeline::{
     Inputs, LiveSettings, Pipeline, Reconfigure, ResultRequest, Route, SessionConfig, SessionEnd,
 };
-use crate::shutdown::Request;
+use crate::signals::Request;
 use crate::simulator::{SimCerts, Simulator, SimulatorOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -515,11 +515,7 @@ fn session_config(config: &Config) -> SessionConfig {
     let amqp = &config.amqp;
     SessionConfig {
         uri: amqp.uri.clone(),
-        topology: Topology {
-            queue: amqp.queue.clone(),
-            queue_type: amqp.queue_type.clone(),
-            results_exchange: amqp.results_exchange.clone(),
-        },
+        topology: Topology::from(amqp),
         prefetch: amqp.prefetch,
         prefetch_bytes: amqp.prefetch_bytes,
         consumer_tag: amqp

@@ -29,5 +29,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod results;
 pub mod send;
-pub mod shutdown;
+pub mod signals;
 pub mod simulator;

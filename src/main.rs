@@ -142,7 +142,7 @@ fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 async fn simulate(args: apnsd::simulator::SimulateArgs) -> anyhow::Result<()> {
     Logging::init("info", LogFormat::Text);
     let shutdown = CancellationToken::new();
-    apnsd::shutdown::install(shutdown.clone())?;
+    apnsd::signals::install(shutdown.clone())?;
     apnsd::simulator::run_cli(args, shutdown.cancelled_owned()).await
 }
 
@@ -154,7 +154,7 @@ async fn run(path: &Path, config: Config) -> anyhow::Result<()> {
     let logging = Logging::init(&config.log_level, config.log_format);
     let shutdown = CancellationToken::new();
     let reloads =
-        apnsd::shutdown::install(shutdown.clone()).context("installing signal handlers")?;
+        apnsd::signals::install(shutdown.clone()).context("installing signal handlers")?;
     let daemon = Daemon::start(config, shutdown)
         .await
         .map_err(|e| Usage(e.to_string()))?;

@@ -70,12 +70,7 @@ pub async fn publish(
 ) -> Result<(), SendError> {
     let conn = amqp::connect(&config.amqp.uri, "apnsd-send").await?;
     let ch = conn.create_channel().await?;
-    let topology = Topology {
-        queue: config.amqp.queue.clone(),
-        queue_type: config.amqp.queue_type.clone(),
-        results_exchange: config.amqp.results_exchange.clone(),
-    };
-    amqp::declare_queue(&ch, &topology).await?;
+    amqp::declare_queue(&ch, &Topology::from(&config.amqp)).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let props = BasicProperties::default()
         .with_delivery_mode(2)

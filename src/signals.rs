@@ -1,5 +1,5 @@
-//! The one cancellation story: SIGTERM or SIGINT cancels a token that every
-//! long-running task watches; a second SIGINT ends the process at once.
+//! Signals: SIGTERM or SIGINT cancels a token that every long-running task
+//! watches (a second SIGINT ends the process at once); SIGHUP asks for a reload.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
