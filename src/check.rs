@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::apns::http2::jwt::Signer;
 use crate::apns::tls::{self, CertInfo};
 use crate::config::{AppConfig, Config, Environment};
-use crate::daemon;
+use crate::targets;
 
 /// A certificate this close to its end is reported, so it is renewed in time.
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
@@ -55,7 +55,7 @@ pub async fn check(config: &Config, now: i64, connect: bool) -> Report {
     }
     if connect && report.problems.is_empty() {
         for app in &config.apps {
-            if let Err(e) = daemon::probe_gateway(app).await {
+            if let Err(e) = targets::probe_gateway(app).await {
                 report.problems.push(e.to_string());
             }
         }

@@ -1,13 +1,12 @@
-//! Wiring: configuration → identities → lanes and pollers per app → broker
-//! sessions (reopened with backoff when the broker goes away) → drain on
-//! shutdown. Reloads rebuild only the apps that changed. Also tells systemd
-//! how it is going.
+//! The daemon's lifecycle: configuration → targets (identities loaded) →
+//! lanes and pollers per app → the pipeline under its broker supervisor →
+//! drain on shutdown. Reloads rebuild only the apps that changed, and tell
+//! systemd how they went.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -15,40 +14,25 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Topology;
-use crate::apns::http2::{self, jwt::Signer};
-use crate::apns::lane::{Outcomes, Settings, Target};
+use crate::apns::http2;
+use crate::apns::lane::{Outcomes, Settings};
 use crate::apns::pool::Pool;
-use crate::apns::tls::{self, Identity};
-use crate::apns::Protocol;
-use crate::backoff::Backoff;
 use crate::config::{AppConfig, Config, ConfigError};
 use crate::feedback::Poller;
 use crate::logging::Logging;
 use crate::metrics::Stats;
+use crate::pipeline::supervisor::supervise;
 use crate::pipeline::{
-    Inputs, LiveSettings, Pipeline, Reconfigure, ResultRequest, Route, SessionConfig, SessionEnd,
+    BrokerSettings, Inputs, LiveSettings, Pipeline, Reconfigure, ResultRequest, Route,
 };
 use crate::signals::Request;
-use crate::simulator::{SimCerts, Simulator, SimulatorOptions};
+use crate::systemd::notify;
+use crate::targets::{prepare, Prepared, StandIn, TargetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("app {app:?}: {source}")]
-    Identity {
-        app: String,
-        #[source]
-        source: tls::TlsError,
-    },
-    #[error("app {app:?}: {what}")]
-    App { app: String, what: String },
-    #[error("app {app:?}: {source}")]
-    TokenKey {
-        app: String,
-        #[source]
-        source: http2::jwt::JwtError,
-    },
-    #[error("built-in simulator: {0}")]
-    Simulator(String),
+    #[error(transparent)]
+    Target(#[from] TargetError),
     #[error("metrics.listen: cannot listen on {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -56,12 +40,6 @@ pub enum DaemonError {
     },
     #[error("the daemon has stopped")]
     Stopped,
-    #[error("app {app:?}: cannot connect to the gateway {addr}: {source}")]
-    Connect {
-        app: String,
-        addr: String,
-        source: std::io::Error,
-    },
 }
 
 /// A running daemon: its counters, the task to await for its end, and what
@@ -77,7 +55,8 @@ pub struct Daemon {
 struct Wiring {
     config: Config,
     apps: HashMap<String, RunningApp>,
-    simulator: Option<Simulator>,
+    /// Where apps on the built-in simulator connect, resolved at start-up.
+    stand_in: Option<StandIn>,
     metrics: Option<MetricsServer>,
     outcomes: Outcomes,
     requests: mpsc::Sender<ResultRequest>,
@@ -152,7 +131,18 @@ pub struct Reloaded {
 impl Daemon {
     /// Starts everything; returns once identities are loaded and lanes run.
     /// Broker trouble does not fail start-up: sessions retry with backoff.
+    /// Apps on the built-in simulator need [`Daemon::start_with`].
     pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Daemon, DaemonError> {
+        Daemon::start_with(config, shutdown, None).await
+    }
+
+    /// [`Daemon::start`], with apps on the built-in simulator sent to `stand_in`
+    /// (now and after every reload).
+    pub async fn start_with(
+        config: Config,
+        shutdown: CancellationToken,
+        stand_in: Option<StandIn>,
+    ) -> Result<Daemon, DaemonError> {
         let stats = Arc::new(Stats::default());
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         let (requests_tx, requests_rx) = mpsc::channel(1024);
@@ -169,7 +159,7 @@ impl Daemon {
             MetricsChange::Keep | MetricsChange::Stop => None,
         };
         let mut wiring = Wiring {
-            simulator: start_simulator_if_needed(&config, None).await?,
+            stand_in,
             metrics,
             config: config.clone(),
             apps: HashMap::new(),
@@ -181,7 +171,7 @@ impl Daemon {
         let targets = config
             .apps
             .iter()
-            .map(|app| prepare(app, wiring.simulator.as_ref()))
+            .map(|app| prepare(app, wiring.stand_in.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         let routes = config
             .apps
@@ -201,9 +191,9 @@ impl Daemon {
             live_settings(&config),
             stats.clone(),
         );
-        let session = session_config(&config);
+        let broker = broker_settings(&config);
         let wiring = Arc::new(Mutex::new(wiring));
-        let task = tokio::spawn(supervise(pipeline, session, shutdown, wiring.clone()));
+        let task = tokio::spawn(supervise(pipeline, broker, shutdown));
         Ok(Daemon {
             stats,
             wiring,
@@ -218,7 +208,6 @@ impl Daemon {
     pub async fn reload(&self, config: Config) -> Result<Reloaded, DaemonError> {
         let mut w = self.wiring.lock().await;
         let metrics = metrics_change(w.metrics.as_ref(), config.metrics.listen).await?;
-        w.simulator = start_simulator_if_needed(&config, w.simulator.take()).await?;
         let mut prepared = Vec::new();
         for app in &config.apps {
             let material = material(app);
@@ -227,7 +216,7 @@ impl Daemon {
                 .get(&app.name)
                 .is_some_and(|r| r.config == *app && r.material == material);
             if !unchanged {
-                prepared.push((app, material, prepare(app, w.simulator.as_ref())?));
+                prepared.push((app, material, prepare(app, w.stand_in.as_ref())?));
             }
         }
         let mut done = Reloaded::default();
@@ -253,15 +242,15 @@ impl Daemon {
         if config.worker_threads != w.config.worker_threads {
             tracing::warn!("worker_threads changes take effect at the next start");
         }
-        let session = session_config(&config);
-        done.broker_session = session != session_config(&w.config);
+        let broker = broker_settings(&config);
+        done.broker_session = broker != broker_settings(&w.config);
         let (tx, rx) = oneshot::channel();
         let change = Reconfigure {
             upsert,
             remove: done.removed.clone(),
             default_app: default_app(&config),
             live: live_settings(&config),
-            session: done.broker_session.then_some(session),
+            broker: done.broker_session.then_some(broker),
             done: tx,
         };
         self.control
@@ -420,100 +409,9 @@ impl Wiring {
     }
 }
 
-/// Runs broker sessions until shutdown, reopening them with backoff, and
-/// with new settings when a reload changed them.
-async fn supervise(
-    mut pipeline: Pipeline,
-    mut session: SessionConfig,
-    shutdown: CancellationToken,
-    wiring: Arc<Mutex<Wiring>>,
-) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    let watchdog = spawn_watchdog();
-    let mut first = true;
-    loop {
-        let ready = || {
-            if std::mem::take(&mut first) {
-                notify(&[NotifyState::Ready, NotifyState::Status("consuming jobs")]);
-            } else {
-                notify(&[NotifyState::Status("consuming jobs")]);
-            }
-        };
-        let outcome = pipeline.session(&session, &shutdown, ready).await;
-        if let Some(next) = pipeline.take_next_session() {
-            tracing::info!(queue = %next.topology.queue, "reconnecting with the new broker settings");
-            session = next;
-        }
-        match outcome {
-            Ok(SessionEnd::Drained) => break,
-            Ok(SessionEnd::Reconfigured) => backoff.reset(),
-            Err(e) if shutdown.is_cancelled() => {
-                tracing::warn!(error = %e, "broker session ended during shutdown");
-                break;
-            }
-            Err(e) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "broker session failed; unacknowledged jobs will be redelivered");
-                notify(&[NotifyState::Status(&format!("broker unavailable: {e}"))]);
-                let wait = tokio::time::sleep(delay);
-                tokio::pin!(wait);
-                loop {
-                    tokio::select! {
-                        _ = &mut wait => break,
-                        _ = shutdown.cancelled() => break,
-                        Some(change) = pipeline.control.recv() => {
-                            pipeline.apply(change);
-                        }
-                    }
-                }
-                if let Some(next) = pipeline.take_next_session() {
-                    session = next;
-                }
-                if shutdown.is_cancelled() {
-                    break;
-                }
-            }
-        }
-    }
-    notify(&[NotifyState::Stopping]);
-    // Every job is final or left to the broker: what lanes still hold belongs
-    // to unacked jobs, which the broker redelivers.
-    for task in pipeline.into_lane_tasks() {
-        task.abort();
-    }
-    let mut w = wiring.lock().await;
-    for app in w.apps.values() {
-        app.poller.cancel();
-    }
-    if let Some(sim) = w.simulator.take() {
-        sim.shutdown().await;
-    }
-    if let Some(w) = watchdog {
-        w.abort();
-    }
-    tracing::info!("stopped");
-}
-
-/// Tells systemd, when it is listening; a failure to tell it changes nothing.
-fn notify(states: &[NotifyState<'_>]) {
-    let _ = sd_notify::notify(states);
-}
-
-/// Pings systemd's watchdog at half its interval while the runtime is alive,
-/// draining included: a runtime wedged for longer gets the process restarted.
-fn spawn_watchdog() -> Option<JoinHandle<()>> {
-    let interval = sd_notify::watchdog_enabled()? / 2;
-    Some(tokio::spawn(async move {
-        loop {
-            notify(&[NotifyState::Watchdog]);
-            tokio::time::sleep(interval).await;
-        }
-    }))
-}
-
-fn session_config(config: &Config) -> SessionConfig {
+fn broker_settings(config: &Config) -> BrokerSettings {
     let amqp = &config.amqp;
-    SessionConfig {
+    BrokerSettings {
         uri: amqp.uri.clone(),
         topology: Topology::from(amqp),
         prefetch: amqp.prefetch,
@@ -571,230 +469,6 @@ fn http2_settings(app: &AppConfig) -> http2::Settings {
     }
 }
 
-/// The built-in simulator, started when an app needs it and none runs yet.
-async fn start_simulator_if_needed(
-    config: &Config,
-    running: Option<Simulator>,
-) -> Result<Option<Simulator>, DaemonError> {
-    if running.is_some() {
-        return Ok(running);
-    }
-    let Some(app) = config.apps.iter().find(|a| a.uses_builtin_simulator()) else {
-        return Ok(None);
-    };
-    let topic = app
-        .topic
-        .clone()
-        .unwrap_or_else(|| "com.example.app".into());
-    let certs = SimCerts::generate(&topic).map_err(|e| DaemonError::Simulator(e.to_string()))?;
-    let sim = Simulator::start(SimulatorOptions::new(certs))
-        .await
-        .map_err(|e| DaemonError::Simulator(e.to_string()))?;
-    tracing::info!(gateway = %sim.gateway_addr(), feedback = %sim.feedback_addr(),
-        http2 = %sim.http2_addr(), "started the built-in APNs simulator");
-    Ok(Some(sim))
-}
-
-/// An app's targets, identities loaded: prepared before anything changes so
-/// a bad identity leaves the running daemon untouched.
-enum Prepared {
-    Binary { gateway: Target, feedback: Target },
-    Http2(http2::Target),
-}
-
-fn prepare(app: &AppConfig, simulator: Option<&Simulator>) -> Result<Prepared, DaemonError> {
-    match app.protocol {
-        Protocol::Binary => targets(app, simulator)
-            .map(|(gateway, feedback)| Prepared::Binary { gateway, feedback }),
-        Protocol::Http2 => http2_target(app, simulator).map(Prepared::Http2),
-    }
-}
-
-/// The gateway and feedback targets of an app: addresses, server name, identity.
-fn targets(
-    app: &AppConfig,
-    simulator: Option<&Simulator>,
-) -> Result<(Target, Target), DaemonError> {
-    let fail = |what: String| DaemonError::App {
-        app: app.name.clone(),
-        what,
-    };
-    let builtin = app.uses_builtin_simulator().then_some(simulator).flatten();
-    let tls_config = match builtin {
-        Some(sim) => sim
-            .certs()
-            .client_config()
-            .map_err(|e| fail(e.to_string()))?,
-        None => {
-            let identity = load_identity(app)?;
-            tls::client_config(&identity, app.ca.as_deref()).map_err(|source| {
-                DaemonError::Identity {
-                    app: app.name.clone(),
-                    source,
-                }
-            })?
-        }
-    };
-    let (gateway, feedback) = match builtin {
-        Some(sim) => (
-            sim.gateway_addr().to_string(),
-            sim.feedback_addr().to_string(),
-        ),
-        None => {
-            let gateway = app
-                .gateway
-                .clone()
-                .or_else(|| app.environment.gateway().map(str::to_owned));
-            let feedback = app
-                .feedback
-                .clone()
-                .or_else(|| app.environment.feedback().map(str::to_owned));
-            gateway.zip(feedback).ok_or_else(|| {
-                fail(
-                    "the simulator environment needs both `gateway` and `feedback`, or neither"
-                        .into(),
-                )
-            })?
-        }
-    };
-    let target = |addr: String| -> Result<Target, DaemonError> {
-        let host = host_of(&addr);
-        let server_name = tls::server_name(host).map_err(|e| fail(e.to_string()))?;
-        Ok(Target {
-            addr,
-            server_name,
-            tls: tls_config.clone(),
-        })
-    };
-    Ok((target(gateway)?, target(feedback)?))
-}
-
-/// Opens one gateway connection with the app's identity and listens briefly.
-/// Under TLS 1.3 a server refuses a client certificate only after the client
-/// thinks the handshake is done, with an alert: a gateway that stays silent
-/// for [`PROBE_LISTEN`] has accepted the identity. Apps on the built-in
-/// simulator have nothing to probe before it starts; HTTP/2 apps are not
-/// probed (their lanes log a refused identity on their first connection).
-pub async fn probe_gateway(app: &AppConfig) -> Result<(), DaemonError> {
-    use tokio::io::AsyncReadExt;
-    if app.uses_builtin_simulator() || app.protocol == Protocol::Http2 {
-        return Ok(());
-    }
-    let (gateway, _) = targets(app, None)?;
-    let fail = |source| DaemonError::Connect {
-        app: app.name.clone(),
-        addr: gateway.addr.clone(),
-        source,
-    };
-    let mut stream = crate::apns::lane::connect(&gateway, app.connect_timeout)
-        .await
-        .map_err(fail)?;
-    match tokio::time::timeout(PROBE_LISTEN, stream.read(&mut [0u8; 6])).await {
-        Err(_) => Ok(()),
-        Ok(Ok(_)) => Err(fail(std::io::Error::new(
-            std::io::ErrorKind::ConnectionAborted,
-            "the gateway closed the connection at once",
-        ))),
-        Ok(Err(e)) => Err(fail(e)),
-    }
-}
-
-/// How long a probe waits for the gateway to refuse the identity.
-const PROBE_LISTEN: Duration = Duration::from_millis(500);
-
-/// The HTTP/2 target of an app: endpoint, TLS with ALPN `h2`, topic, and the
-/// provider-token signer under token auth.
-fn http2_target(
-    app: &AppConfig,
-    simulator: Option<&Simulator>,
-) -> Result<http2::Target, DaemonError> {
-    let fail = |what: String| DaemonError::App {
-        app: app.name.clone(),
-        what,
-    };
-    let identity_error = |source| DaemonError::Identity {
-        app: app.name.clone(),
-        source,
-    };
-    let builtin = app.uses_builtin_simulator().then_some(simulator).flatten();
-    let (addr, tls, signer, cert_topic) = match builtin {
-        Some(sim) => {
-            let tls = sim
-                .certs()
-                .client_config()
-                .map_err(|e| fail(e.to_string()))?;
-            let topic = sim.certs().client().info.topic.clone();
-            (sim.http2_addr().to_string(), tls, None, topic)
-        }
-        None => {
-            let addr = app
-                .endpoint
-                .clone()
-                .or_else(|| app.environment.endpoint().map(str::to_owned))
-                .ok_or_else(|| fail("the simulator environment needs `endpoint`".into()))?;
-            match (&app.key_file, &app.key_id, &app.team_id) {
-                (Some(key_file), Some(key_id), Some(team_id)) => {
-                    let signer =
-                        Signer::from_p8_file(key_file, key_id, team_id).map_err(|source| {
-                            DaemonError::TokenKey {
-                                app: app.name.clone(),
-                                source,
-                            }
-                        })?;
-                    let tls =
-                        tls::anonymous_client_config(app.ca.as_deref()).map_err(identity_error)?;
-                    (addr, tls, Some(Arc::new(signer)), None)
-                }
-                _ => {
-                    let identity = load_identity(app)?;
-                    let tls =
-                        tls::client_config(&identity, app.ca.as_deref()).map_err(identity_error)?;
-                    (addr, tls, None, identity.info.topic)
-                }
-            }
-        }
-    };
-    let topic =
-        app.topic.clone().or(cert_topic).ok_or_else(|| {
-            fail("no `topic`, and the certificate names none (subject UID)".into())
-        })?;
-    if http::HeaderValue::from_str(&topic).is_err() {
-        return Err(fail(format!("topic {topic:?} is not a valid header value")));
-    }
-    if http::uri::Authority::try_from(addr.as_str()).is_err() {
-        return Err(fail(format!("endpoint {addr:?} is not a valid host:port")));
-    }
-    let server_name = tls::server_name(host_of(&addr)).map_err(|e| fail(e.to_string()))?;
-    Ok(http2::Target {
-        addr,
-        server_name,
-        tls: tls::with_h2(&tls),
-        topic,
-        signer,
-    })
-}
-
-fn load_identity(app: &AppConfig) -> Result<Identity, DaemonError> {
-    let Some(cert) = &app.certificate else {
-        return Err(DaemonError::App {
-            app: app.name.clone(),
-            what: "`certificate` is required outside the built-in simulator".into(),
-        });
-    };
-    tls::load_identity(cert, app.password.as_deref(), app.key.as_deref()).map_err(|source| {
-        DaemonError::Identity {
-            app: app.name.clone(),
-            source,
-        }
-    })
-}
-
-/// `host:port` → `host`, minding bracketed IPv6 literals.
-fn host_of(addr: &str) -> &str {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -847,15 +521,5 @@ mod tests {
             ),
             Ok(_) => panic!("{taken} is in use"),
         }
-    }
-
-    #[test]
-    fn host_of_strips_ports_and_brackets() {
-        assert_eq!(
-            host_of("gateway.push.apple.com:2195"),
-            "gateway.push.apple.com"
-        );
-        assert_eq!(host_of("127.0.0.1:22195"), "127.0.0.1");
-        assert_eq!(host_of("[::1]:22195"), "::1");
     }
 }

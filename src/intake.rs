@@ -1,11 +1,275 @@
-//! How much the broker may push at once. `amqp.prefetch` bounds the
-//! unacknowledged jobs by count, but one fan-out job can be a megabyte of
-//! JSON, and at a prefetch of 20,000 that is no bound at all.
-//! `amqp.prefetch_bytes` bounds the job bytes held as well. RabbitMQ has no
-//! byte prefetch (it ignores `prefetch_size`) and fixes a consumer's prefetch
-//! when it subscribes, so the pipeline subscribes small and subscribes again
-//! with whatever prefetch this policy asks for. Pure policy: the pipeline
-//! does the I/O.
+//! Intake: the subscription to the jobs queue, and what becomes of each
+//! delivery (decoded, routed to its app, checked, handed to the lanes).
+//!
+//! How much the broker may push at once is [`Prefetch`]'s to say.
+//! `amqp.prefetch` bounds the unacknowledged jobs by count, but one fan-out
+//! job can be a megabyte of JSON, and at a prefetch of 20,000 that is no
+//! bound at all. `amqp.prefetch_bytes` bounds the job bytes held as well.
+//! RabbitMQ has no byte prefetch (it ignores `prefetch_size`) and fixes a
+//! consumer's prefetch when it subscribes, so intake subscribes small and
+//! subscribes again with whatever prefetch that pure policy asks for.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_lite::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Consumer;
+use tokio::sync::mpsc;
+
+use crate::amqp;
+use crate::apns::{Envelope, Notification, Outcome};
+use crate::job::{Job, JobError};
+use crate::ledger::JobKey;
+use crate::metrics::Stats;
+use crate::pipeline::settlement::Settlement;
+use crate::pipeline::Routes;
+
+/// Most deliveries taken in one go before routing them, so one-token jobs
+/// travel to the lanes in batches.
+pub const BATCH: usize = 256;
+/// Notifications handed to the lanes at a time: a batch of fan-out jobs
+/// would otherwise be expanded whole (a `Notification` per token) before the
+/// first one is written.
+const NOTIFICATIONS: usize = 16 * 1024;
+
+/// Turns deliveries into notifications on their app's lanes.
+pub struct Intake {
+    stats: Arc<Stats>,
+    /// Keys jobs across sessions, so a late outcome never matches a newer job.
+    next_key: u64,
+}
+
+impl Intake {
+    pub fn new(stats: Arc<Stats>) -> Self {
+        Intake { stats, next_key: 0 }
+    }
+
+    /// Decodes, routes and checks `batch`, then hands it to the lanes; what
+    /// cannot be sent is rejected through `settle`. While a lane is full,
+    /// `outcomes` keep being settled: the lanes free their windows into them,
+    /// and left waiting they would pile up without bound.
+    pub async fn on_deliveries(
+        &mut self,
+        routes: &Routes,
+        settle: &mut Settlement,
+        outcomes: &mut mpsc::UnboundedReceiver<Vec<Outcome>>,
+        batch: Vec<Delivery>,
+    ) -> Result<(), lapin::Error> {
+        // Decode the whole batch first: a job's compact tokens cost far less
+        // than its JSON body, which is freed as soon as it is read.
+        let mut jobs = Vec::with_capacity(batch.len());
+        let consumed_at = Instant::now();
+        for d in batch {
+            self.stats.jobs_consumed.inc();
+            if d.redelivered {
+                self.stats.jobs_redelivered.inc();
+            }
+            let tag = d.delivery_tag;
+            settle.delivered(tag);
+            self.next_key += 1;
+            let key = JobKey(self.next_key);
+            let message_id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned());
+            let job = match Job::decode(&d.data, message_id.as_deref()) {
+                Ok(job) => job,
+                Err(rejection) => {
+                    settle
+                        .reject(key, tag, rejection.error, d.data, rejection.id)
+                        .await?;
+                    continue;
+                }
+            };
+            let Some(route) = routes.get(job.app.as_deref()) else {
+                let app = job.app.as_deref().unwrap_or(&routes.default_app);
+                let error = JobError::UnknownApp(app.to_owned());
+                let id = job.id.as_deref().map(str::to_owned);
+                settle.reject(key, tag, error, d.data, id).await?;
+                continue;
+            };
+            if let Err(error) = job.check(route.protocol) {
+                let id = job.id.as_deref().map(str::to_owned);
+                settle.reject(key, tag, error, d.data, id).await?;
+                continue;
+            }
+            settle.open(key, tag, &d.data, job.tokens.len() as u32);
+            jobs.push(Arc::new(Envelope {
+                key,
+                app: route.name.clone(),
+                job,
+                consumed_at,
+                session: settle.ended(),
+                retries: amqp::attempts(&d.properties),
+            }));
+        }
+        let mut routed: HashMap<Arc<str>, Vec<Notification>> = HashMap::new();
+        let mut pending = 0;
+        for envelope in jobs {
+            let count = envelope.job.tokens.len();
+            let mut next = 0;
+            while next < count {
+                let end = count.min(next + NOTIFICATIONS - pending);
+                let list = routed.entry(envelope.app.clone()).or_default();
+                list.extend((next..end).map(|i| Notification::new(envelope.clone(), i as u32)));
+                pending += end - next;
+                next = end;
+                if pending >= NOTIFICATIONS {
+                    submit(routes, settle, outcomes, &mut routed).await?;
+                    pending = 0;
+                }
+            }
+        }
+        submit(routes, settle, outcomes, &mut routed).await
+    }
+}
+
+/// Hands what `on_deliveries` decoded to the lanes, settling outcomes while
+/// a lane is full.
+async fn submit(
+    routes: &Routes,
+    settle: &mut Settlement,
+    outcomes: &mut mpsc::UnboundedReceiver<Vec<Outcome>>,
+    routed: &mut HashMap<Arc<str>, Vec<Notification>>,
+) -> Result<(), lapin::Error> {
+    for (app, notifications) in routed.drain() {
+        let Some(route) = routes.get(Some(&*app)) else {
+            continue;
+        };
+        let mut send = std::pin::pin!(route.pool.submit(notifications));
+        loop {
+            tokio::select! {
+                biased;
+                // Lanes close only when the daemon tears down; the jobs then come back.
+                _ = &mut send => break,
+                Some(batch) = outcomes.recv() => {
+                    settle.on_outcome_batch(batch).await?;
+                    settle.flush_acks().await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A session's subscription to the jobs queue, made again whenever the
+/// intake policy asks for another prefetch.
+pub struct Subscription {
+    pub consumer: Consumer,
+    /// The former subscription, cancelled, still handing over what the broker
+    /// sent it before the cancel took effect.
+    pub former: Option<Consumer>,
+    /// `amqp.consumer_tag`; later subscriptions add `.1`, `.2`, ...
+    base: String,
+    tag: String,
+    made: u32,
+    prefetch: Prefetch,
+}
+
+impl Subscription {
+    pub async fn start(
+        channel: &lapin::Channel,
+        queue: &str,
+        tag: &str,
+        prefetch: Prefetch,
+    ) -> Result<Self, lapin::Error> {
+        Ok(Subscription {
+            consumer: subscribe(channel, queue, tag).await?,
+            former: None,
+            base: tag.to_owned(),
+            tag: tag.to_owned(),
+            made: 0,
+            prefetch,
+        })
+    }
+
+    /// Subscribes again when the policy wants another prefetch for the jobs
+    /// and bytes `held`; returns the new prefetch. Waits while the former
+    /// subscription still hands over deliveries.
+    pub async fn adapt(
+        &mut self,
+        channel: &lapin::Channel,
+        queue: &str,
+        held: (usize, u64),
+    ) -> Result<Option<u16>, lapin::Error> {
+        if self.former.is_some() {
+            return Ok(None);
+        }
+        let Some(prefetch) = self.prefetch.next(held.0, held.1) else {
+            return Ok(None);
+        };
+        // Cancel first: the broker never has two subscriptions' worth out to us.
+        self.cancel(channel).await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+        self.made += 1;
+        let tag = format!("{}.{}", self.base, self.made);
+        let next = subscribe(channel, queue, &tag).await?;
+        self.former = Some(std::mem::replace(&mut self.consumer, next));
+        self.tag = tag;
+        self.prefetch.set(prefetch);
+        tracing::debug!(
+            prefetch,
+            held_jobs = held.0,
+            held_bytes = held.1,
+            "prefetch adapted"
+        );
+        Ok(Some(prefetch))
+    }
+
+    pub async fn cancel(&self, channel: &lapin::Channel) -> Result<(), lapin::Error> {
+        channel
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await
+    }
+}
+
+/// Up to [`BATCH`] deliveries: the next one, and what else is ready.
+pub async fn next_batch(consumer: &mut Consumer) -> Option<Result<Vec<Delivery>, lapin::Error>> {
+    let first = match consumer.next().await? {
+        Ok(d) => d,
+        Err(e) => return Some(Err(e)),
+    };
+    let mut batch = vec![first];
+    while batch.len() < BATCH {
+        match futures_lite::future::poll_once(consumer.next()).await {
+            Some(Some(Ok(d))) => batch.push(d),
+            _ => break,
+        }
+    }
+    Some(Ok(batch))
+}
+
+/// The next delivery of `consumer`, or never when there is none.
+pub async fn next_delivery(
+    consumer: &mut Option<Consumer>,
+) -> Option<Result<Delivery, lapin::Error>> {
+    match consumer {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn subscribe(
+    channel: &lapin::Channel,
+    queue: &str,
+    tag: &str,
+) -> Result<Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
 
 /// The prefetch a session starts with: a queue full of large jobs then sends
 /// only a few of them at first; small jobs double it within milliseconds.

@@ -31,3 +31,6 @@ pub mod results;
 pub mod send;
 pub mod signals;
 pub mod simulator;
+pub mod startup;
+pub mod systemd;
+pub mod targets;

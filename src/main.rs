@@ -11,7 +11,6 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use apnsd::config::{Config, LogFormat};
-use apnsd::daemon::Daemon;
 use apnsd::job::DeviceToken;
 use apnsd::logging::Logging;
 
@@ -155,10 +154,10 @@ async fn run(path: &Path, config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let reloads =
         apnsd::signals::install(shutdown.clone()).context("installing signal handlers")?;
-    let daemon = Daemon::start(config, shutdown)
+    let started = apnsd::startup::start(config, shutdown)
         .await
         .map_err(|e| Usage(e.to_string()))?;
-    daemon.serve(path, reloads, &logging).await;
+    started.serve(path, reloads, &logging).await;
     Ok(())
 }
 

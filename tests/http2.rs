@@ -5,7 +5,6 @@
 mod common;
 
 use apnsd::config::Config;
-use apnsd::daemon::Daemon;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
@@ -594,7 +593,7 @@ async fn the_built_in_simulator_speaks_http2_too() {
     let path = dir.path().join("apnsd.toml");
     std::fs::write(&path, toml).unwrap();
     let shutdown = CancellationToken::new();
-    let daemon = Daemon::start(Config::load(&path).unwrap(), shutdown.clone())
+    let daemon = apnsd::startup::start(Config::load(&path).unwrap(), shutdown.clone())
         .await
         .unwrap();
     broker
@@ -602,7 +601,7 @@ async fn the_built_in_simulator_speaks_http2_too() {
         .await;
     let results = broker.results(20, WAIT).await;
     assert!(results.iter().all(|r| r.routing_key == "delivered"));
-    let stats = daemon.stats.clone();
+    let stats = daemon.stats().clone();
     eventually(WAIT, "every job acked", || stats.jobs_acked.get() == 20).await;
     shutdown.cancel();
     tokio::time::timeout(WAIT, daemon.wait()).await.unwrap();

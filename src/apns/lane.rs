@@ -369,9 +369,9 @@ impl Lane {
             frame::Notification {
                 identifier: id,
                 token: n.token_bytes(),
-                payload: &env.payload,
-                expiry: env.expiry,
-                priority: env.priority.map(|p| p.code()),
+                payload: &env.job.payload,
+                expiry: env.job.expiry,
+                priority: env.job.priority.map(|p| p.code()),
             }
             .encode(out);
             window.push(id, n);

@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-
-use crate::job::{DeviceToken, Priority, Tokens};
+use crate::job::{DeviceToken, Job};
 use crate::ledger::JobKey;
 use frame::Status;
 use http2::ApnsReason;
@@ -56,17 +54,10 @@ impl Protocol {
 #[derive(Debug)]
 pub struct Envelope {
     pub key: JobKey,
-    /// The job's tokens; a [`Notification`] names one by index.
-    pub tokens: Tokens,
-    pub id: Option<Arc<str>>,
+    /// The job as decoded; a [`Notification`] names one of its tokens by index.
+    pub job: Job,
+    /// The app it was routed to: its own, or the default one.
     pub app: Arc<str>,
-    pub payload: Bytes,
-    pub expiry: Option<u32>,
-    pub priority: Option<Priority>,
-    /// HTTP/2 only: `apns-push-type` as the job gave it.
-    pub push_type: Option<Box<str>>,
-    /// HTTP/2 only: `apns-collapse-id`.
-    pub collapse_id: Option<Box<str>>,
     /// When the job was consumed, for the consume-to-accepted latency.
     pub consumed_at: Instant,
     /// Set when the broker session that consumed the job ends: the job is
@@ -118,13 +109,14 @@ impl Notification {
 
     /// The token's bytes, for the wire.
     pub fn token_bytes(&self) -> &[u8] {
-        self.envelope.tokens.bytes(self.index as usize)
+        self.envelope.job.tokens.bytes(self.index as usize)
     }
 
     /// The token as a value of its own, for results and logs. Every token in
     /// an envelope came from a `DeviceToken`, so this is never the fallback.
     pub fn token(&self) -> DeviceToken {
         self.envelope
+            .job
             .tokens
             .get(self.index as usize)
             .unwrap_or(DeviceToken::from_bytes([0; DeviceToken::BINARY_LEN]))
@@ -213,6 +205,7 @@ pub struct Failure {
 /// Whether `n`'s `expiry` (unix seconds; 0 means "now or never") has passed.
 fn is_expired(n: &Notification, unix_now: u64) -> bool {
     n.envelope
+        .job
         .expiry
         .is_some_and(|e| e != 0 && u64::from(e) < unix_now)
 }

@@ -397,7 +397,7 @@ impl Lane {
         match send.send_request(req, false) {
             Ok((response, mut body)) => {
                 // A failure here shows on the response future as well.
-                let _ = body.send_data(env.payload.clone(), true);
+                let _ = body.send_data(env.job.payload.clone(), true);
                 self.stats.written.inc();
                 let timeout = self.settings.request_timeout;
                 streams.spawn(async move {

@@ -158,7 +158,7 @@ pub fn build(
     topic: &str,
     bearer: Option<&HeaderValue>,
 ) -> Result<Request<()>, http::Error> {
-    let env = &n.envelope;
+    let env = &n.envelope.job;
     let push_type = env.push_type.as_deref().unwrap_or(DEFAULT_PUSH_TYPE);
     let mut req = Request::builder()
         .method(Method::POST)
@@ -212,9 +212,9 @@ pub fn apns_id(n: &Notification) -> String {
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(env.app.as_bytes());
     ctx.update(&[0]);
-    match env.id.as_deref() {
+    match env.job.id.as_deref() {
         Some(id) => ctx.update(id.as_bytes()),
-        None => ctx.update(&env.payload),
+        None => ctx.update(&env.job.payload),
     }
     ctx.update(&[0]);
     ctx.update(n.token_bytes());
@@ -238,7 +238,7 @@ pub fn apns_id(n: &Notification) -> String {
 mod tests {
     use super::*;
     use crate::apns::Envelope;
-    use crate::job::{DeviceToken, Priority};
+    use crate::job::{DeviceToken, Job, Priority};
     use crate::ledger::JobKey;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -320,14 +320,17 @@ mod tests {
             .collect();
         let envelope = Arc::new(Envelope {
             key: JobKey(1),
-            tokens,
-            id: id.map(Arc::from),
+            job: Job {
+                id: id.map(Arc::from),
+                app: None,
+                tokens,
+                payload: bytes::Bytes::from_static(br#"{"aps":{}}"#),
+                expiry: Some(1_795_475_473),
+                priority: None,
+                push_type: push_type.map(Into::into),
+                collapse_id: Some("score".into()),
+            },
             app: "example".into(),
-            payload: bytes::Bytes::from_static(br#"{"aps":{}}"#),
-            expiry: Some(1_795_475_473),
-            priority: None,
-            push_type: push_type.map(Into::into),
-            collapse_id: Some("score".into()),
             consumed_at: Instant::now(),
             session: Default::default(),
             retries: 0,
@@ -360,7 +363,7 @@ mod tests {
         let req = build(&bg, "h:443", "com.example", None).unwrap();
         assert_eq!(req.headers()["apns-priority"], "5");
         assert!(req.headers().get("authorization").is_none());
-        Arc::get_mut(&mut bg.envelope).unwrap().priority = Some(Priority::Immediate);
+        Arc::get_mut(&mut bg.envelope).unwrap().job.priority = Some(Priority::Immediate);
         let req = build(&bg, "h:443", "com.example", None).unwrap();
         assert_eq!(req.headers()["apns-priority"], "10");
 

@@ -1,0 +1,317 @@
+//! Settlement: where an APNs outcome becomes broker work. It owns the ledger
+//! (where every job stands), the ack planner and the results publisher, so
+//! a job is acked only once its results are confirmed, and a job whose app
+//! is unusable is parked in the retry queue. One task owns it: no lock per job.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::options::BasicAckOptions;
+
+use crate::amqp::{Owner, Publisher};
+use crate::apns::{Envelope, Failure, Outcome, Reason, SessionEnded};
+use crate::job::{Job, JobError, Tokens};
+use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
+use crate::metrics::Stats;
+use crate::results::Event;
+
+/// Settings that apply at once, without a new broker session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveSettings {
+    pub delivered_results: bool,
+    /// How long a drain (shutdown, or a session restart on reload) may take.
+    pub shutdown_timeout: Duration,
+    /// How long a job whose app is unusable waits in the retry queue.
+    pub retry_delay: Duration,
+    /// Tries of a job whose app stays unusable before its tokens fail.
+    pub max_job_attempts: u32,
+}
+
+/// The jobs of one broker session, from consumed to acked. Its acks and
+/// results go over that session's channels, so it ends with the session.
+pub struct Settlement {
+    consume: lapin::Channel,
+    pub(crate) publisher: Publisher,
+    pub(crate) ledger: Ledger,
+    acks: AckPlanner,
+    ack_buf: Vec<Ack>,
+    /// Set when the session ends, however it ends (see `Drop`): lanes then
+    /// drop the unwritten notifications of its jobs, which the broker redelivers.
+    ended: SessionEnded,
+    /// `<queue>.retry`, where jobs of unusable apps wait.
+    retry_queue: String,
+    pub(crate) live: LiveSettings,
+    stats: Arc<Stats>,
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        self.ended.set();
+    }
+}
+
+impl Settlement {
+    pub fn new(
+        consume: lapin::Channel,
+        publisher: Publisher,
+        prefetch: u16,
+        retry_queue: String,
+        live: LiveSettings,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Settlement {
+            consume,
+            publisher,
+            ledger: Ledger::default(),
+            // Lanes settle at different moments, so one lane's finished jobs
+            // often wait behind another's for a tick: only a stuck delivery
+            // holding half the prefetch is worth acking around one by one.
+            acks: AckPlanner::new(usize::from(prefetch) / 2),
+            ack_buf: Vec::new(),
+            ended: SessionEnded::default(),
+            retry_queue,
+            live,
+            stats,
+        }
+    }
+
+    /// The flag the session's envelopes carry.
+    pub fn ended(&self) -> SessionEnded {
+        self.ended.clone()
+    }
+
+    /// A delivery arrived: its tag joins the ack plan in order.
+    pub fn delivered(&mut self, tag: u64) {
+        self.acks.delivered(tag);
+    }
+
+    /// A job goes to the lanes: `tokens` outcomes will settle it.
+    pub fn open(&mut self, key: JobKey, tag: u64, body: &[u8], tokens: u32) {
+        self.ledger.open(key, tag, body_len(body), tokens, 0);
+    }
+
+    /// The prefetch changed: so does the slack of the ack plan.
+    pub fn set_prefetch(&mut self, prefetch: u16) {
+        self.acks.set_slack(usize::from(prefetch) / 2);
+    }
+
+    /// The jobs held and their bytes, for the intake policy and the gauges.
+    pub fn held(&self) -> (usize, u64) {
+        (self.ledger.len(), self.ledger.held_bytes())
+    }
+
+    /// Nothing left to settle: every job final, every result confirmed.
+    pub fn is_settled(&self) -> bool {
+        self.ledger.is_empty() && self.publisher.is_idle()
+    }
+
+    pub async fn on_outcome_batch(&mut self, batch: Vec<Outcome>) -> Result<(), lapin::Error> {
+        let now = Instant::now();
+        let mut accepted = 0;
+        // Consecutive silent acceptances of one job (a fan-out job's tokens
+        // settle together) are counted in the ledger with one lookup.
+        let mut run: Option<(Arc<Envelope>, u32)> = None;
+        for o in batch {
+            let n = &o.notification;
+            let env = &n.envelope;
+            let in_run = run.as_ref().is_some_and(|(e, _)| e.key == env.key);
+            let counted = !n.reported && (in_run || self.ledger.contains(env.key));
+            if let (true, Err(f)) = (counted, o.result) {
+                if matches!(f.reason, Reason::Unusable(_))
+                    && env.retries + 1 < self.live.max_job_attempts
+                {
+                    let progress = self.ledger.token_deferred(env.key, n.token());
+                    self.progress(env, progress).await?;
+                    continue;
+                }
+            }
+            match o.result {
+                Ok(()) => {
+                    accepted += 1;
+                    self.stats
+                        .observe_accepted(now.saturating_duration_since(env.consumed_at));
+                }
+                Err(f) => self.stats.failed_with(f.reason.name()),
+            }
+            let event = match o.result {
+                Ok(()) if self.live.delivered_results && !n.reported => Some(Event::Delivered {
+                    app: env.app.clone(),
+                    id: env.job.id.clone(),
+                    token: n.token(),
+                }),
+                Ok(()) => None,
+                Err(f) => {
+                    // A daemon-side failure counts the job's tries, not the gateway's.
+                    let attempts = match f.reason {
+                        Reason::Unusable(_) => u8::try_from(env.retries + 1).unwrap_or(u8::MAX),
+                        _ => f.attempts,
+                    };
+                    tracing::info!(app = %env.app, id = env.job.id.as_deref().unwrap_or(""), token = %n.token(),
+                        reason = f.reason.name(), attempts, "notification failed");
+                    Some(Event::Failed {
+                        app: env.app.clone(),
+                        id: env.job.id.clone(),
+                        token: n.token(),
+                        reason: f.reason,
+                        attempts,
+                    })
+                }
+            };
+            // HTTP/2's 410 also says since when the token is gone, as the
+            // feedback service did: the job owes an `unregistered` result too.
+            let unregistered = match o.result {
+                Err(Failure {
+                    reason: Reason::Unregistered { since },
+                    ..
+                }) => Some(Event::Unregistered {
+                    app: env.app.clone(),
+                    token: n.token(),
+                    timestamp: since,
+                }),
+                _ => None,
+            };
+            match (counted, event) {
+                (true, Some(event)) => {
+                    let results = 1 + u32::from(unregistered.is_some());
+                    let progress = self.ledger.token_done(env.key, results);
+                    self.publisher.publish(&event, Owner::Job(env.key)).await?;
+                    if let Some(event) = unregistered {
+                        self.publisher.publish(&event, Owner::Job(env.key)).await?;
+                    }
+                    self.progress(env, progress).await?;
+                }
+                (true, None) => match &mut run {
+                    Some((_, count)) if in_run => *count += 1,
+                    _ => {
+                        let previous = run.replace((n.envelope.clone(), 1));
+                        self.accepted_run(previous).await?;
+                    }
+                },
+                // A late failure of a notification whose job is final already.
+                (false, Some(event @ Event::Failed { .. })) if n.reported => {
+                    self.publisher.publish(&event, Owner::Nobody).await?;
+                }
+                // From a broken session: the job comes back by redelivery and
+                // sends this one again.
+                (false, None) if o.result.is_ok() && !n.reported => {
+                    self.stats.accepted_after_session_loss.inc();
+                }
+                _ => {}
+            }
+        }
+        self.accepted_run(run).await?;
+        self.stats.accepted.add(accepted);
+        Ok(())
+    }
+
+    /// A job that cannot be sent: its `rejected` result settles it.
+    pub async fn reject(
+        &mut self,
+        key: JobKey,
+        tag: u64,
+        error: JobError,
+        body: Vec<u8>,
+        id: Option<String>,
+    ) -> Result<(), lapin::Error> {
+        self.stats.jobs_rejected.inc();
+        tracing::warn!(id = id.as_deref().unwrap_or(""), %error, "rejected job");
+        self.ledger.open(key, tag, body_len(&body), 0, 1);
+        let event = Event::Rejected {
+            error: error.to_string(),
+            body,
+            id,
+        };
+        self.publisher.publish(&event, Owner::Job(key)).await
+    }
+
+    /// `run` counts tokens of one job that ended without a result to publish.
+    async fn accepted_run(
+        &mut self,
+        run: Option<(Arc<Envelope>, u32)>,
+    ) -> Result<(), lapin::Error> {
+        let Some((env, n)) = run else {
+            return Ok(());
+        };
+        let progress = self.ledger.tokens_accepted(env.key, n);
+        self.progress(&env, progress).await
+    }
+
+    /// Acts on where a job stands: ack it, or park its deferred tokens in the
+    /// retry queue (the job is final once that publish is confirmed).
+    async fn progress(&mut self, env: &Envelope, progress: Progress) -> Result<(), lapin::Error> {
+        match progress {
+            Progress::Open => Ok(()),
+            Progress::Final(tag) => {
+                self.final_job(tag);
+                Ok(())
+            }
+            Progress::Retry(tokens) => self.retry(env, tokens).await,
+        }
+    }
+
+    async fn retry(&mut self, env: &Envelope, tokens: Tokens) -> Result<(), lapin::Error> {
+        let delay = self.live.retry_delay;
+        self.stats.jobs_deferred.inc();
+        let attempts = env.retries + 1;
+        tracing::warn!(app = %env.app, id = env.job.id.as_deref().unwrap_or(""), tokens = tokens.len(), attempts,
+            retry_in = ?delay, "app unusable: job parked in the retry queue");
+        // The deferred tokens only, on the app the job was routed to.
+        let job = &env.job;
+        let body = Job {
+            id: job.id.clone(),
+            app: Some(env.app.to_string()),
+            tokens,
+            payload: job.payload.clone(),
+            expiry: job.expiry,
+            priority: job.priority,
+            push_type: job.push_type.clone(),
+            collapse_id: job.collapse_id.clone(),
+        }
+        .encode();
+        let owner = Owner::Job(env.key);
+        self.publisher
+            .publish_retry(&self.retry_queue, body, attempts, delay, owner)
+            .await
+    }
+
+    fn final_job(&mut self, tag: u64) {
+        self.stats.jobs_acked.inc();
+        self.acks.done(tag);
+    }
+
+    /// The broker confirmed a result: the job it settles may be final.
+    pub fn confirmed(&mut self, owner: Owner) {
+        self.stats.results_published.inc();
+        match owner {
+            Owner::Job(key) => {
+                if let Some(tag) = self.ledger.result_confirmed(key) {
+                    self.final_job(tag);
+                }
+            }
+            Owner::Waiter(tx) => {
+                let _ = tx.send(());
+            }
+            Owner::Nobody => {}
+        }
+    }
+
+    pub async fn flush_acks(&mut self) -> Result<(), lapin::Error> {
+        self.acks.take(&mut self.ack_buf);
+        for ack in self.ack_buf.drain(..) {
+            self.consume
+                .basic_ack(
+                    ack.tag,
+                    BasicAckOptions {
+                        multiple: ack.multiple,
+                    },
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A body's size as the ledger counts it (RabbitMQ caps messages far below 4 GiB).
+fn body_len(body: &[u8]) -> u32 {
+    u32::try_from(body.len()).unwrap_or(u32::MAX)
+}
