@@ -262,4 +262,75 @@ mod tests {
         assert_eq!(host_of("127.0.0.1:22195"), "127.0.0.1");
         assert_eq!(host_of("[::1]:22195"), "::1");
     }
+
+    fn config(apps: &str) -> crate::config::Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("apnsd.toml");
+        std::fs::write(&path, format!("[amqp]\n{apps}")).unwrap();
+        crate::config::Config::load(&path).unwrap()
+    }
+
+    fn stand_in() -> StandIn {
+        tls::install_crypto_provider();
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        StandIn {
+            gateway: "127.0.0.1:1".parse().unwrap(),
+            feedback: "127.0.0.1:2".parse().unwrap(),
+            endpoint: "127.0.0.1:3".parse().unwrap(),
+            tls: Arc::new(tls),
+            topic: Some("com.example.standin".into()),
+        }
+    }
+
+    #[test]
+    fn apps_on_the_built_in_simulator_connect_to_the_stand_in() {
+        let config = config(
+            "[[apps]]\nname = \"a\"\nenvironment = \"simulator\"\n\
+             [[apps]]\nname = \"b\"\nenvironment = \"simulator\"\nprotocol = \"http2\"\n",
+        );
+        let stand_in = stand_in();
+        match prepare(&config.apps[0], Some(&stand_in)) {
+            Ok(Prepared::Binary { gateway, feedback }) => {
+                assert_eq!(
+                    (gateway.addr.as_str(), feedback.addr.as_str()),
+                    ("127.0.0.1:1", "127.0.0.1:2")
+                );
+            }
+            _ => panic!("a binary app on the stand-in"),
+        }
+        match prepare(&config.apps[1], Some(&stand_in)) {
+            Ok(Prepared::Http2(target)) => {
+                assert_eq!(target.addr, "127.0.0.1:3");
+                assert_eq!(
+                    target.topic, "com.example.standin",
+                    "the topic of its identity"
+                );
+            }
+            _ => panic!("an HTTP/2 app on the stand-in"),
+        }
+        // None was started (a reload adding the first such app): refused, named.
+        for app in &config.apps {
+            match prepare(app, None) {
+                Err(e @ TargetError::App { .. }) => {
+                    assert!(e.to_string().contains("restart apnsd"), "{e}")
+                }
+                _ => panic!("{} needs a stand-in", app.name),
+            }
+        }
+    }
+
+    #[test]
+    fn apps_with_addresses_ignore_the_stand_in() {
+        let config = config(&format!(
+            "[[apps]]\nname = \"a\"\nenvironment = \"simulator\"\ngateway = \"127.0.0.1:9\"\n\
+             feedback = \"127.0.0.1:8\"\ncertificate = \"{}/Cargo.toml\"\n",
+            env!("CARGO_MANIFEST_DIR")
+        ));
+        match prepare(&config.apps[0], Some(&stand_in())) {
+            Err(TargetError::Identity { app, .. }) => assert_eq!(app, "a"),
+            _ => panic!("its own identity is loaded, and it is no identity"),
+        }
+    }
 }
