@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
+use crate::amqp::{self, AmqpError, Publisher, Topology};
 use crate::apns::pool::Pool;
 use crate::apns::{Outcome, Protocol};
 use crate::intake::{self, Intake, Prefetch, Subscription};
@@ -260,18 +260,18 @@ impl Pipeline {
                 }
                 Some(change) = self.control.recv() => {
                     restart |= self.apply(change);
-                    settle.live = self.live;
+                    settle.set_live(self.live);
                 }
                 Some(batch) = self.outcomes.recv() => {
                     if let Err(e) = on_outcomes(&mut settle, &mut self.outcomes, batch).await { break Err(e.into()) }
                 }
-                owner = settle.publisher.confirmed(), if !settle.publisher.is_idle() => match owner {
+                owner = settle.next_confirm(), if settle.confirming() => match owner {
                     Ok(Some(owner)) => settle.confirmed(owner),
                     Ok(None) => {}
                     Err(e) => break Err(e),
                 },
                 Some((event, waiter)) = self.requests.recv(), if consuming => {
-                    if let Err(e) = settle.publisher.publish(&event, Owner::Waiter(waiter)).await { break Err(e.into()) }
+                    if let Err(e) = settle.publish_for(&event, waiter).await { break Err(e.into()) }
                 }
                 // Before the current subscription's: the former's deliveries
                 // have the lower tags, and acks are planned in tag order.

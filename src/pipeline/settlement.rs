@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use lapin::options::BasicAckOptions;
 
-use crate::amqp::{Owner, Publisher};
+use tokio::sync::oneshot;
+
+use crate::amqp::{AmqpError, Owner, Publisher};
 use crate::apns::{Envelope, Failure, Outcome, Reason, SessionEnded};
 use crate::job::{Job, JobError, Tokens};
 use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
@@ -31,8 +33,8 @@ pub struct LiveSettings {
 /// results go over that session's channels, so it ends with the session.
 pub struct Settlement {
     consume: lapin::Channel,
-    pub(crate) publisher: Publisher,
-    pub(crate) ledger: Ledger,
+    publisher: Publisher,
+    ledger: Ledger,
     acks: AckPlanner,
     ack_buf: Vec<Ack>,
     /// Set when the session ends, however it ends (see `Drop`): lanes then
@@ -40,7 +42,7 @@ pub struct Settlement {
     ended: SessionEnded,
     /// `<queue>.retry`, where jobs of unusable apps wait.
     retry_queue: String,
-    pub(crate) live: LiveSettings,
+    live: LiveSettings,
     stats: Arc<Stats>,
 }
 
@@ -98,6 +100,31 @@ impl Settlement {
     /// The jobs held and their bytes, for the intake policy and the gauges.
     pub fn held(&self) -> (usize, u64) {
         (self.ledger.len(), self.ledger.held_bytes())
+    }
+
+    /// A reload changed the settings that apply at once.
+    pub fn set_live(&mut self, live: LiveSettings) {
+        self.live = live;
+    }
+
+    /// Publishes a result for someone outside the pipeline (feedback), whose
+    /// `waiter` hears once the broker confirmed it.
+    pub async fn publish_for(
+        &mut self,
+        event: &Event,
+        waiter: oneshot::Sender<()>,
+    ) -> Result<(), lapin::Error> {
+        self.publisher.publish(event, Owner::Waiter(waiter)).await
+    }
+
+    /// Whether results await the broker's confirm.
+    pub fn confirming(&self) -> bool {
+        !self.publisher.is_idle()
+    }
+
+    /// The next confirm: whom it settles, if anyone.
+    pub async fn next_confirm(&mut self) -> Result<Option<Owner>, AmqpError> {
+        self.publisher.confirmed().await
     }
 
     /// Nothing left to settle: every job final, every result confirmed.
