@@ -30,7 +30,7 @@ use crate::pipeline::Routes;
 
 /// Most deliveries taken in one go before routing them, so one-token jobs
 /// travel to the lanes in batches.
-pub const BATCH: usize = 256;
+const BATCH: usize = 256;
 /// Notifications handed to the lanes at a time: a batch of fan-out jobs
 /// would otherwise be expanded whole (a `Notification` per token) before the
 /// first one is written.
@@ -230,7 +230,7 @@ impl Subscription {
     }
 }
 
-/// Up to [`BATCH`] deliveries: the next one, and what else is ready.
+/// Up to `BATCH` deliveries: the next one, and what else is ready.
 pub async fn next_batch(consumer: &mut Consumer) -> Option<Result<Vec<Delivery>, lapin::Error>> {
     let first = match consumer.next().await? {
         Ok(d) => d,
