@@ -6,7 +6,6 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use apnsd::apns::http2::ApnsReason;
 use common::rig::*;
 use common::*;
 

@@ -17,7 +17,7 @@ both_protocols!(
     bad_tokens_mid_burst_are_reported_and_the_rest_delivered_once,
     transient_refusals_are_retried_then_reported,
     graceful_closes_mid_burst_lose_nothing_and_duplicate_nothing,
-    fan_out_job_of_ten_thousand_tokens,
+    a_fan_out_job_reaches_every_token_once,
     message_id_stands_in_for_a_missing_id,
     two_apps_in_one_process,
     metrics_endpoint_counts_what_happened,
@@ -254,13 +254,19 @@ async fn graceful_closes_mid_burst_lose_nothing_and_duplicate_nothing(protocol: 
     }
 }
 
-async fn fan_out_job_of_ten_thousand_tokens(protocol: Protocol) {
+/// One job for many tokens, one in a thousand refused: 10,000 over the
+/// binary interface, 3,000 over HTTP/2 (a stream each, on a shared machine).
+async fn a_fan_out_job_reaches_every_token_once(protocol: Protocol) {
+    let n: u32 = match protocol {
+        Protocol::Binary => 10_000,
+        Protocol::Http2 => 3_000,
+    };
     let bad = Refusal::bad_token(protocol, 0xfd);
     let mut rig = Rig::builder("fanout", protocol)
         .faults(Refusal::faults(std::slice::from_ref(&bad)))
         .start()
         .await;
-    let tokens: Vec<String> = (0..10_000)
+    let tokens: Vec<String> = (0..n)
         .map(|i| {
             if i % 1000 == 500 {
                 token(0xfd, i)
@@ -269,18 +275,20 @@ async fn fan_out_job_of_ten_thousand_tokens(protocol: Protocol) {
             }
         })
         .collect();
+    let refused = u64::from(n / 1000);
+    let good = u64::from(n) - refused;
     let body = serde_json::to_vec(&serde_json::json!({
         "id": "broadcast", "tokens": tokens, "payload": {"aps": {"alert": "all"}}
     }))
     .unwrap();
     rig.broker.publish_all([body]).await;
-    let results = rig.broker.results(10, WAIT).await;
+    let results = rig.broker.results(refused as usize, WAIT).await;
     assert!(results
         .iter()
         .all(|r| r.routing_key == bad.routing_key() && r.body["id"] == "broadcast"));
     rig.wait_acked(1).await;
     let counts = rig.accepted_counts();
-    assert_eq!(counts.len(), 9_990);
+    assert_eq!(counts.len() as u64, good);
     assert!(counts.values().all(|&n| n == 1));
     assert!(rig
         .broker
@@ -288,7 +296,7 @@ async fn fan_out_job_of_ten_thousand_tokens(protocol: Protocol) {
         .await
         .is_empty());
     let stats = rig.finish().await;
-    assert_eq!((stats.jobs_acked, stats.accepted), (1, 9_990));
+    assert_eq!((stats.jobs_acked, stats.accepted), (1, good));
 }
 
 async fn message_id_stands_in_for_a_missing_id(protocol: Protocol) {
@@ -484,67 +492,4 @@ async fn feedback_service_tokens_become_unregistered_results() {
     assert_eq!(results[0].body["app"], "example");
     let stats = rig.finish().await;
     assert_eq!(stats.feedback_tokens, 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_prefetch_follows_the_bytes_held() {
-    let budget = 100_000;
-    let rig = Rig::builder("prefetchbytes", Protocol::Binary)
-        .amqp("prefetch_bytes = 100000\n")
-        .start()
-        .await;
-    let stats = rig.stats();
-    // Polls the gauges until every job so far is acked: (most bytes held,
-    // least and most prefetch seen).
-    let watch = |acked: u64| {
-        let stats = stats.clone();
-        async move {
-            let (mut held, mut low, mut high) = (0, i64::MAX, 0);
-            let deadline = std::time::Instant::now() + WAIT;
-            while stats.jobs_acked.get() < acked {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{:?}",
-                    stats.snapshot()
-                );
-                held = held.max(stats.job_bytes_held.get());
-                let prefetch = stats.prefetch.get();
-                (low, high) = (low.min(prefetch), high.max(prefetch));
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            (held, low, high)
-        }
-    };
-    // 60 jobs of 500 tokens, about 34 kB each: 2 MB in all.
-    let mut tokens = Vec::new();
-    let bodies: Vec<Vec<u8>> = (0..60u32)
-        .map(|j| {
-            let list: Vec<String> = (0..500).map(|i| token(0x31, j * 500 + i)).collect();
-            tokens.extend(list.iter().cloned());
-            serde_json::to_vec(&serde_json::json!({
-                "id": format!("big{j}"), "tokens": list, "payload": {"aps": {"alert": "x"}}
-            }))
-            .unwrap()
-        })
-        .collect();
-    let size = bodies[0].len() as i64;
-    let total: i64 = bodies.iter().map(|b| b.len() as i64).sum();
-    rig.broker.publish_all(bodies).await;
-    let (held, low, _) = watch(60).await;
-    assert!(
-        low <= budget / size,
-        "the prefetch shrank to what fits: {low}"
-    );
-    // The first subscription's jobs, then at most what fits on top.
-    let bound = (i64::from(apnsd::intake::START) + budget / size + 1) * size;
-    assert!(
-        held <= bound && held < total / 2,
-        "{held} bytes held of {total}, bound {bound}"
-    );
-    let small = rig.burst(3000, |i| token(0x32, i)).await;
-    let (_, _, high) = watch(60 + 3000).await;
-    assert!(high >= 512, "small jobs grew the prefetch: {high}");
-    tokens.extend(small);
-    rig.assert_once(&tokens);
-    rig.finish().await;
 }

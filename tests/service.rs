@@ -9,47 +9,24 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use apnsd::job::DeviceToken;
-use apnsd::simulator::{write_identity, SimCerts, Simulator, SimulatorOptions};
 use common::process::*;
-use common::rig::{App, ClientSpec, Protocol, Services};
+use common::rig::{App, ClientSpec, DeviceToken, Faults, Protocol, SimDir};
 use common::*;
 
-/// An in-process simulator whose certificates are written to a temp folder,
-/// for a daemon in another process.
-struct SimDir {
-    sim: Simulator,
-    dir: tempfile::TempDir,
+/// What these tests ask of the in-process simulator beside a daemon in
+/// another process.
+trait ServiceSim {
+    fn app(&self, name: &str, client: &str, connections: u32) -> String;
+    fn accepted(&self) -> HashMap<String, Vec<String>>;
 }
 
-impl SimDir {
-    async fn start() -> SimDir {
-        apnsd::apns::tls::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        let certs = SimCerts::generate("com.example.app").unwrap();
-        certs.write_to(dir.path()).unwrap();
-        let sim = Simulator::start(SimulatorOptions::new(certs))
-            .await
-            .unwrap();
-        SimDir { sim, dir }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Mints a client identity for `topic` and writes it as `<name>.p12`.
-    fn mint(&self, name: &str, spec: ClientSpec) {
-        let identity = self.sim.certs().mint_client(&spec).unwrap();
-        write_identity(&identity, self.dir.path(), name).unwrap();
-    }
-
+impl ServiceSim for SimDir {
     /// A binary app presenting `<client>.p12`, for a configuration beside the certificates.
     fn app(&self, name: &str, client: &str, connections: u32) -> String {
         App::new(name, Protocol::Binary)
             .client(client)
             .keys(&format!("connections = {connections}"))
-            .toml(&Services::of(&self.sim))
+            .toml(&self.services())
     }
 
     /// How often each token was accepted, and by which client identity.
@@ -105,7 +82,7 @@ async fn stop_clean(daemon: &mut Process, mut broker: Broker) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream() {
     let broker = Broker::new("sighup").await;
-    let sim = SimDir::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     sim.mint("rotated", ClientSpec::new("com.example.rotated"));
     let port = free_port();
     let metrics_addr = format!("127.0.0.1:{port}");
@@ -196,7 +173,7 @@ async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_an_invalid_file_keeps_the_old_configuration() {
     let broker = Broker::new("sighup-invalid").await;
-    let sim = SimDir::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
     let good = daemon_toml(&broker, free_port(), &sim.app("example", "client", 2));
@@ -236,7 +213,7 @@ async fn sighup_with_an_invalid_file_keeps_the_old_configuration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_exits_zero_and_leaves_nothing_unacked() {
     let broker = Broker::new("sigterm").await;
-    let sim = SimDir::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
     // A small prefetch keeps most jobs in the queue when the signal comes.
@@ -288,7 +265,7 @@ async fn check(config: &Path, extra: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_every_kind_of_problem_with_exit_2() {
-    let sim = SimDir::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     sim.mint(
         "expired",
         ClientSpec {
@@ -377,8 +354,7 @@ async fn check_names_every_kind_of_problem_with_exit_2() {
     );
 
     // --connect: an identity from another CA is refused by the gateway.
-    let stranger = SimCerts::generate("com.example.app").unwrap();
-    write_identity(stranger.client(), sim.dir.path(), "stranger").unwrap();
+    sim.mint_stranger("stranger");
     write(&config, &app("example", "stranger"));
     let (code, text) = check(&config, &["--connect"]).await;
     assert_eq!(code, 2, "{text}");
@@ -446,7 +422,7 @@ fn send_queues_a_broadcast_from_a_tokens_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_new_broker_settings_drains_and_reconnects() {
     let broker = Broker::new("sighup-amqp").await;
-    let sim = SimDir::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
     let toml = daemon_toml(&broker, free_port(), &sim.app("example", "client", 2));
@@ -499,7 +475,7 @@ async fn wait_closed(addr: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_moves_the_metrics_server_and_refuses_an_address_in_use() {
     let broker = Broker::new("sighup-metrics").await;
-    let sim = SimDir::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
     let apps = sim.app("example", "client", 1);

@@ -3,6 +3,7 @@
 //! publish jobs and collect results.
 #![allow(dead_code)]
 
+pub mod logs;
 pub mod process;
 pub mod relay;
 pub mod rig;

@@ -9,12 +9,15 @@ use std::path::{Path, PathBuf};
 
 use apnsd::config::Config;
 use apnsd::daemon::{Daemon, Reloaded};
-use apnsd::job::DeviceToken;
 use apnsd::metrics::{Stats, StatsSnapshot};
-// What scenarios configure the simulator with (each file uses some).
 use apnsd::simulator::{write_identity, SimCerts, Simulator, SimulatorOptions};
+// The library's names the scenarios use (each file some of them).
 #[allow(unused_imports)]
-pub use apnsd::simulator::{AnswerRule, ClientSpec, Faults, RefuseRule};
+pub use apnsd::{
+    apns::http2::ApnsReason,
+    job::DeviceToken,
+    simulator::{AnswerRule, ClientSpec, Faults, RefuseRule},
+};
 use tokio_util::sync::CancellationToken;
 
 use super::{amqp_uri, job, wait_until, Broker, WAIT};
@@ -181,6 +184,46 @@ impl App {
     }
 }
 
+/// An in-process simulator whose certificates are written to a temp folder,
+/// where the configuration goes too.
+pub struct SimDir {
+    pub sim: Simulator,
+    pub dir: tempfile::TempDir,
+}
+
+impl SimDir {
+    pub async fn start(faults: Faults) -> SimDir {
+        apnsd::apns::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = SimCerts::generate("com.example.app").unwrap();
+        certs.write_to(dir.path()).unwrap();
+        let mut options = SimulatorOptions::new(certs);
+        options.faults = faults;
+        let sim = Simulator::start(options).await.unwrap();
+        SimDir { sim, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn services(&self) -> Services {
+        Services::of(&self.sim)
+    }
+
+    /// Mints a client identity of the simulator's CA and writes it as `<name>.p12`.
+    pub fn mint(&self, name: &str, spec: ClientSpec) {
+        let identity = self.sim.certs().mint_client(&spec).unwrap();
+        write_identity(&identity, self.dir.path(), name).unwrap();
+    }
+
+    /// Writes a client identity of another CA as `<name>.p12`.
+    pub fn mint_stranger(&self, name: &str) {
+        let stranger = SimCerts::generate("com.example.app").unwrap();
+        write_identity(stranger.client(), self.dir.path(), name).unwrap();
+    }
+}
+
 /// What a rig is made of; [`RigBuilder::start`] starts it.
 pub struct RigBuilder {
     test: String,
@@ -264,18 +307,12 @@ impl RigBuilder {
 
     /// Starts the simulator and a daemon configured for it and this test's broker slice.
     pub async fn start(self) -> Rig {
-        apnsd::apns::tls::install_crypto_provider();
         let broker = Broker::new(&self.test).await;
-        let dir = tempfile::tempdir().unwrap();
-        let certs = SimCerts::generate("com.example.app").unwrap();
-        certs.write_to(dir.path()).unwrap();
-        for (name, spec) in &self.identities {
-            let identity = certs.mint_client(spec).unwrap();
-            write_identity(&identity, dir.path(), name).unwrap();
+        let simulator = SimDir::start(self.faults).await;
+        for (name, spec) in self.identities {
+            simulator.mint(&name, spec);
         }
-        let mut options = SimulatorOptions::new(certs);
-        options.faults = self.faults;
-        let sim = Simulator::start(options).await.unwrap();
+        let SimDir { sim, dir } = simulator;
         for (token, timestamp) in self.feedback {
             sim.add_feedback(token, timestamp);
         }
