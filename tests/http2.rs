@@ -1,6 +1,7 @@
 //! The HTTP/2 transport end to end, in-process: the real RabbitMQ, the
 //! simulator's HTTP/2 endpoint over TLS with ALPN h2, client certificates
-//! or provider tokens.
+//! or provider tokens. What only HTTP/2 has is here; the scenarios both
+//! protocols share run for it in `pipeline.rs`.
 
 mod common;
 

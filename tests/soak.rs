@@ -91,15 +91,8 @@ fn recorded(record: &Path) -> usize {
 }
 
 async fn wait_recorded(record: &Path, at_least: usize, within: Duration) {
-    let deadline = Instant::now() + within;
-    while recorded(record) < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "only {} recorded",
-            recorded(record)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = wait_until(within, || recorded(record) >= at_least).await;
+    assert!(done, "only {} of {at_least} recorded", recorded(record));
 }
 
 /// A fresh connection: the test's own may not survive a broker restart.
@@ -227,12 +220,9 @@ async fn crash_run(test: &str, crash: Crash) -> Report {
     let within = Duration::from_secs(60 + u64::from(crash.jobs) / 2000);
     let mut peak = 0;
     if crash.parallel {
-        let deadline = Instant::now() + within;
-        for m in [&first.metrics, &second.metrics] {
-            while scrape(m, "apnsd_jobs_acked_total").await == 0 {
-                assert!(Instant::now() < deadline, "both daemons take work");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        for m in [first.metrics.as_str(), second.metrics.as_str()] {
+            let works = || async move { scrape(m, "apnsd_jobs_acked_total").await > 0 };
+            eventually_async(within, "both daemons take work", works).await;
         }
     }
     wait_recorded(&sim.record, good.len() / 3, within).await;
