@@ -1,101 +1,105 @@
 //! The daemon's main path, in-process, against the real RabbitMQ and the
-//! simulator over real TLS with client certificates.
+//! simulator over real TLS with client certificates. The scenarios every
+//! protocol must pass run once for the binary interface and once for
+//! HTTP/2; what only one of them has follows (HTTP/2's own in `http2.rs`).
 
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Duration;
 
-use apnsd::job::DeviceToken;
-use apnsd::simulator::{Faults, RefuseRule, SimCerts, Simulator, SimulatorOptions};
 use common::process::{http_get, metric};
 use common::rig::*;
 use common::*;
 
-struct Options {
-    faults: Faults,
-    delivered: bool,
-    connections: u32,
-    extra: String,
-    /// More `[amqp]` keys.
-    amqp: &'static str,
-    /// Tuples the feedback service holds before the daemon starts.
-    feedback: Vec<(DeviceToken, u32)>,
+both_protocols!(
+    happy_path_delivers_each_notification_once,
+    bad_tokens_mid_burst_are_reported_and_the_rest_delivered_once,
+    transient_refusals_are_retried_then_reported,
+    graceful_closes_mid_burst_lose_nothing_and_duplicate_nothing,
+    a_fan_out_job_reaches_every_token_once,
+    message_id_stands_in_for_a_missing_id,
+    two_apps_in_one_process,
+    metrics_endpoint_counts_what_happened,
+);
+
+/// A refusal the simulator makes of every token beginning with one byte, in
+/// one protocol's terms, and the result the daemon reports for it.
+struct Refusal {
+    protocol: Protocol,
+    first: u8,
+    status: u64,
+    /// The result's reason, as in its routing key `failed.<reason>`.
+    reason: &'static str,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Options {
-            faults: Faults::default(),
-            delivered: false,
-            connections: 2,
-            extra: String::new(),
-            amqp: "",
-            feedback: Vec::new(),
+impl Refusal {
+    /// A token the gateway refuses for good.
+    fn bad_token(protocol: Protocol, first: u8) -> Refusal {
+        let (status, reason) = match protocol {
+            Protocol::Binary => (8, "invalid_token"),
+            Protocol::Http2 => (400, "bad_device_token"),
+        };
+        Refusal {
+            protocol,
+            first,
+            status,
+            reason,
         }
     }
-}
 
-fn app_toml(name: &str, dir: &Path, client: &str, sim: &Simulator, connections: u32) -> String {
-    format!(
-        r#"
-[[apps]]
-name = "{name}"
-environment = "simulator"
-certificate = "{dir}/{client}.p12"
-password = "simulator"
-ca = "{dir}/ca.pem"
-gateway = "{gateway}"
-feedback = "{feedback}"
-connections = {connections}
-settle = "150ms"
-feedback_interval = "1h"
-reconnect_min = "10ms"
-reconnect_max = "200ms"
-"#,
-        dir = dir.display(),
-        gateway = sim.gateway_addr(),
-        feedback = sim.feedback_addr(),
-    )
-}
-
-async fn rig(test: &str, opts: Options) -> Rig {
-    apnsd::apns::tls::install_crypto_provider();
-    let broker = Broker::new(test).await;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = SimCerts::generate("com.example.app").unwrap();
-    certs.write_to(dir.path()).unwrap();
-    let mut sim_opts = SimulatorOptions::new(certs);
-    sim_opts.faults = opts.faults;
-    let sim = Simulator::start(sim_opts).await.unwrap();
-    for (token, timestamp) in opts.feedback {
-        sim.add_feedback(token, timestamp);
+    /// Refusals worth another try: a processing error; throttling and a
+    /// server error over HTTP/2.
+    fn transient(protocol: Protocol) -> Vec<Refusal> {
+        let kinds: &[(u8, u64, &str)] = match protocol {
+            Protocol::Binary => &[(0xee, 1, "processing_error")],
+            Protocol::Http2 => &[
+                (0x29, 429, "too_many_requests"),
+                (0x50, 500, "internal_server_error"),
+            ],
+        };
+        kinds
+            .iter()
+            .map(|&(first, status, reason)| Refusal {
+                protocol,
+                first,
+                status,
+                reason,
+            })
+            .collect()
     }
-    let toml = format!(
-        "shutdown_timeout = \"10s\"\n{}{}\n[results]\ndelivered = {}\n{}\n{}",
-        broker.amqp_toml(5000),
-        opts.amqp,
-        opts.delivered,
-        app_toml("example", dir.path(), "client", &sim, opts.connections),
-        opts.extra
-            .replace("{dir}", &dir.path().display().to_string())
-            .replace("{gateway}", &sim.gateway_addr().to_string())
-            .replace("{feedback}", &sim.feedback_addr().to_string()),
-    );
-    Rig::start(broker, sim, dir, &toml).await
+
+    fn routing_key(&self) -> String {
+        format!("failed.{}", self.reason)
+    }
+
+    /// The simulator's faults that make these refusals.
+    fn faults(refusals: &[Refusal]) -> Faults {
+        let mut faults = Faults::default();
+        for r in refusals {
+            let prefix = format!("{:02x}", r.first);
+            match r.protocol {
+                Protocol::Binary => faults
+                    .refuse
+                    .push(RefuseRule::parse(&format!("{prefix}={}", r.status)).unwrap()),
+                Protocol::Http2 => {
+                    // Apple's reason: `bad_device_token` is `BadDeviceToken`.
+                    let apple: String = r
+                        .reason
+                        .split('_')
+                        .map(|w| w[..1].to_uppercase() + &w[1..])
+                        .collect();
+                    let rule = format!("{prefix}={}:{apple}", r.status);
+                    faults.answer.push(AnswerRule::parse(&rule).unwrap());
+                }
+            }
+        }
+        faults
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn happy_path_delivers_each_notification_once() {
-    let mut rig = rig(
-        "happy",
-        Options {
-            delivered: true,
-            ..Default::default()
-        },
-    )
-    .await;
+async fn happy_path_delivers_each_notification_once(protocol: Protocol) {
+    let mut rig = Rig::builder("happy", protocol).delivered().start().await;
     let tokens = rig.burst(300, |i| token(0x01, i)).await;
     let results = rig.broker.results(300, WAIT).await;
     assert!(results.iter().all(|r| r.routing_key == "delivered"));
@@ -110,31 +114,40 @@ async fn happy_path_delivers_each_notification_once() {
         .iter()
         .all(|r| r.body["app"] == "example" && r.body["at"].is_string()));
     rig.wait_acked(300).await;
-    let counts = rig.accepted_counts();
-    for t in &tokens {
-        assert_eq!(counts.get(&tok(t)), Some(&1), "token {t}");
-    }
-    let first = rig.sim.accepted().into_iter().next().unwrap();
+    rig.assert_once(&tokens);
+    let accepted = rig.sim.accepted();
+    let first = accepted
+        .iter()
+        .find(|a| a.token == tok(&tokens[0]))
+        .unwrap();
     assert_eq!(first.payload, br#"{"aps":{"alert":"hello j0"}}"#);
+    match protocol {
+        Protocol::Binary => {
+            assert_eq!(
+                accepted[0].token, first.token,
+                "the first job arrived first"
+            );
+            assert!(first.http2.is_none());
+        }
+        Protocol::Http2 => {
+            let meta = first.http2.clone().unwrap();
+            assert_eq!(meta.topic, "com.example.app");
+            assert_eq!(meta.push_type.as_deref(), Some("alert"));
+            assert_eq!(meta.apns_id.map(|id| id.len()), Some(36));
+            assert!(!meta.token_auth);
+        }
+    }
     let stats = rig.finish().await;
-    assert_eq!(stats.jobs_acked, 300);
+    assert_eq!((stats.jobs_acked, stats.accepted), (300, 300));
     assert_eq!(stats.resent_after_close, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_tokens_mid_burst_are_reported_and_the_rest_delivered_once() {
-    let faults = Faults {
-        refuse: vec![RefuseRule::parse("ff=8").unwrap()],
-        ..Default::default()
-    };
-    let mut rig = rig(
-        "badtokens",
-        Options {
-            faults,
-            ..Default::default()
-        },
-    )
-    .await;
+async fn bad_tokens_mid_burst_are_reported_and_the_rest_delivered_once(protocol: Protocol) {
+    let bad = Refusal::bad_token(protocol, 0xff);
+    let mut rig = Rig::builder("badtokens", protocol)
+        .faults(Refusal::faults(std::slice::from_ref(&bad)))
+        .start()
+        .await;
     let tokens = rig
         .burst(1000, |i| {
             if i % 20 == 7 {
@@ -149,9 +162,9 @@ async fn bad_tokens_mid_burst_are_reported_and_the_rest_delivered_once() {
     let extra = rig.broker.no_more_results(Duration::from_millis(300)).await;
     assert!(extra.is_empty(), "unexpected results: {extra:?}");
     for r in &results {
-        assert_eq!(r.routing_key, "failed.invalid_token");
-        assert_eq!(r.body["status"], 8);
-        assert_eq!(r.body["reason"], "invalid_token");
+        assert_eq!(r.routing_key, bad.routing_key());
+        assert_eq!(r.body["status"], bad.status);
+        assert_eq!(r.body["reason"], bad.reason);
         assert_eq!(r.body["attempts"], 1);
         assert!(r.body["token"].as_str().unwrap().starts_with("ff"));
     }
@@ -165,72 +178,218 @@ async fn bad_tokens_mid_burst_are_reported_and_the_rest_delivered_once() {
     }
     assert!(counts.keys().all(|t| t.as_bytes()[0] != 0xff));
     let stats = rig.finish().await;
-    assert!(
-        stats.resent_after_error > 0,
-        "tokens after each bad one were resent"
-    );
+    assert_eq!(stats.failed, 50);
     assert_eq!(stats.resent_after_close, 0);
+    if protocol == Protocol::Binary {
+        // The binary interface answers only errors, closing the connection.
+        assert!(
+            stats.resent_after_error > 0,
+            "tokens after each bad one were resent"
+        );
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_status_is_retried_then_reported() {
-    let faults = Faults {
-        refuse: vec![RefuseRule::parse("ee=1").unwrap()],
-        ..Default::default()
-    };
-    let mut rig = rig(
-        "transient",
-        Options {
-            faults,
+async fn transient_refusals_are_retried_then_reported(protocol: Protocol) {
+    let refusals = Refusal::transient(protocol);
+    let mut rig = Rig::builder("transient", protocol)
+        .faults(Refusal::faults(&refusals))
+        .start()
+        .await;
+    let refused: Vec<String> = (1..)
+        .zip(&refusals)
+        .map(|(i, r)| token(r.first, i))
+        .collect();
+    let good = token(0x03, 9);
+    let all = [&refused[..], std::slice::from_ref(&good)].concat();
+    rig.publish(&all).await;
+    let results = by_key(&rig.broker.results(refused.len(), WAIT).await);
+    rig.wait_acked(all.len() as u64).await;
+    for (r, t) in refusals.iter().zip(&refused) {
+        let result = &results[&r.routing_key()][0];
+        assert_eq!(result["token"], *t);
+        assert_eq!(
+            (result["status"].as_u64(), result["attempts"].as_u64()),
+            (Some(r.status), Some(3))
+        );
+        assert_eq!(rig.refusals(t), 3, "{t} tried three times");
+    }
+    rig.assert_once(&[good]);
+    let stats = rig.finish().await;
+    assert_eq!(stats.retried, 2 * refused.len() as u64);
+}
+
+/// The gateway closes connections mid-burst the way its protocol allows: a
+/// binary shutdown notice, an HTTP/2 GOAWAY. Each names the last notification
+/// it processed, so what followed is sent again and nothing arrives twice.
+async fn graceful_closes_mid_burst_lose_nothing_and_duplicate_nothing(protocol: Protocol) {
+    let faults = match protocol {
+        Protocol::Binary => Faults {
+            shutdown_every: Some(250),
             ..Default::default()
         },
-    )
-    .await;
-    let bad = token(0xee, 1);
+        Protocol::Http2 => Faults {
+            goaway_every: Some(40),
+            ..Default::default()
+        },
+    };
+    let mut rig = Rig::builder("closes", protocol)
+        .faults(faults)
+        .delivered()
+        .start()
+        .await;
+    // Two waves: the second finds the first's connections closed.
+    let mut tokens = Vec::new();
+    for wave in [0x04, 0x14] {
+        tokens.extend(rig.burst(500, |i| token(wave, i)).await);
+        let results = rig.broker.results(500, WAIT).await;
+        assert!(results.iter().all(|r| r.routing_key == "delivered"));
+    }
+    rig.wait_acked(1000).await;
+    assert!(rig.sim.connections() > 2, "the gateway closed connections");
+    rig.assert_once(&tokens);
+    let stats = rig.finish().await;
+    assert_eq!(stats.failed, 0);
+    if protocol == Protocol::Binary {
+        assert_eq!(stats.resent_after_close, 0);
+    }
+}
+
+/// One job for many tokens, one in a thousand refused: 10,000 over the
+/// binary interface, 3,000 over HTTP/2 (a stream each, on a shared machine).
+async fn a_fan_out_job_reaches_every_token_once(protocol: Protocol) {
+    let n: u32 = match protocol {
+        Protocol::Binary => 10_000,
+        Protocol::Http2 => 3_000,
+    };
+    let bad = Refusal::bad_token(protocol, 0xfd);
+    let mut rig = Rig::builder("fanout", protocol)
+        .faults(Refusal::faults(std::slice::from_ref(&bad)))
+        .start()
+        .await;
+    let tokens: Vec<String> = (0..n)
+        .map(|i| {
+            if i % 1000 == 500 {
+                token(0xfd, i)
+            } else {
+                token(0x09, i)
+            }
+        })
+        .collect();
+    let refused = u64::from(n / 1000);
+    let good = u64::from(n) - refused;
+    let body = serde_json::to_vec(&serde_json::json!({
+        "id": "broadcast", "tokens": tokens, "payload": {"aps": {"alert": "all"}}
+    }))
+    .unwrap();
+    rig.broker.publish_all([body]).await;
+    let results = rig.broker.results(refused as usize, WAIT).await;
+    assert!(results
+        .iter()
+        .all(|r| r.routing_key == bad.routing_key() && r.body["id"] == "broadcast"));
+    rig.wait_acked(1).await;
+    let counts = rig.accepted_counts();
+    assert_eq!(counts.len() as u64, good);
+    assert!(counts.values().all(|&n| n == 1));
+    assert!(rig
+        .broker
+        .no_more_results(Duration::from_millis(300))
+        .await
+        .is_empty());
+    let stats = rig.finish().await;
+    assert_eq!((stats.jobs_acked, stats.accepted), (1, good));
+}
+
+async fn message_id_stands_in_for_a_missing_id(protocol: Protocol) {
+    let mut rig = Rig::builder("messageid", protocol)
+        .delivered()
+        .start()
+        .await;
+    let body = format!(
+        r#"{{"token":"{}","payload":{{"aps":{{}}}}}}"#,
+        token(0x07, 1)
+    );
     rig.broker
-        .publish_all([job("t1", &bad), job("t2", &token(0x03, 2))])
+        .publish_with_message_id(body.as_bytes(), "amqp-id-1")
         .await;
     let results = rig.broker.results(1, WAIT).await;
-    assert_eq!(results[0].routing_key, "failed.processing_error");
-    assert_eq!(results[0].body["attempts"], 3);
-    assert_eq!(results[0].body["status"], 1);
-    rig.wait_acked(2).await;
-    assert_eq!(
-        rig.sim
-            .refused()
-            .iter()
-            .filter(|r| r.0 == tok(&bad))
-            .count(),
-        3
-    );
-    let stats = rig.finish().await;
-    assert_eq!(stats.retried, 2);
+    assert_eq!(results[0].body["id"], "amqp-id-1");
+    rig.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gateway_shutdown_mid_burst_loses_nothing_and_duplicates_nothing() {
-    let faults = Faults {
-        shutdown_every: Some(250),
-        ..Default::default()
-    };
-    let rig = rig(
-        "shutdown10",
-        Options {
-            faults,
-            ..Default::default()
-        },
-    )
-    .await;
-    let tokens = rig.burst(1000, |i| token(0x04, i)).await;
-    rig.wait_acked(1000).await;
+async fn two_apps_in_one_process(protocol: Protocol) {
+    let mut rig = Rig::builder("twoapps", protocol)
+        .delivered()
+        .app(App::new("second", protocol).keys("connections = 1"))
+        .start()
+        .await;
+    let a = token(0x0a, 1);
+    let b = token(0x0b, 2);
+    let second = format!(r#"{{"id":"s","app":"second","token":"{b}","payload":{{"aps":{{}}}}}}"#);
+    rig.broker
+        .publish_all([job("f", &a), second.into_bytes()])
+        .await;
+    let results = rig.broker.results(2, WAIT).await;
+    let apps: HashMap<String, String> = results
+        .iter()
+        .map(|r| {
+            (
+                r.body["id"].as_str().unwrap().to_owned(),
+                r.body["app"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(apps["f"], "example");
+    assert_eq!(apps["s"], "second");
     let counts = rig.accepted_counts();
-    for t in &tokens {
-        assert_eq!(counts.get(&tok(t)), Some(&1), "token {t}");
-    }
-    assert!(rig.sim.connections() > 2, "the gateway closed connections");
-    let stats = rig.finish().await;
-    assert_eq!(stats.resent_after_close, 0);
+    assert_eq!(
+        (counts.get(&tok(&a)), counts.get(&tok(&b))),
+        (Some(&1), Some(&1))
+    );
+    rig.finish().await;
 }
+
+async fn metrics_endpoint_counts_what_happened(protocol: Protocol) {
+    let addr = format!("127.0.0.1:{}", common::process::free_port());
+    let bad = Refusal::bad_token(protocol, 0xfc);
+    let mut rig = Rig::builder("metrics", protocol)
+        .faults(Refusal::faults(std::slice::from_ref(&bad)))
+        .section(&format!("[metrics]\nlisten = \"{addr}\"\n"))
+        .start()
+        .await;
+    let tokens = rig
+        .burst(100, |i| {
+            if i % 10 == 0 {
+                token(0xfc, i)
+            } else {
+                token(0x0c, i)
+            }
+        })
+        .await;
+    rig.broker.results(10, WAIT).await;
+    rig.wait_acked(100).await;
+    let (status, _) = http_get(&addr, "/readyz").await;
+    assert!(status.contains("200"), "{status}");
+    let (status, body) = http_get(&addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(metric(&body, "apnsd_jobs_consumed_total"), 100);
+    assert_eq!(metric(&body, "apnsd_jobs_acked_total"), 100);
+    assert_eq!(
+        metric(&body, "apnsd_notifications_accepted_total"),
+        rig.sim.accepted_count()
+    );
+    assert_eq!(rig.sim.accepted_count(), 90);
+    let failed = format!(
+        "apnsd_notifications_failed_by_reason_total{{reason=\"{}\"}}",
+        bad.reason
+    );
+    assert_eq!(metric(&body, &failed), 10);
+    assert_eq!(metric(&body, "apnsd_consume_to_accepted_seconds_count"), 90);
+    assert_eq!(tokens.len(), 100);
+    assert!(http_get(&addr, "/healthz").await.0.contains("200"));
+    rig.finish().await;
+}
+
+// What only the binary interface has.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_close_mid_burst_loses_nothing_and_counts_duplicates() {
@@ -238,14 +397,10 @@ async fn silent_close_mid_burst_loses_nothing_and_counts_duplicates() {
         close_every: Some(200),
         ..Default::default()
     };
-    let rig = rig(
-        "silentclose",
-        Options {
-            faults,
-            ..Default::default()
-        },
-    )
-    .await;
+    let rig = Rig::builder("silentclose", Protocol::Binary)
+        .faults(faults)
+        .start()
+        .await;
     let tokens = rig.burst(1000, |i| token(0x05, i)).await;
     rig.wait_acked(1000).await;
     let counts = rig.accepted_counts();
@@ -269,7 +424,7 @@ async fn silent_close_mid_burst_loses_nothing_and_counts_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusable_jobs_are_rejected_with_their_body() {
-    let mut rig = rig("rejected", Options::default()).await;
+    let mut rig = Rig::builder("rejected", Protocol::Binary).start().await;
     let good = token(0x06, 1);
     let big = "x".repeat(3000);
     let bodies: Vec<(Vec<u8>, &str)> = vec![
@@ -324,38 +479,12 @@ async fn unusable_jobs_are_rejected_with_their_body() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn message_id_stands_in_for_a_missing_id() {
-    let mut rig = rig(
-        "messageid",
-        Options {
-            delivered: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let body = format!(
-        r#"{{"token":"{}","payload":{{"aps":{{}}}}}}"#,
-        token(0x07, 1)
-    );
-    rig.broker
-        .publish_with_message_id(body.as_bytes(), "amqp-id-1")
-        .await;
-    let results = rig.broker.results(1, WAIT).await;
-    assert_eq!(results[0].body["id"], "amqp-id-1");
-    rig.finish().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_service_tokens_become_unregistered_results() {
     let gone = tok(&token(0x08, 1));
-    let mut rig = rig(
-        "feedback",
-        Options {
-            feedback: vec![(gone, 1_700_000_000)],
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut rig = Rig::builder("feedback", Protocol::Binary)
+        .feedback(gone, 1_700_000_000)
+        .start()
+        .await;
     let results = rig.broker.results(1, WAIT).await;
     assert_eq!(results[0].routing_key, "unregistered");
     assert_eq!(results[0].body["token"], gone.to_hex());
@@ -363,219 +492,4 @@ async fn feedback_service_tokens_become_unregistered_results() {
     assert_eq!(results[0].body["app"], "example");
     let stats = rig.finish().await;
     assert_eq!(stats.feedback_tokens, 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fan_out_job_of_ten_thousand_tokens() {
-    let faults = Faults {
-        refuse: vec![RefuseRule::parse("fd=8").unwrap()],
-        ..Default::default()
-    };
-    let mut rig = rig(
-        "fanout",
-        Options {
-            faults,
-            ..Default::default()
-        },
-    )
-    .await;
-    let tokens: Vec<String> = (0..10_000)
-        .map(|i| {
-            if i % 1000 == 500 {
-                token(0xfd, i)
-            } else {
-                token(0x09, i)
-            }
-        })
-        .collect();
-    let body = serde_json::to_vec(&serde_json::json!({
-        "id": "broadcast", "tokens": tokens, "payload": {"aps": {"alert": "all"}}
-    }))
-    .unwrap();
-    rig.broker.publish_all([body]).await;
-    let results = rig.broker.results(10, WAIT).await;
-    assert!(results
-        .iter()
-        .all(|r| r.routing_key == "failed.invalid_token" && r.body["id"] == "broadcast"));
-    rig.wait_acked(1).await;
-    let counts = rig.accepted_counts();
-    assert_eq!(counts.len(), 9_990);
-    assert!(counts.values().all(|&n| n == 1));
-    let stats = rig.finish().await;
-    assert_eq!(stats.jobs_acked, 1);
-}
-
-/// `amqp.prefetch_bytes` at work: large jobs are taken a few at a time, small
-/// ones fill the prefetch, and nothing is lost across the subscriptions.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_prefetch_follows_the_bytes_held() {
-    let budget = 100_000;
-    let rig = rig(
-        "prefetchbytes",
-        Options {
-            amqp: "prefetch_bytes = 100000\n",
-            ..Default::default()
-        },
-    )
-    .await;
-    let stats = rig.daemon.stats.clone();
-    // Polls the gauges until every job so far is acked: (most bytes held,
-    // least and most prefetch seen).
-    let watch = |acked: u64| {
-        let stats = stats.clone();
-        async move {
-            let (mut held, mut low, mut high) = (0, i64::MAX, 0);
-            let deadline = std::time::Instant::now() + WAIT;
-            while stats.jobs_acked.get() < acked {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{:?}",
-                    stats.snapshot()
-                );
-                held = held.max(stats.job_bytes_held.get());
-                let prefetch = stats.prefetch.get();
-                (low, high) = (low.min(prefetch), high.max(prefetch));
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            (held, low, high)
-        }
-    };
-    // 60 jobs of 500 tokens, about 34 kB each: 2 MB in all.
-    let mut tokens = Vec::new();
-    let bodies: Vec<Vec<u8>> = (0..60u32)
-        .map(|j| {
-            let list: Vec<String> = (0..500).map(|i| token(0x31, j * 500 + i)).collect();
-            tokens.extend(list.iter().cloned());
-            serde_json::to_vec(&serde_json::json!({
-                "id": format!("big{j}"), "tokens": list, "payload": {"aps": {"alert": "x"}}
-            }))
-            .unwrap()
-        })
-        .collect();
-    let size = bodies[0].len() as i64;
-    let total: i64 = bodies.iter().map(|b| b.len() as i64).sum();
-    rig.broker.publish_all(bodies).await;
-    let (held, low, _) = watch(60).await;
-    assert!(
-        low <= budget / size,
-        "the prefetch shrank to what fits: {low}"
-    );
-    // The first subscription's jobs, then at most what fits on top.
-    let bound = (i64::from(apnsd::intake::START) + budget / size + 1) * size;
-    assert!(
-        held <= bound && held < total / 2,
-        "{held} bytes held of {total}, bound {bound}"
-    );
-    let small = rig.burst(3000, |i| token(0x32, i)).await;
-    let (_, _, high) = watch(60 + 3000).await;
-    assert!(high >= 512, "small jobs grew the prefetch: {high}");
-    tokens.extend(small);
-    rig.assert_once(&tokens);
-    rig.finish().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_apps_in_one_process() {
-    let extra = r#"
-[[apps]]
-name = "second"
-environment = "simulator"
-certificate = "{dir}/client.p12"
-password = "simulator"
-ca = "{dir}/ca.pem"
-gateway = "{gateway}"
-feedback = "{feedback}"
-connections = 1
-settle = "150ms"
-feedback_interval = "1h"
-"#;
-    let mut rig = rig(
-        "twoapps",
-        Options {
-            delivered: true,
-            extra: extra.into(),
-            ..Default::default()
-        },
-    )
-    .await;
-    let a = token(0x0a, 1);
-    let b = token(0x0b, 2);
-    let second = format!(r#"{{"id":"s","app":"second","token":"{b}","payload":{{"aps":{{}}}}}}"#);
-    rig.broker
-        .publish_all([job("f", &a), second.into_bytes()])
-        .await;
-    let results = rig.broker.results(2, WAIT).await;
-    let apps: HashMap<String, String> = results
-        .iter()
-        .map(|r| {
-            (
-                r.body["id"].as_str().unwrap().to_owned(),
-                r.body["app"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    assert_eq!(apps["f"], "example");
-    assert_eq!(apps["s"], "second");
-    let counts = rig.accepted_counts();
-    assert_eq!(
-        (counts.get(&tok(&a)), counts.get(&tok(&b))),
-        (Some(&1), Some(&1))
-    );
-    rig.finish().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_endpoint_counts_what_happened() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let faults = Faults {
-        refuse: vec![RefuseRule::parse("fc=8").unwrap()],
-        ..Default::default()
-    };
-    let mut rig = rig(
-        "metrics",
-        Options {
-            faults,
-            extra: format!("[metrics]\nlisten = \"{addr}\"\n"),
-            ..Default::default()
-        },
-    )
-    .await;
-    let tokens = rig
-        .burst(100, |i| {
-            if i % 10 == 0 {
-                token(0xfc, i)
-            } else {
-                token(0x0c, i)
-            }
-        })
-        .await;
-    rig.broker.results(10, WAIT).await;
-    rig.wait_acked(100).await;
-    let (status, _) = http_get(&addr, "/readyz").await;
-    assert!(status.contains("200"), "{status}");
-    let (status, body) = http_get(&addr, "/metrics").await;
-    assert!(status.contains("200"), "{status}");
-    assert_eq!(metric(&body, "apnsd_jobs_consumed_total"), 100);
-    assert_eq!(metric(&body, "apnsd_jobs_acked_total"), 100);
-    assert_eq!(
-        metric(&body, "apnsd_notifications_accepted_total"),
-        rig.sim.accepted_count()
-    );
-    assert_eq!(rig.sim.accepted_count(), 90);
-    assert_eq!(
-        metric(
-            &body,
-            "apnsd_notifications_failed_by_reason_total{reason=\"invalid_token\"}"
-        ),
-        10
-    );
-    assert_eq!(metric(&body, "apnsd_consume_to_accepted_seconds_count"), 90);
-    assert_eq!(tokens.len(), 100);
-    assert!(http_get(&addr, "/healthz").await.0.contains("200"));
-    rig.finish().await;
 }

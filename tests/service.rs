@@ -9,61 +9,24 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use apnsd::job::DeviceToken;
-use apnsd::simulator::{write_identity, ClientSpec, SimCerts, Simulator, SimulatorOptions};
 use common::process::*;
+use common::rig::{App, ClientSpec, DeviceToken, Faults, Protocol, SimDir};
 use common::*;
 
-const WAIT: Duration = Duration::from_secs(60);
-
-/// An in-process simulator whose certificates are written to a temp folder,
-/// for a daemon in another process.
-struct Sim {
-    sim: Simulator,
-    dir: tempfile::TempDir,
+/// What these tests ask of the in-process simulator beside a daemon in
+/// another process.
+trait ServiceSim {
+    fn app(&self, name: &str, client: &str, connections: u32) -> String;
+    fn accepted(&self) -> HashMap<String, Vec<String>>;
 }
 
-impl Sim {
-    async fn start() -> Sim {
-        apnsd::apns::tls::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        let certs = SimCerts::generate("com.example.app").unwrap();
-        certs.write_to(dir.path()).unwrap();
-        let sim = Simulator::start(SimulatorOptions::new(certs))
-            .await
-            .unwrap();
-        Sim { sim, dir }
-    }
-
-    fn path(&self, name: &str) -> std::path::PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Mints a client identity for `topic` and writes it as `<name>.p12`.
-    fn mint(&self, name: &str, spec: ClientSpec) {
-        let identity = self.sim.certs().mint_client(&spec).unwrap();
-        write_identity(&identity, self.dir.path(), name).unwrap();
-    }
-
+impl ServiceSim for SimDir {
+    /// A binary app presenting `<client>.p12`, for a configuration beside the certificates.
     fn app(&self, name: &str, client: &str, connections: u32) -> String {
-        format!(
-            r#"
-[[apps]]
-name = "{name}"
-environment = "simulator"
-certificate = "{client}.p12"
-password = "simulator"
-ca = "ca.pem"
-gateway = "{gateway}"
-feedback = "{feedback}"
-connections = {connections}
-settle = "150ms"
-reconnect_min = "10ms"
-reconnect_max = "200ms"
-"#,
-            gateway = self.sim.gateway_addr(),
-            feedback = self.sim.feedback_addr(),
-        )
+        App::new(name, Protocol::Binary)
+            .client(client)
+            .keys(&format!("connections = {connections}"))
+            .toml(&self.services())
     }
 
     /// How often each token was accepted, and by which client identity.
@@ -96,7 +59,7 @@ fn app_job(id: &str, token: &str, app: &str) -> Vec<u8> {
     serde_json::to_vec(&job).unwrap()
 }
 
-async fn wait_all_accepted(sim: &Sim, tokens: &[String]) {
+async fn wait_all_accepted(sim: &SimDir, tokens: &[String]) {
     eventually(WAIT, "every token accepted", || {
         let seen = sim.accepted();
         tokens.iter().all(|t| seen.contains_key(t))
@@ -106,8 +69,8 @@ async fn wait_all_accepted(sim: &Sim, tokens: &[String]) {
 
 /// SIGTERM, exit 0, then: no stray result, and every job acked (unacked
 /// ones would be back in the queue once the daemon is gone).
-async fn stop_clean(daemon: &mut Guard, mut broker: Broker) {
-    stop(daemon).await;
+async fn stop_clean(daemon: &mut Process, mut broker: Broker) {
+    daemon.stop().await;
     assert!(broker
         .no_more_results(Duration::from_millis(300))
         .await
@@ -116,16 +79,10 @@ async fn stop_clean(daemon: &mut Guard, mut broker: Broker) {
     broker.cleanup().await;
 }
 
-async fn stop(daemon: &mut Guard) {
-    signal(&daemon.0, "-TERM");
-    let status = wait_exit(&mut daemon.0, WAIT);
-    assert!(status.success(), "apnsd exited with {status}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream() {
     let broker = Broker::new("sighup").await;
-    let sim = Sim::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     sim.mint("rotated", ClientSpec::new("com.example.rotated"));
     let port = free_port();
     let metrics_addr = format!("127.0.0.1:{port}");
@@ -137,7 +94,7 @@ async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream()
     );
     let mut daemon = spawn_daemon(&config, &log);
 
-    let before: Vec<String> = (0..600).map(|i| token(0x10, i)).collect();
+    let before = tokens(0x10, 600);
     broker
         .publish_all(
             before
@@ -154,15 +111,15 @@ async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream()
     // Mid-stream: rotate example's certificate, give it 3 connections, add an app.
     let apps = sim.app("example", "rotated", 3) + &sim.app("second", "client", 1);
     write(&config, &daemon_toml(&broker, port, &apps));
-    signal(&daemon.0, "-HUP");
+    daemon.signal("-HUP");
     let text = wait_for_log(&log, "configuration reloaded").await;
     assert!(
         text.contains(r#"added=["second"]"#) && text.contains(r#"replaced=["example"]"#),
         "{text}"
     );
 
-    let after: Vec<String> = (0..400).map(|i| token(0x20, i)).collect();
-    let second: Vec<String> = (0..200).map(|i| token(0x30, i)).collect();
+    let after = tokens(0x20, 400);
+    let second = tokens(0x30, 200);
     let bodies = after
         .iter()
         .enumerate()
@@ -189,16 +146,11 @@ async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream()
 
     // The new lane count is in force, and the counters match the simulator.
     let accepted = sim.sim.accepted_count();
-    let mut metrics = String::new();
-    for _ in 0..300 {
-        metrics = http_get(&metrics_addr, "/metrics").await.1;
-        if metric(&metrics, "apnsd_connections_up{app=\"example\"}") == 3
-            && metric(&metrics, "apnsd_notifications_accepted_total") == accepted
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let metrics = metrics_once(&metrics_addr, |m| {
+        metric(m, "apnsd_connections_up{app=\"example\"}") == 3
+            && metric(m, "apnsd_notifications_accepted_total") == accepted
+    })
+    .await;
     assert_eq!(
         metric(&metrics, "apnsd_connections_up{app=\"example\"}"),
         3,
@@ -221,14 +173,14 @@ async fn sighup_adds_an_app_rotates_a_certificate_and_resizes_lanes_mid_stream()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_an_invalid_file_keeps_the_old_configuration() {
     let broker = Broker::new("sighup-invalid").await;
-    let sim = Sim::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
     let good = daemon_toml(&broker, free_port(), &sim.app("example", "client", 2));
     write(&config, &good);
     let mut daemon = spawn_daemon(&config, &log);
 
-    let first: Vec<String> = (0..300).map(|i| token(0x40, i)).collect();
+    let first = tokens(0x40, 300);
     broker.publish_all(first.iter().map(|t| job(t, t))).await;
     eventually(WAIT, "the first notifications", || {
         sim.sim.accepted_count() >= 50
@@ -237,17 +189,17 @@ async fn sighup_with_an_invalid_file_keeps_the_old_configuration() {
 
     // An unknown key, then a missing certificate: each refused, named, harmless.
     write(&config, &good.replace("[amqp]", "[amqp]\nbogus = 1"));
-    signal(&daemon.0, "-HUP");
+    daemon.signal("-HUP");
     let text = wait_for_log(&log, "unknown key amqp.bogus").await;
     assert!(text.contains("reload refused"), "{text}");
     assert!(text.contains(&config.display().to_string()), "{text}");
 
     write(&config, &good.replace("client.p12", "missing.p12"));
-    signal(&daemon.0, "-HUP");
+    daemon.signal("-HUP");
     let text = wait_for_log(&log, "apps[0].certificate").await;
     assert!(text.contains("missing.p12 does not exist"), "{text}");
 
-    let second: Vec<String> = (0..300).map(|i| token(0x41, i)).collect();
+    let second = tokens(0x41, 300);
     broker.publish_all(second.iter().map(|t| job(t, t))).await;
     let everything = [&first[..], &second[..]].concat();
     wait_all_accepted(&sim, &everything).await;
@@ -261,7 +213,7 @@ async fn sighup_with_an_invalid_file_keeps_the_old_configuration() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_exits_zero_and_leaves_nothing_unacked() {
     let broker = Broker::new("sigterm").await;
-    let sim = Sim::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
     // A small prefetch keeps most jobs in the queue when the signal comes.
@@ -270,13 +222,13 @@ async fn sigterm_mid_stream_exits_zero_and_leaves_nothing_unacked() {
     write(&config, &toml);
     let mut daemon = spawn_daemon(&config, &log);
 
-    let tokens: Vec<String> = (0..3000).map(|i| token(0x50, i)).collect();
+    let tokens = tokens(0x50, 3000);
     broker.publish_all(tokens.iter().map(|t| job(t, t))).await;
     eventually(WAIT, "some notifications", || {
         sim.sim.accepted_count() >= 200
     })
     .await;
-    stop(&mut daemon).await;
+    daemon.stop().await;
 
     // Every job is either delivered and acked, or back in the queue untouched:
     // a job delivered but left unacked would be counted on both sides.
@@ -296,13 +248,15 @@ async fn sigterm_mid_stream_exits_zero_and_leaves_nothing_unacked() {
     broker.cleanup().await;
 }
 
-/// `apnsd check --config FILE [extra]`: (exit code, stdout + stderr).
-fn check(config: &Path, extra: &[&str]) -> (i32, String) {
-    let out = Command::new(APNSD)
+/// `apnsd check --config FILE [extra]`: (exit code, stdout + stderr). Awaited:
+/// `--connect` talks to the in-process simulator, which the runtime serves.
+async fn check(config: &Path, extra: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(APNSD)
         .args(["check", "--config"])
         .arg(config)
         .args(extra)
         .output()
+        .await
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
@@ -311,7 +265,7 @@ fn check(config: &Path, extra: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_every_kind_of_problem_with_exit_2() {
-    let sim = Sim::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     sim.mint(
         "expired",
         ClientSpec {
@@ -340,7 +294,7 @@ async fn check_names_every_kind_of_problem_with_exit_2() {
 
     let (code, text) = {
         write(&config, &app("example", "client"));
-        check(&config, &["--connect"])
+        check(&config, &["--connect"]).await
     };
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("topic com.example.app"), "{text}");
@@ -371,7 +325,7 @@ async fn check_names_every_kind_of_problem_with_exit_2() {
     ];
     for (toml, want) in cases {
         write(&config, &toml);
-        let (code, text) = check(&config, &[]);
+        let (code, text) = check(&config, &[]).await;
         assert_eq!(code, 2, "{want}: {text}");
         assert!(text.contains(want), "want {want:?} in {text}");
     }
@@ -381,14 +335,14 @@ async fn check_names_every_kind_of_problem_with_exit_2() {
         &config,
         &(app("a", "expired") + &app("b", "soon").replace("connections = 1", "connections = 0")),
     );
-    let (code, text) = check(&config, &[]);
+    let (code, text) = check(&config, &[]).await;
     assert_eq!(
         (code, text.contains("apps[1].connections")),
         (2, true),
         "{text}"
     );
     write(&config, &(app("a", "expired") + &app("b", "soon")));
-    let (code, text) = check(&config, &[]);
+    let (code, text) = check(&config, &[]).await;
     assert_eq!(code, 2);
     assert!(
         text.lines()
@@ -400,10 +354,9 @@ async fn check_names_every_kind_of_problem_with_exit_2() {
     );
 
     // --connect: an identity from another CA is refused by the gateway.
-    let stranger = SimCerts::generate("com.example.app").unwrap();
-    write_identity(stranger.client(), sim.dir.path(), "stranger").unwrap();
+    sim.mint_stranger("stranger");
     write(&config, &app("example", "stranger"));
-    let (code, text) = check(&config, &["--connect"]);
+    let (code, text) = check(&config, &["--connect"]).await;
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("cannot connect to the gateway"), "{text}");
     sim.sim.shutdown().await;
@@ -423,7 +376,7 @@ fn send_queues_a_broadcast_from_a_tokens_file() {
                 broker.amqp_toml(10)
             ),
         );
-        let tokens: Vec<String> = (0..1500).map(|i| token(0x60, i)).collect();
+        let tokens = tokens(0x60, 1500);
         let file = dir.path().join("tokens.txt");
         write(&file, &format!("# broadcast\n{}\n", tokens.join("\n")));
         let out = Command::new(APNSD)
@@ -469,14 +422,14 @@ fn send_queues_a_broadcast_from_a_tokens_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_with_new_broker_settings_drains_and_reconnects() {
     let broker = Broker::new("sighup-amqp").await;
-    let sim = Sim::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
     let toml = daemon_toml(&broker, free_port(), &sim.app("example", "client", 2));
     write(&config, &toml);
     let mut daemon = spawn_daemon(&config, &log);
 
-    let tokens: Vec<String> = (0..2000).map(|i| token(0x70, i)).collect();
+    let tokens = tokens(0x70, 2000);
     broker
         .publish_all(tokens[..1000].iter().map(|t| job(t, t)))
         .await;
@@ -491,7 +444,7 @@ async fn sighup_with_new_broker_settings_drains_and_reconnects() {
             "prefetch = 300\nconsumer_tag = \"reloaded\"",
         ),
     );
-    signal(&daemon.0, "-HUP");
+    daemon.signal("-HUP");
     let text = wait_for_log(&log, "configuration reloaded").await;
     assert!(text.contains("broker_session=true"), "{text}");
     broker
@@ -507,31 +460,22 @@ async fn sighup_with_new_broker_settings_drains_and_reconnects() {
 
 /// Whether something accepts connections on `addr` within a second.
 async fn listening(addr: &str) -> bool {
-    for _ in 0..50 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
+    let accepts = || async move { tokio::net::TcpStream::connect(addr).await.is_ok() };
+    wait_until_async(Duration::from_secs(1), accepts).await
 }
 
 /// Until nothing accepts connections on `addr` (a stopped server's listener
 /// closes as its task sees the stop).
 async fn wait_closed(addr: &str) {
-    for _ in 0..250 {
-        if tokio::net::TcpStream::connect(addr).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{addr} still accepts connections");
+    let closed = || async move { tokio::net::TcpStream::connect(addr).await.is_err() };
+    let what = format!("{addr} to stop accepting connections");
+    eventually_async(WAIT, &what, closed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_moves_the_metrics_server_and_refuses_an_address_in_use() {
     let broker = Broker::new("sighup-metrics").await;
-    let sim = Sim::start().await;
+    let sim = SimDir::start(Faults::default()).await;
     let config = sim.path("apnsd.toml");
     let log = sim.path("apnsd.log");
     let apps = sim.app("example", "client", 1);
@@ -544,19 +488,15 @@ async fn sighup_moves_the_metrics_server_and_refuses_an_address_in_use() {
 
     // Moved: the new address serves the same counters, the old one closes.
     write(&config, &daemon_toml(&broker, second, &apps));
-    signal(&daemon.0, "-HUP");
+    daemon.signal("-HUP");
     wait_for_nth(&log, "configuration reloaded", 1).await;
-    let tokens: Vec<String> = (0..20).map(|i| token(0x71, i)).collect();
+    let tokens = tokens(0x71, 20);
     broker.publish_all(tokens.iter().map(|t| job(t, t))).await;
     wait_all_accepted(&sim, &tokens).await;
-    let mut metrics = String::new();
-    for _ in 0..100 {
-        metrics = http_get(&second_addr, "/metrics").await.1;
-        if metric(&metrics, "apnsd_notifications_accepted_total") == 20 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let metrics = metrics_once(&second_addr, |m| {
+        metric(m, "apnsd_notifications_accepted_total") == 20
+    })
+    .await;
     assert_eq!(
         metric(&metrics, "apnsd_notifications_accepted_total"),
         20,
@@ -568,7 +508,7 @@ async fn sighup_moves_the_metrics_server_and_refuses_an_address_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_port = taken.local_addr().unwrap().port();
     write(&config, &daemon_toml(&broker, taken_port, &apps));
-    signal(&daemon.0, "-HUP");
+    daemon.signal("-HUP");
     let text = wait_for_log(&log, "reload refused").await;
     assert!(
         text.contains(&format!(
@@ -587,7 +527,7 @@ async fn sighup_moves_the_metrics_server_and_refuses_an_address_in_use() {
             broker.amqp_toml(1000)
         ),
     );
-    signal(&daemon.0, "-HUP");
+    daemon.signal("-HUP");
     wait_for_nth(&log, "configuration reloaded", 2).await;
     wait_for_nth(&log, "metrics server stopped", 2).await;
     wait_closed(&second_addr).await;

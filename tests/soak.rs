@@ -17,6 +17,7 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 
 use common::process::*;
+use common::rig::{App, Protocol};
 use common::*;
 
 /// One daemon's configuration file, with its own metrics port.
@@ -39,7 +40,9 @@ fn daemon_config(
         format!(
             "shutdown_timeout = \"20s\"\n{}consumer_tag = \"{name}\"\n[metrics]\nlisten = \"{metrics}\"\n{}",
             broker.amqp_toml(prefetch),
-            sim.app_toml("connections = 2\nsettle = \"200ms\"\nreconnect_min = \"10ms\"\nreconnect_max = \"500ms\"")
+            App::new("example", Protocol::Binary)
+                .keys("settle = \"200ms\"\nreconnect_max = \"500ms\"")
+                .toml(&sim.services)
         ),
     )
     .unwrap();
@@ -88,15 +91,8 @@ fn recorded(record: &Path) -> usize {
 }
 
 async fn wait_recorded(record: &Path, at_least: usize, within: Duration) {
-    let deadline = Instant::now() + within;
-    while recorded(record) < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "only {} recorded",
-            recorded(record)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let done = wait_until(within, || recorded(record) >= at_least).await;
+    assert!(done, "only {} of {at_least} recorded", recorded(record));
 }
 
 /// A fresh connection: the test's own may not survive a broker restart.
@@ -224,18 +220,15 @@ async fn crash_run(test: &str, crash: Crash) -> Report {
     let within = Duration::from_secs(60 + u64::from(crash.jobs) / 2000);
     let mut peak = 0;
     if crash.parallel {
-        let deadline = Instant::now() + within;
-        for m in [&first.metrics, &second.metrics] {
-            while scrape(m, "apnsd_jobs_acked_total").await == 0 {
-                assert!(Instant::now() < deadline, "both daemons take work");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        for m in [first.metrics.as_str(), second.metrics.as_str()] {
+            let works = || async move { scrape(m, "apnsd_jobs_acked_total").await > 0 };
+            eventually_async(within, "both daemons take work", works).await;
         }
     }
     wait_recorded(&sim.record, good.len() / 3, within).await;
-    peak = peak.max(peak_rss_kib(a.0.id()).unwrap_or(0));
-    signal(&a.0, "-KILL");
-    wait_exit(&mut a.0, Duration::from_secs(10));
+    peak = peak.max(peak_rss_kib(a.pid()).unwrap_or(0));
+    a.signal("-KILL");
+    a.wait_exit(Duration::from_secs(10)).await;
     let mut b = b
         .take()
         .unwrap_or_else(|| spawn_daemon(&second.path, &second_log));
@@ -254,7 +247,7 @@ async fn crash_run(test: &str, crash: Crash) -> Report {
     let deadline = Instant::now() + within;
     let mut last = usize::MAX;
     loop {
-        peak = peak.max(peak_rss_kib(b.0.id()).unwrap_or(0));
+        peak = peak.max(peak_rss_kib(b.pid()).unwrap_or(0));
         let now = recorded(&sim.record);
         // Only read the whole record once it could be complete.
         if now >= good.len() && now == last {
@@ -295,8 +288,8 @@ async fn crash_run(test: &str, crash: Crash) -> Report {
         "apnsd_notifications_resent_after_close_total",
     )
     .await;
-    signal(&b.0, "-TERM");
-    assert!(wait_exit(&mut b.0, within).success());
+    b.signal("-TERM");
+    assert!(b.wait_exit(within).await.success());
     assert_eq!(
         depth(&broker.queue).await,
         0,

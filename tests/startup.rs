@@ -4,14 +4,12 @@
 mod common;
 
 use apnsd::config::Config;
-use tokio_util::sync::CancellationToken;
 
 use common::rig::*;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_on_the_built_in_simulator_survive_a_reload() {
-    apnsd::apns::tls::install_crypto_provider();
     let mut broker = Broker::new("startreload").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("apnsd.toml");
@@ -24,10 +22,7 @@ async fn apps_on_the_built_in_simulator_survive_a_reload() {
         )
     };
     std::fs::write(&path, toml(1)).unwrap();
-    let shutdown = CancellationToken::new();
-    let started = apnsd::startup::start(Config::load(&path).unwrap(), shutdown.clone())
-        .await
-        .unwrap();
+    let (started, shutdown) = start_with_builtin(&path).await;
     let stats = started.stats().clone();
     publish(&broker, 0, 10).await;
     let before = broker.results(20, WAIT).await;

@@ -3,6 +3,7 @@
 //! publish jobs and collect results.
 #![allow(dead_code)]
 
+pub mod logs;
 pub mod process;
 pub mod relay;
 pub mod rig;
@@ -22,6 +23,9 @@ use serde_json::Value;
 
 pub const AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// How long any one wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(60);
+
 /// The broker the tests use: `TEST_AMQP_URI`, or the local one. The soak
 /// points it at a broker of its own, as it restarts the broker. (Not
 /// `APNSD_*`: the daemons the tests spawn would read it as configuration.)
@@ -37,6 +41,12 @@ pub fn token(first: u8, n: u32) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `n` tokens whose first byte is `first`.
+pub fn tokens(first: u8, n: u32) -> Vec<String> {
+    (0..n).map(|i| token(first, i)).collect()
+}
+
+/// A one-token job with a short alert.
 pub fn job(id: &str, token: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({
         "id": id,
@@ -296,11 +306,67 @@ pub fn by_key(results: &[Received]) -> HashMap<String, Vec<Value>> {
     map
 }
 
-/// Polls `cond` every 20 ms until it holds; panics with `what` after `within`.
-pub async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+/// Checks `cond` every 20 ms until it holds: whether it did within `within`.
+/// The wait yields to the runtime, which keeps serving the daemon and the
+/// simulator under test.
+pub async fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    wait_until_async(within, || std::future::ready(cond())).await
+}
+
+/// Waits until `cond` holds; panics with `what` after `within`.
+pub async fn eventually(within: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        wait_until(within, cond).await,
+        "timed out waiting for {what}"
+    );
+}
+
+/// [`wait_until`] for a condition that has to wait itself (a scrape, a
+/// connection attempt).
+pub async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    mut cond: impl FnMut() -> F,
+) -> bool {
     let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+    while !cond().await {
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    true
+}
+
+/// [`eventually`] for a condition that has to wait itself.
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    within: Duration,
+    what: &str,
+    cond: impl FnMut() -> F,
+) {
+    assert!(
+        wait_until_async(within, cond).await,
+        "timed out waiting for {what}"
+    );
+}
+
+/// Runs a scenario once per protocol: `both_protocols!(name, ...)` makes a
+/// module `name` holding the tests `binary` and `http2`, each calling the
+/// `async fn name(Protocol)` beside it.
+#[macro_export]
+macro_rules! both_protocols {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use $crate::common::rig::Protocol;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn binary() {
+                super::$scenario(Protocol::Binary).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn http2() {
+                super::$scenario(Protocol::Http2).await;
+            }
+        }
+    )*};
 }

@@ -3,8 +3,10 @@
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use super::rig::Services;
 
 pub const APNSD: &str = env!("CARGO_BIN_EXE_apnsd");
 
@@ -16,46 +18,53 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Kills the child if the test fails before stopping it.
-pub struct Guard(pub Child);
+/// A child process of the test, killed if the test ends before it exits.
+/// Its exit is awaited, not polled: the runtime keeps serving the in-process
+/// simulator a draining daemon still talks to.
+pub struct Process(tokio::process::Child);
 
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Process {
+    /// Starts `command`, to be killed when dropped.
+    pub fn spawn(command: Command) -> Process {
+        let mut command = tokio::process::Command::from(command);
+        Process(command.kill_on_drop(true).spawn().unwrap())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id().expect("the process still runs")
+    }
+
+    /// Sends `sig` (`-TERM`, `-HUP`, `-KILL`).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; panics after `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        tokio::time::timeout(within, self.0.wait())
+            .await
+            .expect("process did not exit")
+            .unwrap()
+    }
+
+    /// SIGTERM, then a successful exit.
+    pub async fn stop(&mut self) {
+        self.signal("-TERM");
+        let status = self.wait_exit(super::WAIT).await;
+        assert!(status.success(), "apnsd exited with {status}");
     }
 }
 
 /// `apnsd run --config CONFIG`, its stderr going to `log`.
-pub fn spawn_daemon(config: &Path, log: &Path) -> Guard {
+pub fn spawn_daemon(config: &Path, log: &Path) -> Process {
     let log = std::fs::File::create(log).unwrap();
-    Guard(
-        Command::new(APNSD)
-            .args(["run", "--config"])
-            .arg(config)
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-pub fn signal(child: &Child, sig: &str) {
-    let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-pub fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "process did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut command = Command::new(APNSD);
+    command.args(["run", "--config"]).arg(config).stderr(log);
+    Process::spawn(command)
 }
 
 pub async fn wait_for_file(path: &Path) {
@@ -84,26 +93,55 @@ pub async fn wait_for_nth(log: &Path, text: &str, n: usize) -> String {
 
 /// `GET path` on a plain-HTTP address: (status line, body).
 pub async fn http_get(addr: &str, path: &str) -> (String, String) {
+    try_get(addr, path)
+        .await
+        .unwrap_or_else(|| panic!("nothing answers on {addr}"))
+}
+
+/// `GET path`, or `None` while nothing answers on `addr`.
+async fn try_get(addr: &str, path: &str) -> Option<(String, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await
-        .unwrap();
+        .ok()?;
     let mut text = String::new();
-    s.read_to_string(&mut text).await.unwrap();
+    s.read_to_string(&mut text).await.ok()?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
+    Some((
         head.lines().next().unwrap_or("").to_owned(),
         body.to_owned(),
-    )
+    ))
 }
 
 /// The value of the sample `name` (labels included, if any) in a Prometheus
 /// text exposition.
 pub fn metric(text: &str, name: &str) -> u64 {
+    sample(text, name).unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+fn sample(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// A daemon's `/metrics` once `settled` holds on it (or the last one
+/// after [`super::WAIT`]: the caller's assertions then say what differs).
+pub async fn metrics_once(addr: &str, settled: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + super::WAIT;
+    loop {
+        let text = http_get(addr, "/metrics").await.1;
+        if settled(&text) || std::time::Instant::now() >= deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One sample from a daemon's `/metrics`, or 0 while it does not answer.
+pub async fn scrape(addr: &str, name: &str) -> u64 {
+    let text = try_get(addr, "/metrics").await.map(|(_, body)| body);
+    text.and_then(|t| sample(&t, name)).unwrap_or(0)
 }
 
 /// How often each token appears in a simulator's `--record` file.
@@ -117,11 +155,9 @@ pub fn read_record(path: &Path) -> HashMap<String, usize> {
 
 /// `apnsd simulate` in its own process, recording what it accepts.
 pub struct SimProcess {
-    pub gateway: u16,
-    pub feedback: u16,
-    pub certs: PathBuf,
+    pub services: Services,
     pub record: PathBuf,
-    _process: Guard,
+    _process: Process,
 }
 
 impl SimProcess {
@@ -130,68 +166,34 @@ impl SimProcess {
     pub async fn start(dir: &Path, faults: &[&str]) -> SimProcess {
         let certs = dir.join("certs");
         let record = dir.join("accepted.txt");
-        let (gateway, feedback) = (free_port(), free_port());
+        let addr = || format!("127.0.0.1:{}", free_port());
         // Every service on a port of its own, so simulators can run side by side.
-        let process = Command::new(APNSD)
-            .args(["simulate", "--gateway", &format!("127.0.0.1:{gateway}")])
-            .args(["--feedback", &format!("127.0.0.1:{feedback}")])
-            .args(["--http2", &format!("127.0.0.1:{}", free_port())])
+        let services = Services {
+            certs: format!("{}/", certs.display()),
+            gateway: addr(),
+            feedback: addr(),
+            http2: addr(),
+        };
+        let mut command = Command::new(APNSD);
+        command
+            .args(["simulate", "--gateway", &services.gateway])
+            .args(["--feedback", &services.feedback])
+            .args(["--http2", &services.http2])
             .arg("--dir")
             .arg(&certs)
             .args(faults)
             .arg("--record")
             .arg(&record)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let sim = SimProcess {
-            gateway,
-            feedback,
-            certs,
+            .stderr(Stdio::null());
+        let process = Process::spawn(command);
+        wait_for_file(&certs.join("ca.pem")).await;
+        wait_for_file(&certs.join("client.p12")).await;
+        SimProcess {
+            services,
             record,
-            _process: Guard(process),
-        };
-        wait_for_file(&sim.certs.join("ca.pem")).await;
-        wait_for_file(&sim.certs.join("client.p12")).await;
-        sim
+            _process: process,
+        }
     }
-
-    /// An `[[apps]]` entry named `example` that talks to this simulator.
-    pub fn app_toml(&self, extra: &str) -> String {
-        format!(
-            r#"
-[[apps]]
-name = "example"
-environment = "simulator"
-certificate = "{certs}/client.p12"
-password = "simulator"
-ca = "{certs}/ca.pem"
-gateway = "127.0.0.1:{gateway}"
-feedback = "127.0.0.1:{feedback}"
-{extra}
-"#,
-            certs = self.certs.display(),
-            gateway = self.gateway,
-            feedback = self.feedback,
-        )
-    }
-}
-
-/// One counter from a daemon's `/metrics`, or 0 while it does not answer.
-pub async fn scrape(addr: &str, name: &str) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return 0;
-    };
-    let request = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
-    if s.write_all(request.as_bytes()).await.is_err() {
-        return 0;
-    }
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Peak resident memory of a process in KiB (`VmHWM`), if it still runs.

@@ -8,11 +8,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::process::*;
+use common::rig::{App, Protocol};
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_jobs_with_bad_tokens_and_unusable_jobs() {
-    let mut broker = Broker::new("binary").await;
+    let mut broker = Broker::new("executable").await;
     let dir = tempfile::tempdir().unwrap();
     let sim = SimProcess::start(dir.path(), &["--refuse", "ff=8"]).await;
     let record = sim.record.clone();
@@ -23,7 +24,9 @@ async fn five_thousand_jobs_with_bad_tokens_and_unusable_jobs() {
             // The multi-threaded runtime here; the other binary tests run the default one.
             "shutdown_timeout = \"20s\"\nworker_threads = 2\n{}{}",
             broker.amqp_toml(2000),
-            sim.app_toml("connections = 2\nsettle = \"200ms\"")
+            App::new("example", Protocol::Binary)
+                .keys("settle = \"200ms\"")
+                .toml(&sim.services)
         ),
     )
     .unwrap();
@@ -100,9 +103,7 @@ async fn five_thousand_jobs_with_bad_tokens_and_unusable_jobs() {
     )
     .await;
 
-    signal(&daemon.0, "-TERM");
-    let status = wait_exit(&mut daemon.0, Duration::from_secs(60));
-    assert!(status.success(), "apnsd exited with {status}");
+    daemon.stop().await;
     assert!(broker
         .no_more_results(Duration::from_millis(300))
         .await
