@@ -15,11 +15,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Topology;
-use crate::apns::http2::{self, jwt::Signer};
-use crate::apns::lane::{Outcomes, Settings, Target};
+use crate::apns::binary::{Binary, BinarySettings};
+use crate::apns::connect::Endpoint;
+use crate::apns::http2::{self, jwt::Signer, Http2, Http2Settings};
+use crate::apns::lane::Policy;
 use crate::apns::pool::Pool;
 use crate::apns::tls::{self, Identity};
-use crate::apns::Protocol;
+use crate::apns::{Outcomes, Protocol};
 use crate::backoff::Backoff;
 use crate::config::{AppConfig, Config, ConfigError};
 use crate::feedback::Poller;
@@ -380,28 +382,25 @@ impl Wiring {
                     stats: self.stats.clone(),
                 };
                 tokio::spawn(poller.run(stop.clone()));
-                Pool::start(
+                let (gateway, settings) = (Arc::new(gateway), lane_settings(app));
+                Pool::spawn(
                     name.clone(),
                     app.connections,
-                    Arc::new(gateway),
-                    lane_settings(app),
+                    || Binary::new(gateway.clone(), settings),
                     self.outcomes.clone(),
                     self.stats.clone(),
                 )
             }
             // 410 answers replace the feedback service: no poller.
             Prepared::Http2(target) => {
-                let target = Arc::new(target);
-                Pool::with_lanes((0..app.connections).map(|i| {
-                    http2::Lane::spawn(
-                        name.clone(),
-                        i,
-                        target.clone(),
-                        http2_settings(app),
-                        self.outcomes.clone(),
-                        self.stats.clone(),
-                    )
-                }))
+                let (target, settings) = (Arc::new(target), http2_settings(app));
+                Pool::spawn(
+                    name.clone(),
+                    app.connections,
+                    || Http2::new(target.clone(), settings),
+                    self.outcomes.clone(),
+                    self.stats.clone(),
+                )
             }
         };
         self.apps.insert(
@@ -547,31 +546,36 @@ fn default_app(config: &Config) -> String {
         .unwrap_or_default()
 }
 
-fn lane_settings(app: &AppConfig) -> Settings {
-    Settings {
+fn lane_settings(app: &AppConfig) -> BinarySettings {
+    BinarySettings {
         settle: app.settle,
         retain: app.retain,
         window: app.window,
         max_attempts: app.max_attempts,
-        connect_timeout: app.connect_timeout,
         write_timeout: app.write_timeout,
-        reconnect_min: app.reconnect_min,
-        reconnect_max: app.reconnect_max,
-        unusable_after: app.unusable_after,
+        policy: lane_policy(app),
     }
 }
 
-fn http2_settings(app: &AppConfig) -> http2::Settings {
-    http2::Settings {
-        max_attempts: app.max_attempts,
-        max_streams: app.max_concurrent_streams,
+/// What lanes of either transport share: connecting, reconnecting, and what
+/// they queue meanwhile (the `window` key doubles as the HTTP/2 backlog).
+fn lane_policy(app: &AppConfig) -> Policy {
+    Policy {
         connect_timeout: app.connect_timeout,
-        request_timeout: app.request_timeout,
-        ping_interval: app.ping_interval,
         reconnect_min: app.reconnect_min,
         reconnect_max: app.reconnect_max,
         unusable_after: app.unusable_after,
         backlog: app.window,
+    }
+}
+
+fn http2_settings(app: &AppConfig) -> Http2Settings {
+    Http2Settings {
+        max_attempts: app.max_attempts,
+        max_streams: app.max_concurrent_streams,
+        request_timeout: app.request_timeout,
+        ping_interval: app.ping_interval,
+        policy: lane_policy(app),
     }
 }
 
@@ -602,7 +606,10 @@ async fn start_simulator_if_needed(
 /// An app's targets, identities loaded: prepared before anything changes so
 /// a bad identity leaves the running daemon untouched.
 enum Prepared {
-    Binary { gateway: Target, feedback: Target },
+    Binary {
+        gateway: Endpoint,
+        feedback: Endpoint,
+    },
     Http2(http2::Target),
 }
 
@@ -618,7 +625,7 @@ fn prepare(app: &AppConfig, simulator: Option<&Simulator>) -> Result<Prepared, D
 fn targets(
     app: &AppConfig,
     simulator: Option<&Simulator>,
-) -> Result<(Target, Target), DaemonError> {
+) -> Result<(Endpoint, Endpoint), DaemonError> {
     let fail = |what: String| DaemonError::App {
         app: app.name.clone(),
         what,
@@ -661,10 +668,10 @@ fn targets(
             })?
         }
     };
-    let target = |addr: String| -> Result<Target, DaemonError> {
+    let target = |addr: String| -> Result<Endpoint, DaemonError> {
         let host = host_of(&addr);
         let server_name = tls::server_name(host).map_err(|e| fail(e.to_string()))?;
-        Ok(Target {
+        Ok(Endpoint {
             addr,
             server_name,
             tls: tls_config.clone(),
@@ -690,7 +697,7 @@ pub async fn probe_gateway(app: &AppConfig) -> Result<(), DaemonError> {
         addr: gateway.addr.clone(),
         source,
     };
-    let mut stream = crate::apns::lane::connect(&gateway, app.connect_timeout)
+    let mut stream = crate::apns::connect::connect(&gateway, app.connect_timeout)
         .await
         .map_err(fail)?;
     match tokio::time::timeout(PROBE_LISTEN, stream.read(&mut [0u8; 6])).await {
@@ -770,9 +777,11 @@ fn http2_target(
     }
     let server_name = tls::server_name(host_of(&addr)).map_err(|e| fail(e.to_string()))?;
     Ok(http2::Target {
-        addr,
-        server_name,
-        tls: tls::with_h2(&tls),
+        endpoint: Endpoint {
+            addr,
+            server_name,
+            tls: tls::with_h2(&tls),
+        },
         topic,
         signer,
     })

@@ -21,12 +21,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
 use crate::apns::pool::Pool;
-use crate::apns::{Envelope, Failure, Notification, Outcome, Protocol, Reason, SessionEnded};
+use crate::apns::{Envelope, Failure, Notification, Outcome, Protocol, Reason, Withdrawal};
+use crate::clock::sleep_until;
 use crate::intake::Prefetch;
-use crate::job::{Job, JobError, Tokens};
-use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
+use crate::job::{Job, JobError, JobKey};
+use crate::ledger::{Ack, AckPlanner, Ledger, Progress};
 use crate::metrics::Stats;
 use crate::results::Event;
+use crate::token::Tokens;
 
 /// Most deliveries taken in one go before routing them, so one-token jobs
 /// travel to the lanes in batches.
@@ -121,9 +123,10 @@ struct Session {
     ledger: Ledger,
     acks: AckPlanner,
     ack_buf: Vec<Ack>,
-    /// Set when the session ends, however it ends (see `Drop`): lanes then
-    /// drop the unwritten notifications of its jobs, which the broker redelivers.
-    ended: SessionEnded,
+    /// Withdrawn when the session ends, however it ends (see `Drop`): lanes
+    /// then drop the unwritten notifications of its jobs, which the broker
+    /// redelivers.
+    withdrawal: Withdrawal,
     /// `<queue>.retry`, where jobs of unusable apps wait.
     retry_queue: String,
 }
@@ -229,7 +232,7 @@ impl Pipeline {
             // holding half the prefetch is worth acking around one by one.
             acks: AckPlanner::new(usize::from(intake.current()) / 2),
             ack_buf: Vec::new(),
-            ended: SessionEnded::default(),
+            withdrawal: Withdrawal::default(),
             retry_queue: cfg.topology.retry_queue(),
         };
         let mut consuming = true;
@@ -366,7 +369,7 @@ impl Pipeline {
                 s.reject(&self.stats, key, tag, error, d.data, id).await?;
                 continue;
             };
-            if let Err(error) = job.check(route.protocol) {
+            if let Err(error) = route.protocol.check(&job) {
                 let id = job.id.as_deref().map(str::to_owned);
                 s.reject(&self.stats, key, tag, error, d.data, id).await?;
                 continue;
@@ -384,7 +387,7 @@ impl Pipeline {
                 push_type: job.push_type,
                 collapse_id: job.collapse_id,
                 consumed_at,
-                session: s.ended.clone(),
+                withdrawal: s.withdrawal.clone(),
                 retries: amqp::attempts(&d.properties),
             });
             jobs.push(envelope);
@@ -561,7 +564,7 @@ impl Pipeline {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.ended.set();
+        self.withdrawal.withdraw();
     }
 }
 
@@ -780,13 +783,6 @@ async fn subscribe(
 async fn next_delivery(consumer: &mut Option<Consumer>) -> Option<Result<Delivery, lapin::Error>> {
     match consumer {
         Some(c) => c.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }

@@ -2,6 +2,8 @@
 //! transport [`Notification`]s and gets one [`Outcome`] back for each.
 //! Resends, reconnects and settling stay inside the transport.
 
+pub mod binary;
+pub mod connect;
 pub mod frame;
 pub mod http2;
 pub mod lane;
@@ -10,16 +12,21 @@ mod standby;
 pub mod tls;
 pub mod window;
 
+use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
-use crate::job::{DeviceToken, Priority, Tokens};
-use crate::ledger::JobKey;
+use crate::job::{Job, JobError, JobKey, Priority};
+use crate::token::{DeviceToken, Tokens};
 use frame::Status;
 use http2::ApnsReason;
+
+/// Where the lanes of every app report: one batch of final words at a time.
+pub type Outcomes = mpsc::UnboundedSender<Vec<Outcome>>;
 
 /// Which of Apple's provider interfaces an app speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -49,6 +56,25 @@ impl Protocol {
             (Protocol::Http2, _) => http2::MAX_PAYLOAD,
         }
     }
+
+    /// Weighs a job against this protocol's limits (token length, payload
+    /// size); checked once the job is routed to an app, since they differ.
+    pub fn check(self, job: &Job) -> Result<(), JobError> {
+        if let Some((index, len)) = (0..job.tokens.len())
+            .map(|i| (i, job.tokens.bytes(i).len()))
+            .find(|&(_, len)| !self.accepts_token_len(len))
+        {
+            return Err(JobError::TokenSize { index, len });
+        }
+        let limit = self.max_payload(job.push_type.as_deref());
+        if job.payload.len() > limit {
+            return Err(JobError::PayloadTooLarge {
+                size: job.payload.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// What every notification of one job shares: one allocation per job, so a
@@ -69,25 +95,28 @@ pub struct Envelope {
     pub collapse_id: Option<Box<str>>,
     /// When the job was consumed, for the consume-to-accepted latency.
     pub consumed_at: Instant,
-    /// Set when the broker session that consumed the job ends: the job is
-    /// then redelivered, so a lane drops what it has not written yet instead
-    /// of sending it a second time.
-    pub session: SessionEnded,
-    /// Times the job already went through the retry queue (`x-apnsd-attempts`).
+    /// Whether whoever handed the work over has taken it back: a lane drops
+    /// what it has not written yet instead of sending it.
+    pub withdrawal: Withdrawal,
+    /// Times the job already went through the retry queue (`x-apnsd-attempts`):
+    /// the pipeline's count, which no transport reads.
     pub retries: u32,
 }
 
-/// Shared by the jobs of one broker session, set once it has ended. A plain
-/// atomic flag: lanes read it for every notification they write.
+/// Work handed to the lanes that its owner may take back before it is
+/// written: the pipeline withdraws a broker session's jobs when the session
+/// ends, since the broker redelivers them and they would go out twice. Shared
+/// by many envelopes and read for every notification a lane writes, so a plain
+/// atomic flag.
 #[derive(Debug, Clone, Default)]
-pub struct SessionEnded(Arc<AtomicBool>);
+pub struct Withdrawal(Arc<AtomicBool>);
 
-impl SessionEnded {
-    pub fn set(&self) {
+impl Withdrawal {
+    pub fn withdraw(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
 
-    pub fn get(&self) -> bool {
+    pub fn is_withdrawn(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
 }
@@ -130,21 +159,26 @@ impl Notification {
             .unwrap_or(DeviceToken::from_bytes([0; DeviceToken::BINARY_LEN]))
     }
 
-    /// A stable hash of the token, routing one device's notifications to one lane.
+    /// A stable hash of the whole token, routing one device's notifications
+    /// to one lane. Every byte counts: tokens that share a prefix (issued
+    /// together, or made up by a test) still spread over every lane.
     pub fn route_hash(&self) -> u64 {
-        let mut head = [0u8; 8];
-        let bytes = self.token_bytes();
-        let n = bytes.len().min(8);
-        head[..n].copy_from_slice(&bytes[..n]);
-        u64::from_le_bytes(head)
+        fnv1a(self.token_bytes())
     }
+}
+
+/// FNV-1a: a few instructions a byte, no allocation, the same in every process.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Why a notification failed for good: APNs' status, or a daemon-side reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// A binary-interface status.
-    Apns(Status),
+    Binary(Status),
     /// An HTTP/2 answer: the status code and APNs' `reason`.
     Http2 { status: u16, reason: ApnsReason },
     /// HTTP/2 410: the token is no longer valid, since `since` (unix seconds).
@@ -169,11 +203,24 @@ pub enum Unusable {
     CertificateRejected,
 }
 
+impl Unusable {
+    /// What a failed connect or a broken connection says about the app: a
+    /// failure the TLS layer reports is about credentials, anything else is
+    /// the network.
+    pub fn of_io(e: &io::Error) -> Unusable {
+        if connect::is_tls_failure(e) {
+            Unusable::CertificateRejected
+        } else {
+            Unusable::GatewayUnreachable
+        }
+    }
+}
+
 impl Reason {
     /// The `<reason>` of the `failed.<reason>` routing key.
     pub fn name(self) -> &'static str {
         match self {
-            Reason::Apns(s) => s.reason(),
+            Reason::Binary(s) => s.reason(),
             Reason::Http2 { reason, .. } => reason.name(),
             Reason::Unregistered { .. } => ApnsReason::Unregistered.name(),
             Reason::Expired => "expired",
@@ -187,7 +234,7 @@ impl Reason {
     /// APNs' status code, when APNs gave one.
     pub fn status(self) -> Option<u16> {
         match self {
-            Reason::Apns(s) => Some(u16::from(s.code())),
+            Reason::Binary(s) => Some(u16::from(s.code())),
             Reason::Http2 { status, .. } => Some(status),
             Reason::Unregistered { .. } => Some(410),
             Reason::Expired | Reason::Timeout | Reason::ConnectionLost | Reason::Unusable(_) => {
@@ -204,6 +251,34 @@ pub struct Outcome {
     pub result: Result<(), Failure>,
 }
 
+impl Outcome {
+    pub fn accepted(notification: Notification) -> Self {
+        Outcome {
+            notification,
+            result: Ok(()),
+        }
+    }
+
+    /// Ends `notification` for `reason` after the tries it had (none, when it
+    /// was never written).
+    pub fn failed(notification: Notification, reason: Reason) -> Self {
+        let attempts = notification.attempts;
+        Outcome {
+            notification,
+            result: Err(Failure { reason, attempts }),
+        }
+    }
+
+    /// Ends `notification` with APNs' final answer to a try of it.
+    pub fn refused(notification: Notification, reason: Reason) -> Self {
+        let attempts = notification.attempts.max(1);
+        Outcome {
+            notification,
+            result: Err(Failure { reason, attempts }),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Failure {
     pub reason: Reason,
@@ -217,16 +292,131 @@ fn is_expired(n: &Notification, unix_now: u64) -> bool {
         .is_some_and(|e| e != 0 && u64::from(e) < unix_now)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::Rejection;
+    use crate::token::TokenError;
 
-/// Sleeps until `at`, or forever: a `select!` arm for an optional deadline.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
+    const HEX: &str = "1b14a89b65361301e7ded0f8de35ec1f322c37698b9fe712252a2cba42207d90";
+
+    fn decode(body: &str) -> Result<Job, Rejection> {
+        Job::decode(body.as_bytes(), None)
+    }
+
+    #[test]
+    fn payload_limit_is_measured_on_compact_json_per_protocol() {
+        use super::frame::MAX_PAYLOAD;
+        let fits = "x".repeat(MAX_PAYLOAD - r#"{"aps":{"alert":""}}"#.len());
+        let body =
+            format!(r#"{{"token":"{HEX}","payload":{{ "aps" : {{ "alert" : "{fits}" }} }}}}"#);
+        let job = decode(&body).unwrap();
+        assert_eq!(job.payload.len(), MAX_PAYLOAD);
+        assert_eq!(Protocol::Binary.check(&job), Ok(()));
+        let body = format!(r#"{{"token":"{HEX}","payload":{{"aps":{{"alert":"{fits}x"}}}}}}"#);
+        let job = decode(&body).unwrap();
+        assert_eq!(
+            Protocol::Binary.check(&job),
+            Err(JobError::PayloadTooLarge {
+                size: MAX_PAYLOAD + 1,
+                limit: MAX_PAYLOAD
+            })
+        );
+        assert_eq!(Protocol::Http2.check(&job), Ok(()));
+        let big = "x".repeat(4100);
+        let body = |push_type: &str| {
+            format!(r#"{{"token":"{HEX}","payload":{{"aps":{{"alert":"{big}"}}}}{push_type}}}"#)
+        };
+        let too_big = decode(&body("")).unwrap();
+        assert!(matches!(
+            Protocol::Http2.check(&too_big),
+            Err(JobError::PayloadTooLarge { limit: 4096, .. })
+        ));
+        let voip = decode(&body(r#","push_type":"voip""#)).unwrap();
+        assert_eq!(Protocol::Http2.check(&voip), Ok(()));
+    }
+
+    #[test]
+    fn token_length_depends_on_the_protocol() {
+        let short = "ab".repeat(31);
+        let long = "cd".repeat(100);
+        for (hex, binary, http2) in [
+            (HEX.to_owned(), true, true),
+            (short, false, true),
+            (long, false, true),
+        ] {
+            let job = decode(&format!(r#"{{"token":"{hex}","payload":{{"aps":{{}}}}}}"#)).unwrap();
+            assert_eq!(Protocol::Binary.check(&job).is_ok(), binary, "{hex}");
+            assert_eq!(Protocol::Http2.check(&job).is_ok(), http2, "{hex}");
+        }
+        let job = decode(&format!(
+            r#"{{"tokens":["{HEX}","{}"],"payload":{{"aps":{{}}}}}}"#,
+            "ab".repeat(40)
+        ))
+        .unwrap();
+        assert_eq!(
+            Protocol::Binary.check(&job),
+            Err(JobError::TokenSize { index: 1, len: 40 })
+        );
+        assert_eq!(DeviceToken::parse(&"ab".repeat(40)).unwrap().len(), 40);
+        assert_eq!(
+            DeviceToken::parse(&"ab".repeat(101)),
+            Err(TokenError::Length(202))
+        );
+    }
+
+    fn envelope(tokens: Tokens) -> Arc<Envelope> {
+        Arc::new(Envelope {
+            key: JobKey(1),
+            tokens,
+            id: None,
+            app: Arc::from("app"),
+            payload: Bytes::from_static(b"{}"),
+            expiry: None,
+            priority: None,
+            push_type: None,
+            collapse_id: None,
+            consumed_at: Instant::now(),
+            withdrawal: Withdrawal::default(),
+            retries: 0,
+        })
+    }
+
+    #[test]
+    fn tokens_sharing_a_prefix_spread_over_every_lane() {
+        // 800 tokens whose first 8 bytes (and more) are the same: routing by
+        // a prefix would put every one on one lane.
+        let tokens: Tokens = (0..800u32)
+            .map(|i| {
+                let mut bytes = [0xab; 32];
+                bytes[28..].copy_from_slice(&i.to_be_bytes());
+                DeviceToken::from_bytes(bytes)
+            })
+            .collect();
+        let env = envelope(tokens);
+        for lanes in [2u64, 3, 8] {
+            let mut per_lane = vec![0; lanes as usize];
+            for i in 0..800 {
+                per_lane[(Notification::new(env.clone(), i).route_hash() % lanes) as usize] += 1;
+            }
+            let fair = 800 / lanes as usize;
+            for (lane, &count) in per_lane.iter().enumerate() {
+                assert!(
+                    count > fair / 2 && count < fair * 3 / 2,
+                    "{lanes} lanes: lane {lane} got {count} of 800: {per_lane:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_always_takes_the_same_lane() {
+        let token = DeviceToken::parse(HEX).unwrap();
+        let a = Notification::new(envelope([token].into_iter().collect()), 0);
+        let b = Notification::new(envelope([token].into_iter().collect()), 0);
+        assert_eq!(a.route_hash(), b.route_hash());
+        // Pinned, so a change of hash (which would reorder a device's
+        // notifications across a restart of the routing) is a decision.
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
     }
 }
