@@ -12,6 +12,7 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+// A job is made of tokens: their names stay reachable here.
 pub use crate::token::{DeviceToken, TokenError, Tokens};
 
 /// Names one job for the life of the process (never reused, unlike delivery

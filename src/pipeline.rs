@@ -472,8 +472,24 @@ impl Pipeline {
         for o in batch {
             let n = &o.notification;
             let env = &n.envelope;
+            if o.correction {
+                // Counted against its job already, which may be final: only a
+                // failure is news, published on its own.
+                match o.result {
+                    Ok(()) => {
+                        accepted += 1;
+                        stats.observe_accepted(now.saturating_duration_since(env.consumed_at));
+                    }
+                    Err(f) => {
+                        stats.failed_with(f.reason.name());
+                        let event = failed(env, n, f);
+                        s.publisher.publish(&event, Owner::Nobody).await?;
+                    }
+                }
+                continue;
+            }
             let in_run = run.as_ref().is_some_and(|(e, _)| e.key == env.key);
-            let counted = !n.reported && (in_run || s.ledger.contains(env.key));
+            let counted = in_run || s.ledger.contains(env.key);
             if let (true, Err(f)) = (counted, o.result) {
                 if matches!(f.reason, Reason::Unusable(_))
                     && env.retries + 1 < live.max_job_attempts
@@ -491,28 +507,13 @@ impl Pipeline {
                 Err(f) => stats.failed_with(f.reason.name()),
             }
             let event = match o.result {
-                Ok(()) if live.delivered_results && !n.reported => Some(Event::Delivered {
+                Ok(()) if live.delivered_results => Some(Event::Delivered {
                     app: env.app.clone(),
                     id: env.id.clone(),
                     token: n.token(),
                 }),
                 Ok(()) => None,
-                Err(f) => {
-                    // A daemon-side failure counts the job's tries, not the gateway's.
-                    let attempts = match f.reason {
-                        Reason::Unusable(_) => u8::try_from(env.retries + 1).unwrap_or(u8::MAX),
-                        _ => f.attempts,
-                    };
-                    tracing::info!(app = %env.app, id = env.id.as_deref().unwrap_or(""), token = %n.token(),
-                        reason = f.reason.name(), attempts, "notification failed");
-                    Some(Event::Failed {
-                        app: env.app.clone(),
-                        id: env.id.clone(),
-                        token: n.token(),
-                        reason: f.reason,
-                        attempts,
-                    })
-                }
+                Err(f) => Some(failed(env, n, f)),
             };
             // HTTP/2's 410 also says since when the token is gone, as the
             // feedback service did: the job owes an `unregistered` result too.
@@ -544,16 +545,10 @@ impl Pipeline {
                         s.accepted_run(stats, live.retry_delay, previous).await?;
                     }
                 },
-                // A late failure of a notification whose job is final already.
-                (false, Some(event @ Event::Failed { .. })) if n.reported => {
-                    s.publisher.publish(&event, Owner::Nobody).await?;
-                }
                 // From a broken session: the job comes back by redelivery and
                 // sends this one again.
-                (false, None) if o.result.is_ok() && !n.reported => {
-                    stats.accepted_after_session_loss.inc();
-                }
-                _ => {}
+                (false, None) => stats.accepted_after_session_loss.inc(),
+                (false, Some(_)) => {}
             }
         }
         s.accepted_run(stats, live.retry_delay, run).await?;
@@ -683,6 +678,24 @@ impl Session {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// The `failed` result of `n`, logged.
+fn failed(env: &Envelope, n: &Notification, f: Failure) -> Event {
+    // A daemon-side failure counts the job's tries, not the gateway's.
+    let attempts = match f.reason {
+        Reason::Unusable(_) => u8::try_from(env.retries + 1).unwrap_or(u8::MAX),
+        _ => f.attempts,
+    };
+    tracing::info!(app = %env.app, id = env.id.as_deref().unwrap_or(""), token = %n.token(),
+        reason = f.reason.name(), attempts, "notification failed");
+    Event::Failed {
+        app: env.app.clone(),
+        id: env.id.clone(),
+        token: n.token(),
+        reason: f.reason,
+        attempts,
     }
 }
 

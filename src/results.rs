@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::apns::Reason;
-use crate::job::DeviceToken;
+use crate::token::DeviceToken;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {

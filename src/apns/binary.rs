@@ -99,7 +99,7 @@ impl Transport for Binary {
         connect::connect(&self.endpoint, self.settings.policy.connect_timeout).await
     }
 
-    fn classify(error: &io::Error) -> Unusable {
+    fn unusable(error: &io::Error) -> Unusable {
         Unusable::of_io(error)
     }
 

@@ -37,8 +37,8 @@ pub trait Transport: Send + 'static {
 
     fn connect(&self) -> impl Future<Output = Result<Self::Connection, Self::Error>> + Send;
 
-    /// Whether a failed connect points at the credentials or the network.
-    fn classify(error: &Self::Error) -> Unusable;
+    /// What a failed connect says about the app: its credentials or the network.
+    fn unusable(error: &Self::Error) -> Unusable;
 
     /// Drives one connection until it ends; everything it took from `work` has
     /// an outcome by then, or is back in `work`.
@@ -224,7 +224,7 @@ impl Lane {
                     self.lane_stats.connect_failures.inc();
                     tracing::warn!(app = %self.app, lane = self.index, addr = transport.addr(), error = %e,
                         "cannot connect to {}", T::PEER);
-                    End::Broken(T::classify(&e))
+                    End::Broken(T::unusable(&e))
                 }
             };
             match end {

@@ -130,8 +130,9 @@ pub struct Notification {
     pub index: u32,
     /// Tries that ended in a transient status.
     pub attempts: u8,
-    /// An acceptance was reported already (it settled, then a late error made it
-    /// travel again): later outcomes must not be counted against its job again.
+    /// Its acceptance was reported already (binary: it settled, then a late
+    /// error response made it travel again): what is said of it from now on is
+    /// an [`Outcome::correction`].
     pub reported: bool,
 }
 
@@ -244,16 +245,23 @@ impl Reason {
     }
 }
 
-/// The final word on one notification.
+/// The final word on one notification, or a correction of it.
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub notification: Notification,
     pub result: Result<(), Failure>,
+    /// It corrects an acceptance reported before: the job counted this
+    /// notification already (and may be final), so this is not counted
+    /// against it again; a failure is published on its own. Only the binary
+    /// interface, whose errors can name a notification after it settled,
+    /// reports these.
+    pub correction: bool,
 }
 
 impl Outcome {
     pub fn accepted(notification: Notification) -> Self {
         Outcome {
+            correction: notification.reported,
             notification,
             result: Ok(()),
         }
@@ -264,6 +272,7 @@ impl Outcome {
     pub fn failed(notification: Notification, reason: Reason) -> Self {
         let attempts = notification.attempts;
         Outcome {
+            correction: notification.reported,
             notification,
             result: Err(Failure { reason, attempts }),
         }
@@ -273,6 +282,7 @@ impl Outcome {
     pub fn refused(notification: Notification, reason: Reason) -> Self {
         let attempts = notification.attempts.max(1);
         Outcome {
+            correction: notification.reported,
             notification,
             result: Err(Failure { reason, attempts }),
         }

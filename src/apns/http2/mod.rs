@@ -96,7 +96,7 @@ impl Transport for Http2 {
         open(&self.target.endpoint, self.settings.policy.connect_timeout).await
     }
 
-    fn classify(error: &ConnectError) -> Unusable {
+    fn unusable(error: &ConnectError) -> Unusable {
         error.unusable()
     }
 
