@@ -3,14 +3,21 @@
 //! The flow of one job, module by module:
 //!
 //! ```text
-//! [jobs queue] → pipeline (intake: intake::Prefetch, job::Job::decode, Job::check per protocol)
-//!      → apns::pool (route by token)
-//!      → apns::lane (binary: TLS socket, apns::frame, apns::window) → APNs
+//! [jobs queue] → pipeline (intake: intake::Prefetch, job::Job::decode, apns::Protocol::check)
+//!      → apns::pool (route by a hash of the whole token)
+//!      → apns::lane (connect via apns::connect, reconnect, standby) driving a transport:
+//!        apns::binary (TLS socket, apns::frame, apns::window) → APNs
 //!        or apns::http2 (a stream per notification, apns::http2::request) → APNs
 //!      → apns::Outcome → pipeline (ledger, results::Event) → amqp::Publisher (confirms)
 //!      → ledger::AckPlanner → basic.ack
-//! feedback::Poller (binary apps) → pipeline → [results exchange]
+//! feedback::Poller (binary apps, via apns::connect) → pipeline → [results exchange]
 //! ```
+//!
+//! Rules that keep the shape: `token` is a leaf and `job` imports only it, so
+//! `job`, `apns` and `ledger` form no cycle; protocol limits live in `apns`;
+//! every connection to Apple is opened by `apns::connect`; a lane sees an
+//! opaque `apns::Withdrawal`, never broker session state; the frame codec and
+//! the window reach no I/O.
 //!
 //! `daemon` wires it together with the configuration, signals and systemd;
 //! `simulator` is the APNs stand-in the tests and the quick start run against.

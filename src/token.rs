@@ -192,15 +192,27 @@ fn hex_digit(c: u8) -> Option<u8> {
 
 impl fmt::Display for DeviceToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Hex(self.as_bytes()).fmt(f)
+    }
+}
+
+/// Bytes as lower-case hex digits, written without allocating: a token in a
+/// result or a log line, an `apns-id`.
+pub struct Hex<'a>(pub &'a [u8]);
+
+impl fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let bytes = self.as_bytes();
-        let mut hex = [0u8; 2 * Self::MAX_LEN];
-        for (pair, b) in hex.chunks_exact_mut(2).zip(bytes) {
-            pair[0] = DIGITS[usize::from(b >> 4)];
-            pair[1] = DIGITS[usize::from(b & 0xf)];
+        let mut buf = [0u8; 64];
+        for chunk in self.0.chunks(buf.len() / 2) {
+            for (pair, b) in buf.chunks_exact_mut(2).zip(chunk) {
+                pair[0] = DIGITS[usize::from(b >> 4)];
+                pair[1] = DIGITS[usize::from(b & 0xf)];
+            }
+            // Only ASCII digits were written, so this never fails.
+            f.write_str(std::str::from_utf8(&buf[..2 * chunk.len()]).map_err(|_| fmt::Error)?)?;
         }
-        // Only ASCII digits were written, so this never fails.
-        f.write_str(std::str::from_utf8(&hex[..2 * bytes.len()]).map_err(|_| fmt::Error)?)
+        Ok(())
     }
 }
 
@@ -270,5 +282,14 @@ mod tests {
             DeviceToken::parse(&HEX.replace('b', "g")),
             Err(TokenError::NotHex('g'))
         );
+    }
+
+    #[test]
+    fn hex_of_any_length_is_lower_case_and_whole() {
+        let bytes: Vec<u8> = (0..=99).collect();
+        let want: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(Hex(&bytes).to_string(), want);
+        assert_eq!(Hex(&[]).to_string(), "");
+        assert_eq!(Hex(&[0xAB, 0x0f]).to_string(), "ab0f");
     }
 }

@@ -1,7 +1,7 @@
 //! One lane: a persistent connection to APNs and the work routed to it, over
 //! either transport. The driver here owns what both share — connect once
 //! eagerly and then on demand, keep taking work while there is no connection
-//! ([`Standby`]), back off and reconnect, give the work back once the app is
+//! (`Standby`), back off and reconnect, give the work back once the app is
 //! unusable, end once the pool closes and everything has an outcome — and a
 //! [`Transport`] drives each connection it opens.
 

@@ -10,6 +10,7 @@ use http::{Method, Request};
 use super::Reason;
 use crate::apns::Notification;
 use crate::clock::unix_secs;
+use crate::token::Hex;
 
 /// Largest payload HTTP/2 takes for every push type but VoIP.
 pub const MAX_PAYLOAD: usize = 4096;
@@ -220,7 +221,7 @@ pub fn apns_id(n: &Notification) -> String {
     b.copy_from_slice(&hash.as_ref()[..16]);
     b[6] = (b[6] & 0x0f) | 0x80;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let hex = Hex(&b).to_string();
     format!(
         "{}-{}-{}-{}-{}",
         &hex[..8],
