@@ -164,15 +164,26 @@ impl Notification {
     /// to one lane. Every byte counts: tokens that share a prefix (issued
     /// together, or made up by a test) still spread over every lane.
     pub fn route_hash(&self) -> u64 {
-        fnv1a(self.token_bytes())
+        route_hash(self.token_bytes())
     }
 }
 
-/// FNV-1a: a few instructions a byte, no allocation, the same in every process.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+/// FNV-1a over 8-byte words, then MurmurHash3's finalizer: a handful of
+/// multiplications for a 32-byte token, no allocation, the same in every
+/// process. The finalizer matters: a lane is `hash % lanes`, and without it
+/// the low bits would ignore the high bits of every word.
+fn route_hash(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325 ^ bytes.len() as u64;
+    for chunk in bytes.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        h = (h ^ u64::from_le_bytes(word)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 /// Why a notification failed for good: APNs' status, or a daemon-side reason.
@@ -392,19 +403,18 @@ mod tests {
         })
     }
 
-    #[test]
-    fn tokens_sharing_a_prefix_spread_over_every_lane() {
-        // 800 tokens whose first 8 bytes (and more) are the same: routing by
-        // a prefix would put every one on one lane.
+    /// Routes 800 tokens made by `vary(i, bytes)` from a common base and
+    /// checks every lane gets a fair share, for several lane counts.
+    fn assert_spread(what: &str, vary: impl Fn(u32, &mut [u8; 32])) {
         let tokens: Tokens = (0..800u32)
             .map(|i| {
                 let mut bytes = [0xab; 32];
-                bytes[28..].copy_from_slice(&i.to_be_bytes());
+                vary(i, &mut bytes);
                 DeviceToken::from_bytes(bytes)
             })
             .collect();
         let env = envelope(tokens);
-        for lanes in [2u64, 3, 8] {
+        for lanes in [2u64, 3, 4, 8] {
             let mut per_lane = vec![0; lanes as usize];
             for i in 0..800 {
                 per_lane[(Notification::new(env.clone(), i).route_hash() % lanes) as usize] += 1;
@@ -413,10 +423,24 @@ mod tests {
             for (lane, &count) in per_lane.iter().enumerate() {
                 assert!(
                     count > fair / 2 && count < fair * 3 / 2,
-                    "{lanes} lanes: lane {lane} got {count} of 800: {per_lane:?}"
+                    "{what}, {lanes} lanes: lane {lane} got {count} of 800: {per_lane:?}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn tokens_sharing_a_prefix_spread_over_every_lane() {
+        // The first 28 bytes are the same: routing by a prefix would put
+        // every one on one lane.
+        assert_spread("a shared prefix", |i, b| {
+            b[28..].copy_from_slice(&i.to_be_bytes())
+        });
+        // Only the high bits of bytes differ: a hash whose low bits follow
+        // the low bits of its input would still use one lane of two.
+        assert_spread("high bits only", |i, b| {
+            b[24..].copy_from_slice(&(u64::from(i) << 53).to_le_bytes())
+        });
     }
 
     #[test]
@@ -427,6 +451,7 @@ mod tests {
         assert_eq!(a.route_hash(), b.route_hash());
         // Pinned, so a change of hash (which would reorder a device's
         // notifications across a restart of the routing) is a decision.
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(route_hash(b"a"), 0x86ed_e49b_2924_d824);
+        assert_ne!(route_hash(b"a"), route_hash(b"a\0"), "the length counts");
     }
 }
