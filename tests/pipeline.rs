@@ -114,7 +114,12 @@ async fn happy_path_delivers_each_notification_once() {
     for t in &tokens {
         assert_eq!(counts.get(&tok(t)), Some(&1), "token {t}");
     }
-    let first = rig.sim.accepted().into_iter().next().unwrap();
+    let first = rig
+        .sim
+        .accepted()
+        .into_iter()
+        .find(|a| a.token == tok(&tokens[0]))
+        .unwrap();
     assert_eq!(first.payload, br#"{"aps":{"alert":"hello j0"}}"#);
     let stats = rig.finish().await;
     assert_eq!(stats.jobs_acked, 300);
