@@ -17,7 +17,7 @@ pub fn job_decoder(data: &[u8]) {
         return;
     };
     assert!(!job.tokens.is_empty());
-    if job.check(Protocol::Binary).is_ok() {
+    if Protocol::Binary.check(&job).is_ok() {
         assert!(job.payload.len() <= MAX_PAYLOAD);
         assert!(job.tokens.iter().all(|t| t.len() == 32));
     }

@@ -30,6 +30,14 @@ impl Backoff {
         rand::rng().random_range(low..=ceiling)
     }
 
+    /// The longest delay after `failures` failures in a row (`min` after the
+    /// first), without jitter or state: for pauses each notification counts
+    /// for itself, which must not come early.
+    pub fn ceiling(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
+        self.min.saturating_mul(1 << doublings).min(self.max)
+    }
+
     pub fn reset(&mut self) {
         self.current = self.min;
     }
@@ -53,5 +61,17 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn ceilings_double_up_to_the_cap() {
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d: Vec<_> = (1..=6).map(|a| b.ceiling(a)).collect();
+        assert_eq!(d[0], Duration::from_millis(100));
+        assert_eq!(d[1], Duration::from_millis(200));
+        assert_eq!(d[3], Duration::from_millis(800));
+        assert_eq!(d[5], Duration::from_secs(1));
+        assert_eq!(b.ceiling(255), Duration::from_secs(1));
+        assert_eq!(b.ceiling(0), Duration::from_millis(100));
     }
 }

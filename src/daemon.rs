@@ -14,9 +14,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Topology;
-use crate::apns::http2;
-use crate::apns::lane::{Outcomes, Settings};
+use crate::apns::binary::{Binary, BinarySettings};
+use crate::apns::http2::{Http2, Http2Settings};
+use crate::apns::lane::Policy;
 use crate::apns::pool::Pool;
+use crate::apns::Outcomes;
 use crate::config::{AppConfig, Config, ConfigError};
 use crate::feedback::Poller;
 use crate::logging::Logging;
@@ -369,28 +371,25 @@ impl Wiring {
                     stats: self.stats.clone(),
                 };
                 tokio::spawn(poller.run(stop.clone()));
-                Pool::start(
+                let (gateway, settings) = (Arc::new(gateway), lane_settings(app));
+                Pool::spawn(
                     name.clone(),
                     app.connections,
-                    Arc::new(gateway),
-                    lane_settings(app),
+                    || Binary::new(gateway.clone(), settings),
                     self.outcomes.clone(),
                     self.stats.clone(),
                 )
             }
             // 410 answers replace the feedback service: no poller.
             Prepared::Http2(target) => {
-                let target = Arc::new(target);
-                Pool::with_lanes((0..app.connections).map(|i| {
-                    http2::Lane::spawn(
-                        name.clone(),
-                        i,
-                        target.clone(),
-                        http2_settings(app),
-                        self.outcomes.clone(),
-                        self.stats.clone(),
-                    )
-                }))
+                let (target, settings) = (Arc::new(target), http2_settings(app));
+                Pool::spawn(
+                    name.clone(),
+                    app.connections,
+                    || Http2::new(target.clone(), settings),
+                    self.outcomes.clone(),
+                    self.stats.clone(),
+                )
             }
         };
         self.apps.insert(
@@ -441,31 +440,36 @@ fn default_app(config: &Config) -> String {
         .unwrap_or_default()
 }
 
-fn lane_settings(app: &AppConfig) -> Settings {
-    Settings {
+fn lane_settings(app: &AppConfig) -> BinarySettings {
+    BinarySettings {
         settle: app.settle,
         retain: app.retain,
         window: app.window,
         max_attempts: app.max_attempts,
-        connect_timeout: app.connect_timeout,
         write_timeout: app.write_timeout,
-        reconnect_min: app.reconnect_min,
-        reconnect_max: app.reconnect_max,
-        unusable_after: app.unusable_after,
+        policy: lane_policy(app),
     }
 }
 
-fn http2_settings(app: &AppConfig) -> http2::Settings {
-    http2::Settings {
-        max_attempts: app.max_attempts,
-        max_streams: app.max_concurrent_streams,
+/// What lanes of either transport share: connecting, reconnecting, and what
+/// they queue meanwhile (the `window` key doubles as the HTTP/2 backlog).
+fn lane_policy(app: &AppConfig) -> Policy {
+    Policy {
         connect_timeout: app.connect_timeout,
-        request_timeout: app.request_timeout,
-        ping_interval: app.ping_interval,
         reconnect_min: app.reconnect_min,
         reconnect_max: app.reconnect_max,
         unusable_after: app.unusable_after,
         backlog: app.window,
+    }
+}
+
+fn http2_settings(app: &AppConfig) -> Http2Settings {
+    Http2Settings {
+        max_attempts: app.max_attempts,
+        max_streams: app.max_concurrent_streams,
+        request_timeout: app.request_timeout,
+        ping_interval: app.ping_interval,
+        policy: lane_policy(app),
     }
 }
 

@@ -8,13 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
+use crate::apns::connect::{self, Endpoint};
 use crate::apns::frame::FeedbackTuple;
-use crate::apns::lane::Target;
 use crate::metrics::Stats;
 use crate::pipeline::ResultRequest;
 use crate::results::Event;
@@ -24,7 +22,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Poller {
     pub app: Arc<str>,
-    pub target: Arc<Target>,
+    pub target: Arc<Endpoint>,
     pub interval: Duration,
     pub connect_timeout: Duration,
     pub results: mpsc::Sender<ResultRequest>,
@@ -94,16 +92,8 @@ impl Poller {
 }
 
 /// Connects, reads until the service closes, decodes the tuples.
-pub async fn poll(target: &Target, connect_timeout: Duration) -> io::Result<Vec<FeedbackTuple>> {
-    let connect = async {
-        let tcp = TcpStream::connect(&target.addr).await?;
-        TlsConnector::from(target.tls.clone())
-            .connect(target.server_name.clone(), tcp)
-            .await
-    };
-    let mut stream = tokio::time::timeout(connect_timeout, connect)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+pub async fn poll(target: &Endpoint, connect_timeout: Duration) -> io::Result<Vec<FeedbackTuple>> {
+    let mut stream = connect::connect(target, connect_timeout).await?;
     let mut buf = Vec::new();
     match tokio::time::timeout(READ_TIMEOUT, stream.read_to_end(&mut buf)).await {
         Ok(Ok(_)) => {}

@@ -22,8 +22,8 @@ use tokio::sync::mpsc;
 
 use crate::amqp;
 use crate::apns::{Envelope, Notification, Outcome};
+use crate::job::JobKey;
 use crate::job::{Job, JobError};
-use crate::ledger::JobKey;
 use crate::metrics::Stats;
 use crate::pipeline::settlement::Settlement;
 use crate::pipeline::Routes;
@@ -93,7 +93,7 @@ impl Intake {
                 settle.reject(key, tag, error, d.data, id).await?;
                 continue;
             };
-            if let Err(error) = job.check(route.protocol) {
+            if let Err(error) = route.protocol.check(&job) {
                 let id = job.id.as_deref().map(str::to_owned);
                 settle.reject(key, tag, error, d.data, id).await?;
                 continue;
@@ -104,7 +104,7 @@ impl Intake {
                 app: route.name.clone(),
                 job,
                 consumed_at,
-                session: settle.ended(),
+                withdrawal: settle.withdrawal(),
                 retries: amqp::attempts(&d.properties),
             }));
         }

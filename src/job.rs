@@ -5,7 +5,6 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -13,225 +12,14 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::apns::Protocol;
+// A job is made of tokens: their names stay reachable here.
+pub use crate::token::{DeviceToken, TokenError, Tokens};
 
-/// A device token: 1 to 100 bytes inline. The binary interface takes exactly
-/// 32 ([`DeviceToken::BINARY_LEN`]); Apple says tokens may grow, so HTTP/2
-/// takes any length up to [`DeviceToken::MAX_LEN`]. Stored inline, so a token
-/// is `Copy` and costs no allocation on either path; bytes past `len` are
-/// always zero, which keeps the derived equality and hashing exact.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceToken {
-    len: u8,
-    bytes: [u8; DeviceToken::MAX_LEN],
-}
-
-impl DeviceToken {
-    /// The only token length the binary interface knows.
-    pub const BINARY_LEN: usize = 32;
-    /// The longest token accepted (HTTP/2; Apple's documented upper bound).
-    pub const MAX_LEN: usize = 100;
-
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        let mut token = DeviceToken {
-            len: 32,
-            bytes: [0; Self::MAX_LEN],
-        };
-        token.bytes[..32].copy_from_slice(&bytes);
-        token
-    }
-
-    /// A token of 1 to [`DeviceToken::MAX_LEN`] bytes.
-    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        if bytes.is_empty() || bytes.len() > Self::MAX_LEN {
-            return None;
-        }
-        let mut token = DeviceToken {
-            len: bytes.len() as u8,
-            bytes: [0; Self::MAX_LEN],
-        };
-        token.bytes[..bytes.len()].copy_from_slice(bytes);
-        Some(token)
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
-    }
-
-    /// Bytes in the token (never 0).
-    pub fn len(&self) -> usize {
-        usize::from(self.len)
-    }
-
-    /// Always false: a token has at least one byte. Here for the `len` convention.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Parses hex as producers send it: upper or lower case, with spaces, and
-    /// wrapped in the `<...>` that iOS prints for `NSData`.
-    pub fn parse(text: &str) -> Result<Self, TokenError> {
-        if let Some(token) = Self::from_plain_hex(text.as_bytes()) {
-            return Ok(token);
-        }
-        let trimmed = text.trim();
-        let inner = trimmed
-            .strip_prefix('<')
-            .and_then(|t| t.strip_suffix('>'))
-            .unwrap_or(trimmed);
-        let mut out = [0u8; Self::MAX_LEN];
-        let mut digits = 0usize;
-        for c in inner.chars() {
-            if c == ' ' {
-                continue;
-            }
-            let v = c.to_digit(16).ok_or(TokenError::NotHex(c))? as u8;
-            if digits < 2 * Self::MAX_LEN {
-                out[digits / 2] |= if digits.is_multiple_of(2) { v << 4 } else { v };
-            }
-            digits += 1;
-        }
-        match digits {
-            0 => Err(TokenError::Empty),
-            n if !n.is_multiple_of(2) || n > 2 * Self::MAX_LEN => Err(TokenError::Length(n)),
-            n => Ok(DeviceToken {
-                len: (n / 2) as u8,
-                bytes: out,
-            }),
-        }
-    }
-
-    /// The form producers almost always send, decoded without the general
-    /// path's per-character work: a fan-out job parses thousands of these.
-    fn from_plain_hex(text: &[u8]) -> Option<Self> {
-        if text.is_empty() || !text.len().is_multiple_of(2) || text.len() > 2 * Self::MAX_LEN {
-            return None;
-        }
-        let mut token = DeviceToken {
-            len: (text.len() / 2) as u8,
-            bytes: [0; Self::MAX_LEN],
-        };
-        for (byte, pair) in token.bytes.iter_mut().zip(text.chunks_exact(2)) {
-            *byte = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
-        }
-        Some(token)
-    }
-
-    /// The normalised form used in every result: lower-case hex digits.
-    pub fn to_hex(&self) -> String {
-        self.to_string()
-    }
-}
-
-/// A job's device tokens, stored once for all its notifications: their bytes
-/// back to back, so a fan-out job of 10,000 tokens costs 36 bytes a token
-/// (not a [`DeviceToken`] of 101 each), and a notification names its token
-/// by index.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Tokens {
-    bytes: Vec<u8>,
-    /// Where each token ends in `bytes`.
-    ends: Vec<u32>,
-}
-
-impl Tokens {
-    pub fn with_capacity(tokens: usize) -> Self {
-        Tokens {
-            bytes: Vec::with_capacity(tokens * DeviceToken::BINARY_LEN),
-            ends: Vec::with_capacity(tokens),
-        }
-    }
-
-    pub fn push(&mut self, token: &DeviceToken) {
-        self.bytes.extend_from_slice(token.as_bytes());
-        // At most u32::MAX / 100 tokens fit in a message RabbitMQ accepts.
-        self.ends.push(self.bytes.len() as u32);
-    }
-
-    pub fn len(&self) -> usize {
-        self.ends.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    /// The bytes of token `index`; empty past the end.
-    pub fn bytes(&self, index: usize) -> &[u8] {
-        let start = match index.checked_sub(1) {
-            None => 0,
-            Some(before) => self.ends.get(before).map_or(usize::MAX, |&e| e as usize),
-        };
-        let end = self.ends.get(index).map_or(0, |&e| e as usize);
-        self.bytes.get(start..end).unwrap_or_default()
-    }
-
-    /// Token `index` as a value of its own (results, logs, retries).
-    pub fn get(&self, index: usize) -> Option<DeviceToken> {
-        DeviceToken::from_slice(self.bytes(index))
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = DeviceToken> + '_ {
-        (0..self.len()).filter_map(|i| self.get(i))
-    }
-}
-
-impl FromIterator<DeviceToken> for Tokens {
-    fn from_iter<I: IntoIterator<Item = DeviceToken>>(iter: I) -> Self {
-        let mut tokens = Tokens::default();
-        for t in iter {
-            tokens.push(&t);
-        }
-        tokens
-    }
-}
-
-impl fmt::Debug for Tokens {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
-    }
-}
-
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    }
-}
-
-impl fmt::Display for DeviceToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let bytes = self.as_bytes();
-        let mut hex = [0u8; 2 * Self::MAX_LEN];
-        for (pair, b) in hex.chunks_exact_mut(2).zip(bytes) {
-            pair[0] = DIGITS[usize::from(b >> 4)];
-            pair[1] = DIGITS[usize::from(b & 0xf)];
-        }
-        // Only ASCII digits were written, so this never fails.
-        f.write_str(std::str::from_utf8(&hex[..2 * bytes.len()]).map_err(|_| fmt::Error)?)
-    }
-}
-
-impl fmt::Debug for DeviceToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DeviceToken({self})")
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    #[error("token is empty")]
-    Empty,
-    #[error("token has {0:?}, which is not a hex digit")]
-    NotHex(char),
-    #[error(
-        "token has {0} hex digits; a token is an even number of them, at most 200 (100 bytes)"
-    )]
-    Length(usize),
-}
+/// Names one job for the life of the process (never reused, unlike delivery
+/// tags, which restart with every channel): how the ledger and the results it
+/// owes know the job again when its notifications come back from APNs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobKey(pub u64);
 
 /// APNs delivery priority (item 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,25 +165,6 @@ impl Job {
             collapse_id: self.collapse_id.as_deref(),
         };
         serde_json::to_vec(&body).unwrap_or_default()
-    }
-
-    /// The limits of the protocol the job's app speaks: token length and
-    /// payload size. Checked once the job is routed, since they differ.
-    pub fn check(&self, protocol: Protocol) -> Result<(), JobError> {
-        if let Some((index, len)) = (0..self.tokens.len())
-            .map(|i| (i, self.tokens.bytes(i).len()))
-            .find(|&(_, len)| !protocol.accepts_token_len(len))
-        {
-            return Err(JobError::TokenSize { index, len });
-        }
-        let limit = protocol.max_payload(self.push_type.as_deref());
-        if self.payload.len() > limit {
-            return Err(JobError::PayloadTooLarge {
-                size: self.payload.len(),
-                limit,
-            });
-        }
-        Ok(())
     }
 }
 
@@ -630,24 +399,6 @@ mod tests {
     const HEX: &str = "1b14a89b65361301e7ded0f8de35ec1f322c37698b9fe712252a2cba42207d90";
 
     #[test]
-    fn a_token_list_keeps_each_token_whole_whatever_its_length() {
-        let tokens: Vec<DeviceToken> = [&[7u8; 32][..], &[9; 40], &[1; 1], &[2; 100]]
-            .iter()
-            .map(|b| DeviceToken::from_slice(b).unwrap())
-            .collect();
-        let list: Tokens = tokens.iter().copied().collect();
-        assert_eq!(list.len(), 4);
-        for (i, t) in tokens.iter().enumerate() {
-            assert_eq!(list.bytes(i), t.as_bytes());
-            assert_eq!(list.get(i), Some(*t));
-        }
-        assert_eq!(list.iter().collect::<Vec<_>>(), tokens);
-        assert!(list.bytes(4).is_empty());
-        assert_eq!(list.get(4), None);
-        assert!(Tokens::default().bytes(0).is_empty());
-    }
-
-    #[test]
     fn a_job_survives_the_retry_queue_byte_for_byte() {
         let body = format!(
             r#"{{"id":"r1","app":"a","token":"{HEX}","payload":{{"aps":{{}},"f":4.3660053974682745e-57}},"expiry":7,"priority":5}}"#
@@ -659,32 +410,6 @@ mod tests {
             "floats keep every digit"
         );
         assert_eq!(Job::decode(&job.encode(), None).unwrap(), job);
-    }
-
-    #[test]
-    fn token_normalisation_accepts_ios_forms() {
-        let want = DeviceToken::parse(HEX).unwrap();
-        assert_eq!(want.to_hex(), HEX);
-        for form in [
-            HEX.to_uppercase(),
-            format!("<{}>", HEX),
-            "<1b14a89b 65361301 e7ded0f8 de35ec1f 322c3769 8b9fe712 252a2cba 42207d90>".into(),
-            format!("  {HEX} "),
-        ] {
-            assert_eq!(DeviceToken::parse(&form), Ok(want), "{form}");
-        }
-    }
-
-    #[test]
-    fn token_errors_say_what_is_wrong() {
-        assert_eq!(DeviceToken::parse(""), Err(TokenError::Empty));
-        assert_eq!(DeviceToken::parse("<>"), Err(TokenError::Empty));
-        assert_eq!(DeviceToken::parse("abc"), Err(TokenError::Length(3)));
-        assert_eq!(DeviceToken::parse(&HEX[..63]), Err(TokenError::Length(63)));
-        assert_eq!(
-            DeviceToken::parse(&HEX.replace('b', "g")),
-            Err(TokenError::NotHex('g'))
-        );
     }
 
     fn decode(body: &str) -> Result<Job, Rejection> {
@@ -818,67 +543,6 @@ mod tests {
         assert_eq!(
             decode(&escaped).unwrap().tokens.get(0),
             DeviceToken::parse(HEX).ok()
-        );
-    }
-
-    #[test]
-    fn payload_limit_is_measured_on_compact_json_per_protocol() {
-        use crate::apns::frame::MAX_PAYLOAD;
-        let fits = "x".repeat(MAX_PAYLOAD - r#"{"aps":{"alert":""}}"#.len());
-        let body =
-            format!(r#"{{"token":"{HEX}","payload":{{ "aps" : {{ "alert" : "{fits}" }} }}}}"#);
-        let job = decode(&body).unwrap();
-        assert_eq!(job.payload.len(), MAX_PAYLOAD);
-        assert_eq!(job.check(Protocol::Binary), Ok(()));
-        let body = format!(r#"{{"token":"{HEX}","payload":{{"aps":{{"alert":"{fits}x"}}}}}}"#);
-        let job = decode(&body).unwrap();
-        assert_eq!(
-            job.check(Protocol::Binary),
-            Err(JobError::PayloadTooLarge {
-                size: MAX_PAYLOAD + 1,
-                limit: MAX_PAYLOAD
-            })
-        );
-        assert_eq!(job.check(Protocol::Http2), Ok(()));
-        let big = "x".repeat(4100);
-        let body = |push_type: &str| {
-            format!(r#"{{"token":"{HEX}","payload":{{"aps":{{"alert":"{big}"}}}}{push_type}}}"#)
-        };
-        let too_big = decode(&body("")).unwrap();
-        assert!(matches!(
-            too_big.check(Protocol::Http2),
-            Err(JobError::PayloadTooLarge { limit: 4096, .. })
-        ));
-        let voip = decode(&body(r#","push_type":"voip""#)).unwrap();
-        assert_eq!(voip.check(Protocol::Http2), Ok(()));
-    }
-
-    #[test]
-    fn token_length_depends_on_the_protocol() {
-        let short = "ab".repeat(31);
-        let long = "cd".repeat(100);
-        for (hex, binary, http2) in [
-            (HEX.to_owned(), true, true),
-            (short, false, true),
-            (long, false, true),
-        ] {
-            let job = decode(&format!(r#"{{"token":"{hex}","payload":{{"aps":{{}}}}}}"#)).unwrap();
-            assert_eq!(job.check(Protocol::Binary).is_ok(), binary, "{hex}");
-            assert_eq!(job.check(Protocol::Http2).is_ok(), http2, "{hex}");
-        }
-        let job = decode(&format!(
-            r#"{{"tokens":["{HEX}","{}"],"payload":{{"aps":{{}}}}}}"#,
-            "ab".repeat(40)
-        ))
-        .unwrap();
-        assert_eq!(
-            job.check(Protocol::Binary),
-            Err(JobError::TokenSize { index: 1, len: 40 })
-        );
-        assert_eq!(DeviceToken::parse(&"ab".repeat(40)).unwrap().len(), 40);
-        assert_eq!(
-            DeviceToken::parse(&"ab".repeat(101)),
-            Err(TokenError::Length(202))
         );
     }
 

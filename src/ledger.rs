@@ -4,12 +4,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::job::{DeviceToken, Tokens};
-
-/// Names one job for the life of the process (never reused, unlike delivery
-/// tags, which restart with every channel).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct JobKey(pub u64);
+pub use crate::job::JobKey;
+use crate::token::{DeviceToken, Tokens};
 
 #[derive(Debug)]
 struct Open {

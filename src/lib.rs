@@ -3,13 +3,14 @@
 //! The flow of one job, module by module:
 //!
 //! ```text
-//! [jobs queue] → intake (Subscription, intake::Prefetch, job::Job::decode, Job::check per protocol)
-//!      → apns::pool (route by token)
-//!      → apns::lane (binary: TLS socket, apns::frame, apns::window) → APNs
+//! [jobs queue] → intake (Subscription, intake::Prefetch, job::Job::decode, apns::Protocol::check)
+//!      → apns::pool (route by a hash of the whole token)
+//!      → apns::lane (connect via apns::connect, reconnect, standby) driving a transport:
+//!        apns::binary (TLS socket, apns::frame, apns::window) → APNs
 //!        or apns::http2 (a stream per notification, apns::http2::request) → APNs
 //!      → apns::Outcome → pipeline::settlement (ledger, results::Event)
 //!      → amqp::Publisher (confirms) → ledger::AckPlanner → basic.ack
-//! feedback::Poller (binary apps) → pipeline → [results exchange]
+//! feedback::Poller (binary apps, via apns::connect) → pipeline → [results exchange]
 //! ```
 //!
 //! `startup` resolves the built-in simulator (if an app needs it) into a
@@ -17,11 +18,18 @@
 //! identities) and the `pipeline` under its broker `pipeline::supervisor`,
 //! applies reloads, and tells `systemd`; `signals` asks for drains and
 //! reloads. `simulator` is the APNs stand-in the tests and the quick start
-//! run against. The rules that keep this shape: `docs/architecture.md`.
+//! run against.
+//!
+//! Rules that keep the shape (more in `docs/architecture.md`): `token` is a
+//! leaf and `job` imports only it, so `job`, `apns` and `ledger` form no
+//! cycle; protocol limits live in `apns`; every connection to Apple is opened
+//! by `apns::connect`; a lane sees an opaque `apns::Withdrawal`, never broker
+//! session state; the frame codec and the window reach no I/O.
 pub mod amqp;
 pub mod apns;
 pub mod backoff;
 pub mod check;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod feedback;
@@ -38,3 +46,4 @@ pub mod simulator;
 pub mod startup;
 pub mod systemd;
 pub mod targets;
+pub mod token;

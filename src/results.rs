@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::apns::Reason;
-use crate::job::DeviceToken;
+use crate::token::DeviceToken;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -139,7 +139,7 @@ mod tests {
             app: "example".into(),
             id: Some("order-1".into()),
             token,
-            reason: Reason::Apns(Status::InvalidToken),
+            reason: Reason::Binary(Status::InvalidToken),
             attempts: 1,
         };
         assert_eq!(failed.routing_key(), "failed.invalid_token");

@@ -7,7 +7,7 @@ use lapin::{BasicProperties, Confirmation, PublisherConfirm};
 
 use crate::amqp::{self, Topology};
 use crate::config::Config;
-use crate::job::{DeviceToken, TokenError};
+use crate::token::{DeviceToken, TokenError};
 
 /// Tokens per job of a broadcast: large enough that the broker carries few
 /// messages, small enough that one job settles quickly.

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::apns::connect::Endpoint;
 use crate::apns::http2::{self, jwt::Signer};
-use crate::apns::lane::Target;
 use crate::apns::tls::{self, Identity};
 use crate::apns::Protocol;
 use crate::config::AppConfig;
@@ -71,7 +71,10 @@ fn stand_in_for<'a>(
 /// An app's targets, identities loaded: prepared before anything changes so
 /// a bad identity leaves the running daemon untouched.
 pub enum Prepared {
-    Binary { gateway: Target, feedback: Target },
+    Binary {
+        gateway: Endpoint,
+        feedback: Endpoint,
+    },
     Http2(http2::Target),
 }
 
@@ -85,7 +88,10 @@ pub fn prepare(app: &AppConfig, stand_in: Option<&StandIn>) -> Result<Prepared, 
 }
 
 /// The gateway and feedback targets of an app: addresses, server name, identity.
-fn targets(app: &AppConfig, stand_in: Option<&StandIn>) -> Result<(Target, Target), TargetError> {
+fn targets(
+    app: &AppConfig,
+    stand_in: Option<&StandIn>,
+) -> Result<(Endpoint, Endpoint), TargetError> {
     let fail = |what: String| TargetError::App {
         app: app.name.clone(),
         what,
@@ -122,10 +128,10 @@ fn targets(app: &AppConfig, stand_in: Option<&StandIn>) -> Result<(Target, Targe
             })?
         }
     };
-    let target = |addr: String| -> Result<Target, TargetError> {
+    let target = |addr: String| -> Result<Endpoint, TargetError> {
         let host = host_of(&addr);
         let server_name = tls::server_name(host).map_err(|e| fail(e.to_string()))?;
-        Ok(Target {
+        Ok(Endpoint {
             addr,
             server_name,
             tls: tls_config.clone(),
@@ -151,7 +157,7 @@ pub async fn probe_gateway(app: &AppConfig) -> Result<(), TargetError> {
         addr: gateway.addr.clone(),
         source,
     };
-    let mut stream = crate::apns::lane::connect(&gateway, app.connect_timeout)
+    let mut stream = crate::apns::connect::connect(&gateway, app.connect_timeout)
         .await
         .map_err(fail)?;
     match tokio::time::timeout(PROBE_LISTEN, stream.read(&mut [0u8; 6])).await {
@@ -220,9 +226,11 @@ fn http2_target(app: &AppConfig, stand_in: Option<&StandIn>) -> Result<http2::Ta
     }
     let server_name = tls::server_name(host_of(&addr)).map_err(|e| fail(e.to_string()))?;
     Ok(http2::Target {
-        addr,
-        server_name,
-        tls: tls::with_h2(&tls),
+        endpoint: Endpoint {
+            addr,
+            server_name,
+            tls: tls::with_h2(&tls),
+        },
         topic,
         signer,
     })
@@ -302,7 +310,7 @@ mod tests {
         }
         match prepare(&config.apps[1], Some(&stand_in)) {
             Ok(Prepared::Http2(target)) => {
-                assert_eq!(target.addr, "127.0.0.1:3");
+                assert_eq!(target.endpoint.addr, "127.0.0.1:3");
                 assert_eq!(
                     target.topic, "com.example.standin",
                     "the topic of its identity"

@@ -5,7 +5,7 @@
 //! them) and encodes error responses and feedback tuples. All integers are
 //! big-endian.
 
-use crate::job::DeviceToken;
+use crate::token::DeviceToken;
 
 /// Largest payload the binary interface accepts since iOS 8.
 pub const MAX_PAYLOAD: usize = 2048;
@@ -247,7 +247,7 @@ pub struct Decoded<'a> {
 /// After answering, the gateway closes the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("frame refused with status {} ({}) for identifier {identifier}", status.code(), status.reason())]
-pub struct Refusal {
+pub struct Invalid {
     pub status: Status,
     pub identifier: u32,
 }
@@ -255,7 +255,7 @@ pub struct Refusal {
 /// Decodes one notification frame from the front of `buf`, validating it the way
 /// Apple's gateway does. `Ok(None)` means more bytes are needed; `Ok(Some((n, frame)))`
 /// consumed `n` bytes.
-pub fn decode_notification(buf: &[u8]) -> Result<Option<(usize, Decoded<'_>)>, Refusal> {
+pub fn decode_notification(buf: &[u8]) -> Result<Option<(usize, Decoded<'_>)>, Invalid> {
     let Some(&command) = buf.first() else {
         return Ok(None);
     };
@@ -267,8 +267,8 @@ pub fn decode_notification(buf: &[u8]) -> Result<Option<(usize, Decoded<'_>)>, R
     }
 }
 
-fn refuse(status: Status, identifier: u32) -> Refusal {
-    Refusal { status, identifier }
+fn refuse(status: Status, identifier: u32) -> Invalid {
+    Invalid { status, identifier }
 }
 
 fn be_u16(b: &[u8]) -> usize {
@@ -279,7 +279,7 @@ fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn decode_items(buf: &[u8]) -> Result<Option<(usize, Decoded<'_>)>, Refusal> {
+fn decode_items(buf: &[u8]) -> Result<Option<(usize, Decoded<'_>)>, Invalid> {
     if buf.len() < 5 {
         return Ok(None);
     }
@@ -356,7 +356,7 @@ fn decode_items(buf: &[u8]) -> Result<Option<(usize, Decoded<'_>)>, Refusal> {
     )))
 }
 
-fn validate_token(token: Option<&[u8]>, identifier: u32) -> Result<DeviceToken, Refusal> {
+fn validate_token(token: Option<&[u8]>, identifier: u32) -> Result<DeviceToken, Invalid> {
     match token {
         None | Some([]) => Err(refuse(Status::MissingDeviceToken, identifier)),
         Some(bytes) => DeviceToken::from_slice(bytes)
@@ -365,7 +365,7 @@ fn validate_token(token: Option<&[u8]>, identifier: u32) -> Result<DeviceToken, 
     }
 }
 
-fn validate_payload(payload: Option<&[u8]>, identifier: u32) -> Result<&[u8], Refusal> {
+fn validate_payload(payload: Option<&[u8]>, identifier: u32) -> Result<&[u8], Invalid> {
     match payload {
         None | Some([]) => Err(refuse(Status::MissingPayload, identifier)),
         Some(p) if p.len() > MAX_PAYLOAD => Err(refuse(Status::InvalidPayloadSize, identifier)),
@@ -373,7 +373,7 @@ fn validate_payload(payload: Option<&[u8]>, identifier: u32) -> Result<&[u8], Re
     }
 }
 
-fn decode_legacy(buf: &[u8], enhanced: bool) -> Result<Option<(usize, Decoded<'_>)>, Refusal> {
+fn decode_legacy(buf: &[u8], enhanced: bool) -> Result<Option<(usize, Decoded<'_>)>, Invalid> {
     let head = if enhanced { 1 + 4 + 4 } else { 1 };
     if buf.len() < head + 2 {
         return Ok(None);
@@ -635,7 +635,7 @@ mod tests {
         for (bytes, status) in cases {
             assert_eq!(
                 decode_notification(&bytes),
-                Err(Refusal {
+                Err(Invalid {
                     status,
                     identifier: 5
                 }),
@@ -644,7 +644,7 @@ mod tests {
         }
         assert_eq!(
             decode_notification(&[9, 0, 0]),
-            Err(Refusal {
+            Err(Invalid {
                 status: Status::ProtocolError,
                 identifier: 0
             })
@@ -653,7 +653,7 @@ mod tests {
         huge.extend_from_slice(&(MAX_FRAME_BODY as u32 + 1).to_be_bytes());
         assert_eq!(
             decode_notification(&huge),
-            Err(Refusal {
+            Err(Invalid {
                 status: Status::ProtocolError,
                 identifier: 0
             })

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::lane::{Lane, Outcomes, Settings, Target};
-use super::Notification;
+use super::lane::{Lane, Transport};
+use super::{Notification, Outcomes};
 use crate::metrics::Stats;
 
 pub struct Pool {
@@ -21,32 +21,18 @@ pub struct Pool {
 pub struct Closed;
 
 impl Pool {
-    pub fn start(
+    /// Starts `connections` lanes (at least one), each over a transport from
+    /// `transport`, reporting on `outcomes`.
+    pub fn spawn<T: Transport>(
         app: Arc<str>,
         connections: usize,
-        target: Arc<Target>,
-        settings: Settings,
+        mut transport: impl FnMut() -> T,
         outcomes: Outcomes,
         stats: Arc<Stats>,
     ) -> Pool {
-        Self::with_lanes((0..connections.max(1)).map(|i| {
-            Lane::spawn(
-                app.clone(),
-                i,
-                target.clone(),
-                settings,
-                outcomes.clone(),
-                stats.clone(),
-            )
-        }))
-    }
-
-    /// A pool over lanes of any transport: each lane is a sender of work and
-    /// the task that ends once that work has outcomes.
-    pub fn with_lanes(
-        lanes: impl IntoIterator<Item = (mpsc::Sender<Vec<Notification>>, JoinHandle<()>)>,
-    ) -> Pool {
-        let (lanes, tasks) = lanes.into_iter().unzip();
+        let (lanes, tasks) = (0..connections.max(1))
+            .map(|i| Lane::spawn(app.clone(), i, transport(), outcomes.clone(), stats.clone()))
+            .unzip();
         Pool { lanes, tasks }
     }
 

@@ -3,16 +3,13 @@
 //! app shares, and once the app is unusable it gives that work back to the
 //! pipeline (which parks the jobs in the retry queue) instead of holding it.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-
-use super::lane::Outcomes;
-use super::{is_expired, unix_now, Failure, Notification, Outcome, Reason, Unusable};
+use super::lane::{Lane, Work};
+use super::{is_expired, Notification, Outcome, Reason, Unusable};
 use crate::backoff::Backoff;
+use crate::clock::unix_now;
 use crate::metrics::Stats;
 
 /// A lane's reconnect policy: back off while connections break, and count
@@ -58,18 +55,13 @@ impl Reconnect {
     }
 }
 
-/// A lane's work and channels, borrowed while it waits for a connection or a backoff.
+/// A lane and its work, borrowed while it waits for a connection or a backoff.
 pub(super) struct Standby<'a> {
-    pub app: &'a str,
-    pub lane: usize,
-    pub rx: &'a mut mpsc::Receiver<Vec<Notification>>,
-    pub rx_open: &'a mut bool,
-    pub queue: &'a mut VecDeque<Notification>,
+    pub lane: &'a mut Lane,
+    pub work: &'a mut Work,
     /// Most notifications queued while waiting; past it the channel fills and
     /// the pool's back-pressure holds the intake.
     pub limit: usize,
-    pub stats: &'a Stats,
-    pub outcomes: &'a Outcomes,
 }
 
 impl Standby<'_> {
@@ -77,35 +69,34 @@ impl Standby<'_> {
     /// `unusable`, handed back at once together with everything queued.
     pub async fn wait<F: Future>(&mut self, fut: F, unusable: Option<Unusable>) -> F::Output {
         if let Some(why) = unusable {
-            let queued: Vec<_> = self.queue.drain(..).collect();
+            let queued: Vec<_> = self.work.queue.drain(..).collect();
             self.hand_back(queued, why);
         }
         tokio::pin!(fut);
         loop {
-            let room = *self.rx_open && (unusable.is_some() || self.queue.len() < self.limit);
+            let room = self.work.open && (unusable.is_some() || self.work.queue.len() < self.limit);
             tokio::select! {
                 out = &mut fut => return out,
-                batch = self.rx.recv(), if room => match (batch, unusable) {
+                batch = self.lane.rx.recv(), if room => match (batch, unusable) {
                     (Some(batch), Some(why)) => self.hand_back(batch, why),
-                    (Some(batch), None) => self.queue.extend(batch),
-                    (None, _) => *self.rx_open = false,
+                    (batch, _) => self.work.take(batch),
                 },
             }
         }
     }
 
     /// Gives notifications up as unsendable: the pipeline retries their jobs
-    /// later. Those of an ended broker session are dropped instead (the broker
-    /// redelivers their jobs), and expired ones end as such.
+    /// later. Withdrawn ones are dropped instead (their owner has them), and
+    /// expired ones end as such.
     fn hand_back(&self, notifications: Vec<Notification>, why: Unusable) {
         let unix_now = unix_now();
-        let mut stale = 0;
+        let mut withdrawn = 0;
         let outcomes: Vec<Outcome> = notifications
             .into_iter()
             .filter(|n| {
-                let ended = n.envelope.session.get();
-                stale += u64::from(ended);
-                !ended
+                let gone = n.envelope.withdrawal.is_withdrawn();
+                withdrawn += u64::from(gone);
+                !gone
             })
             .map(|n| {
                 let reason = if is_expired(&n, unix_now) {
@@ -113,31 +104,15 @@ impl Standby<'_> {
                 } else {
                     Reason::Unusable(why)
                 };
-                let attempts = n.attempts;
-                Outcome {
-                    notification: n,
-                    result: Err(Failure { reason, attempts }),
-                }
+                Outcome::failed(n, reason)
             })
             .collect();
-        self.stats.dropped_for_redelivery.add(stale);
+        let lane = &self.lane;
+        lane.stats.dropped_for_redelivery.add(withdrawn);
         if !outcomes.is_empty() {
-            tracing::warn!(app = %self.app, lane = self.lane, count = outcomes.len(), reason = Reason::Unusable(why).name(),
+            tracing::warn!(app = %lane.app, lane = lane.index, count = outcomes.len(), reason = Reason::Unusable(why).name(),
                 "app unusable: handing notifications back for a later retry");
-            // The receiver only goes away when the daemon is being torn down.
-            let _ = self.outcomes.send(outcomes);
+            lane.report(outcomes);
         }
-    }
-}
-
-/// A failure the TLS layer reports (an alert from the gateway, or its
-/// certificate refused by us) is about credentials; anything else is the network.
-pub fn classify(e: &io::Error) -> Unusable {
-    match e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(_) => Unusable::CertificateRejected,
-        None => Unusable::GatewayUnreachable,
     }
 }

@@ -508,7 +508,7 @@ mod tests {
     }
 
     impl Ledger {
-        /// Mirrors `Lane::apply`: outcomes are counted, resends queued in order.
+        /// Mirrors the binary transport's `apply`: outcomes are counted, resends queued in order.
         fn apply(&mut self, out: &mut Vec<Verdict<Item>>, queue: &mut VecDeque<Item>) {
             let mut resend = Vec::new();
             for v in out.drain(..) {

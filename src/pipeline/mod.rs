@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{self, AmqpError, Publisher, Topology};
 use crate::apns::pool::Pool;
 use crate::apns::{Outcome, Protocol};
+use crate::clock::sleep_until;
 use crate::intake::{self, Intake, Prefetch, Subscription};
 use crate::metrics::Stats;
 use crate::results::Event;
@@ -332,11 +333,4 @@ async fn on_outcomes(
     }
     // The last batch taken is handled too: dropping it would lose outcomes.
     settle.on_outcome_batch(batch).await
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }

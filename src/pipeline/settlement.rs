@@ -11,11 +11,12 @@ use lapin::options::BasicAckOptions;
 use tokio::sync::oneshot;
 
 use crate::amqp::{AmqpError, Owner, Publisher};
-use crate::apns::{Envelope, Failure, Outcome, Reason, SessionEnded};
-use crate::job::{Job, JobError, Tokens};
-use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
+use crate::apns::{Envelope, Failure, Notification, Outcome, Reason, Withdrawal};
+use crate::job::{Job, JobError, JobKey};
+use crate::ledger::{Ack, AckPlanner, Ledger, Progress};
 use crate::metrics::Stats;
 use crate::results::Event;
+use crate::token::Tokens;
 
 /// Settings that apply at once, without a new broker session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +40,7 @@ pub struct Settlement {
     ack_buf: Vec<Ack>,
     /// Set when the session ends, however it ends (see `Drop`): lanes then
     /// drop the unwritten notifications of its jobs, which the broker redelivers.
-    ended: SessionEnded,
+    withdrawal: Withdrawal,
     /// `<queue>.retry`, where jobs of unusable apps wait.
     retry_queue: String,
     live: LiveSettings,
@@ -48,7 +49,7 @@ pub struct Settlement {
 
 impl Drop for Settlement {
     fn drop(&mut self) {
-        self.ended.set();
+        self.withdrawal.withdraw();
     }
 }
 
@@ -70,7 +71,7 @@ impl Settlement {
             // holding half the prefetch is worth acking around one by one.
             acks: AckPlanner::new(usize::from(prefetch) / 2),
             ack_buf: Vec::new(),
-            ended: SessionEnded::default(),
+            withdrawal: Withdrawal::default(),
             retry_queue,
             live,
             stats,
@@ -78,8 +79,8 @@ impl Settlement {
     }
 
     /// The flag the session's envelopes carry.
-    pub fn ended(&self) -> SessionEnded {
-        self.ended.clone()
+    pub fn withdrawal(&self) -> Withdrawal {
+        self.withdrawal.clone()
     }
 
     /// A delivery arrived: its tag joins the ack plan in order.
@@ -141,8 +142,25 @@ impl Settlement {
         for o in batch {
             let n = &o.notification;
             let env = &n.envelope;
+            if o.correction {
+                // Counted against its job already, which may be final: only a
+                // failure is news, published on its own.
+                match o.result {
+                    Ok(()) => {
+                        accepted += 1;
+                        self.stats
+                            .observe_accepted(now.saturating_duration_since(env.consumed_at));
+                    }
+                    Err(f) => {
+                        self.stats.failed_with(f.reason.name());
+                        let event = failed(env, n, f);
+                        self.publisher.publish(&event, Owner::Nobody).await?;
+                    }
+                }
+                continue;
+            }
             let in_run = run.as_ref().is_some_and(|(e, _)| e.key == env.key);
-            let counted = !n.reported && (in_run || self.ledger.contains(env.key));
+            let counted = in_run || self.ledger.contains(env.key);
             if let (true, Err(f)) = (counted, o.result) {
                 if matches!(f.reason, Reason::Unusable(_))
                     && env.retries + 1 < self.live.max_job_attempts
@@ -161,28 +179,13 @@ impl Settlement {
                 Err(f) => self.stats.failed_with(f.reason.name()),
             }
             let event = match o.result {
-                Ok(()) if self.live.delivered_results && !n.reported => Some(Event::Delivered {
+                Ok(()) if self.live.delivered_results => Some(Event::Delivered {
                     app: env.app.clone(),
                     id: env.job.id.clone(),
                     token: n.token(),
                 }),
                 Ok(()) => None,
-                Err(f) => {
-                    // A daemon-side failure counts the job's tries, not the gateway's.
-                    let attempts = match f.reason {
-                        Reason::Unusable(_) => u8::try_from(env.retries + 1).unwrap_or(u8::MAX),
-                        _ => f.attempts,
-                    };
-                    tracing::info!(app = %env.app, id = env.job.id.as_deref().unwrap_or(""), token = %n.token(),
-                        reason = f.reason.name(), attempts, "notification failed");
-                    Some(Event::Failed {
-                        app: env.app.clone(),
-                        id: env.job.id.clone(),
-                        token: n.token(),
-                        reason: f.reason,
-                        attempts,
-                    })
-                }
+                Err(f) => Some(failed(env, n, f)),
             };
             // HTTP/2's 410 also says since when the token is gone, as the
             // feedback service did: the job owes an `unregistered` result too.
@@ -214,16 +217,10 @@ impl Settlement {
                         self.accepted_run(previous).await?;
                     }
                 },
-                // A late failure of a notification whose job is final already.
-                (false, Some(event @ Event::Failed { .. })) if n.reported => {
-                    self.publisher.publish(&event, Owner::Nobody).await?;
-                }
                 // From a broken session: the job comes back by redelivery and
                 // sends this one again.
-                (false, None) if o.result.is_ok() && !n.reported => {
-                    self.stats.accepted_after_session_loss.inc();
-                }
-                _ => {}
+                (false, None) => self.stats.accepted_after_session_loss.inc(),
+                (false, Some(_)) => {}
             }
         }
         self.accepted_run(run).await?;
@@ -335,6 +332,24 @@ impl Settlement {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// The `failed` result of `n`, logged.
+fn failed(env: &Envelope, n: &Notification, f: Failure) -> Event {
+    // A daemon-side failure counts the job's tries, not the gateway's.
+    let attempts = match f.reason {
+        Reason::Unusable(_) => u8::try_from(env.retries + 1).unwrap_or(u8::MAX),
+        _ => f.attempts,
+    };
+    tracing::info!(app = %env.app, id = env.job.id.as_deref().unwrap_or(""), token = %n.token(),
+        reason = f.reason.name(), attempts, "notification failed");
+    Event::Failed {
+        app: env.app.clone(),
+        id: env.job.id.clone(),
+        token: n.token(),
+        reason: f.reason,
+        attempts,
     }
 }
 

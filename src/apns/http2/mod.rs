@@ -1,17 +1,17 @@
-//! The HTTP/2 provider API: one lane per persistent connection, one stream
-//! per notification, an answer for every stream.
+//! The HTTP/2 provider API's transport: one persistent connection per lane,
+//! one stream per notification, an answer for every stream.
 //!
-//! The lane keeps as many streams open as the server's
+//! A connection keeps as many streams open as the server's
 //! `SETTINGS_MAX_CONCURRENT_STREAMS` allows (h2 tracks the setting as it
 //! changes; `max_concurrent_streams` caps it further), PINGs an idle
 //! connection to find out it died, and retries what a GOAWAY or a broken
-//! connection left unanswered. [`request`] and [`jwt`] hold the pure parts.
+//! connection left unanswered. [`request`] and [`jwt`] hold the pure parts;
+//! connecting, reconnecting and waiting without a connection are the lane's
+//! ([`super::lane`]).
 
 pub mod jwt;
 pub mod request;
 
-use std::collections::VecDeque;
-use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,16 +19,13 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{Ping, PingPong};
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
-use tokio_rustls::TlsConnector;
 
-use super::lane::Outcomes;
-use super::standby::{classify, Reconnect, Standby};
-use super::{is_expired, sleep_until, unix_now, Failure, Notification, Outcome, Reason, Unusable};
-use crate::metrics::{LaneStats, Stats};
+use super::connect::{self, Endpoint};
+use super::lane::{End, Lane, Policy, Transport, Work};
+use super::{is_expired, Notification, Outcome, Reason, Unusable};
+use crate::backoff::Backoff;
+use crate::clock::{sleep_until, unix_now};
 use jwt::{Bearer, Signer};
 use request::Answer;
 pub use request::{ApnsReason, MAX_PAYLOAD, MAX_VOIP_PAYLOAD};
@@ -38,10 +35,9 @@ const MAX_BODY: usize = 4096;
 
 /// Where and as whom a lane connects (a reload replaces the whole app).
 pub struct Target {
-    pub addr: String,
-    pub server_name: ServerName<'static>,
-    /// Must offer ALPN `h2`; carries the client certificate under certificate auth.
-    pub tls: Arc<rustls::ClientConfig>,
+    /// Its TLS configuration must offer ALPN `h2`; it carries the client
+    /// certificate under certificate auth.
+    pub endpoint: Endpoint,
     /// `apns-topic`: the app's bundle id.
     pub topic: String,
     /// Token auth; `None` means the client certificate authenticates.
@@ -50,18 +46,13 @@ pub struct Target {
 
 /// Per-lane tuning, from the app's configuration.
 #[derive(Debug, Clone, Copy)]
-pub struct Settings {
+pub struct Http2Settings {
     pub max_attempts: u8,
     pub max_streams: usize,
-    pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub ping_interval: Duration,
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    /// After this long without a working connection, queued work is handed back.
-    pub unusable_after: Duration,
-    /// Most notifications a lane queues while it cannot connect.
-    pub backlog: usize,
+    /// Its reconnect delays also pace retries of APNs' "not now" answers.
+    pub policy: Policy,
 }
 
 /// How one stream ended, as the lane sees it.
@@ -80,175 +71,61 @@ enum Exchange {
 /// One finished stream: the notification, the token it was sent with, the end.
 type Finished = (Notification, Option<Bearer>, Exchange);
 
-/// How a connection ended, for the reconnect policy.
-enum End {
-    Drained,
-    /// APNs answered something: reconnect at once.
-    Healthy,
-    /// Closed or broken before any answer: back off, and after
-    /// `unusable_after` of this give the work back.
-    Broken(Unusable),
-}
-
-/// Work a lane holds across connections.
-struct Work {
-    /// Ready to send, resends first.
-    queue: VecDeque<Notification>,
-    /// Waiting out a retry pause.
-    later: Vec<(Instant, Notification)>,
-    rx_open: bool,
-}
-
-impl Work {
-    fn is_empty(&self) -> bool {
-        self.queue.is_empty() && self.later.is_empty()
-    }
-
-    fn next_due(&self) -> Option<Instant> {
-        self.later.iter().map(|(at, _)| *at).min()
-    }
-
-    /// Moves notifications whose pause is over to the front of the queue.
-    fn release_due(&mut self, now: Instant) {
-        let mut i = 0;
-        while i < self.later.len() {
-            if self.later[i].0 <= now {
-                let (_, n) = self.later.swap_remove(i);
-                self.queue.push_front(n);
-            } else {
-                i += 1;
-            }
-        }
-    }
-}
-
-pub struct Lane {
-    app: Arc<str>,
-    index: usize,
+/// A lane's connections to the HTTP/2 provider API.
+pub struct Http2 {
     target: Arc<Target>,
-    settings: Settings,
-    rx: mpsc::Receiver<Vec<Notification>>,
-    outcomes: Outcomes,
-    stats: Arc<Stats>,
-    /// Connection metrics labelled with the app; `window` counts open streams.
-    lane_stats: LaneStats,
+    settings: Http2Settings,
 }
 
-impl Lane {
-    /// Starts a lane task. It ends once the returned sender is dropped and every
-    /// notification it was given has an outcome.
-    pub fn spawn(
-        app: Arc<str>,
-        index: usize,
-        target: Arc<Target>,
-        settings: Settings,
-        outcomes: Outcomes,
-        stats: Arc<Stats>,
-    ) -> (mpsc::Sender<Vec<Notification>>, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(16);
-        let lane = Lane {
-            lane_stats: stats.lane(&app, index),
-            app,
-            index,
-            target,
-            settings,
-            rx,
-            outcomes,
-            stats,
-        };
-        (tx, tokio::spawn(lane.run_then_forget()))
+impl Http2 {
+    pub fn new(target: Arc<Target>, settings: Http2Settings) -> Self {
+        Http2 { target, settings }
+    }
+}
+
+impl Transport for Http2 {
+    type Connection = Connection;
+    type Error = ConnectError;
+    const PEER: &'static str = "APNs (HTTP/2)";
+
+    fn addr(&self) -> &str {
+        &self.target.endpoint.addr
     }
 
-    /// Runs the lane; a lane that ends (drained, or its app retired) no longer
-    /// counts against readiness.
-    async fn run_then_forget(self) {
-        let (stats, app, index) = (self.stats.clone(), self.app.clone(), self.index);
-        self.run().await;
-        stats.set_identity_refused(&app, index, false);
+    async fn connect(&self) -> Result<Connection, ConnectError> {
+        open(&self.target.endpoint, self.settings.policy.connect_timeout).await
     }
 
-    async fn run(mut self) {
-        let s = self.settings;
-        let mut work = Work {
-            queue: VecDeque::new(),
-            later: Vec::new(),
-            rx_open: true,
-        };
-        let mut reconnect = Reconnect::new(s.reconnect_min, s.reconnect_max, s.unusable_after);
-        let mut first = true;
-        loop {
-            // Connect eagerly once, then only when there is work.
-            if work.is_empty() && !first {
-                match self.rx.recv().await {
-                    Some(batch) => work.queue.extend(batch),
-                    None => return,
-                }
-            }
-            first = false;
-            let target = self.target.clone();
-            let attempt = connect(&target, s.connect_timeout);
-            let end = match self.standby(attempt, None, &mut work).await {
-                Ok(conn) => {
-                    tracing::debug!(app = %self.app, lane = self.index, addr = %target.addr, "connected (HTTP/2)");
-                    self.lane_stats.connections_opened.inc();
-                    self.lane_stats.connections_up.add(1);
-                    let end = self.connection(conn, &target, &mut work).await;
-                    self.lane_stats.connections_up.add(-1);
-                    self.lane_stats.window.set(0);
-                    end
-                }
-                Err(e) => {
-                    self.lane_stats.connect_failures.inc();
-                    tracing::warn!(app = %self.app, lane = self.index, addr = %target.addr,
-                        error = %e, "cannot connect to APNs (HTTP/2)");
-                    End::Broken(e.unusable())
-                }
-            };
-            match end {
-                End::Drained => return,
-                End::Healthy => reconnect.healthy(&self.stats, &self.app, self.index),
-                End::Broken(why) => {
-                    let (delay, unusable) =
-                        reconnect.broken(why, &self.stats, &self.app, self.index);
-                    if unusable.is_some() {
-                        // Retry pauses are moot: the whole job waits in the retry queue.
-                        let paused = work.later.drain(..).map(|(_, n)| n);
-                        work.queue.extend(paused);
-                    }
-                    let pause = tokio::time::sleep(delay);
-                    self.standby(pause, unusable, &mut work).await;
-                }
-            }
-            if !work.rx_open && work.is_empty() {
-                return;
-            }
+    fn unusable(error: &ConnectError) -> Unusable {
+        error.unusable()
+    }
+
+    async fn drive(&mut self, conn: Connection, lane: &mut Lane, work: &mut Work) -> End {
+        Streams {
+            target: &self.target,
+            settings: self.settings,
+            lane,
         }
-    }
-
-    /// Waits for `fut` without a connection, taking work meanwhile (see [`Standby`]).
-    async fn standby<F: Future>(
-        &mut self,
-        fut: F,
-        unusable: Option<Unusable>,
-        work: &mut Work,
-    ) -> F::Output {
-        Standby {
-            app: &self.app,
-            lane: self.index,
-            rx: &mut self.rx,
-            rx_open: &mut work.rx_open,
-            queue: &mut work.queue,
-            limit: self.settings.backlog,
-            stats: &self.stats,
-            outcomes: &self.outcomes,
-        }
-        .wait(fut, unusable)
+        .run(conn, work)
         .await
     }
 
+    fn policy(&self) -> Policy {
+        self.settings.policy
+    }
+}
+
+/// One connection being driven: its streams, the app's target, the lane.
+struct Streams<'a> {
+    target: &'a Target,
+    settings: Http2Settings,
+    lane: &'a mut Lane,
+}
+
+impl Streams<'_> {
     /// Drives one connection until it ends; every stream opened on it has
     /// finished by then.
-    async fn connection(&mut self, conn: Connection, target: &Target, work: &mut Work) -> End {
+    async fn run(mut self, conn: Connection, work: &mut Work) -> End {
         let s = self.settings;
         let Connection {
             mut send,
@@ -260,7 +137,7 @@ impl Lane {
         let mut answered = false;
         let mut usable = true;
         let end = loop {
-            if !work.rx_open && work.is_empty() && streams.is_empty() {
+            if work.is_done() && streams.is_empty() {
                 break End::Drained;
             }
             if !usable && streams.is_empty() {
@@ -271,7 +148,7 @@ impl Lane {
                 };
             }
             let room = usable && streams.len() < s.max_streams;
-            self.lane_stats.window.set(streams.len() as i64);
+            self.lane.lane_stats.window.set(streams.len() as i64);
             let due = work.next_due();
             tokio::select! {
                 biased;
@@ -287,19 +164,16 @@ impl Lane {
                             if matches!(exchange, Exchange::Lost | Exchange::TimedOut) {
                                 usable = false;
                             }
-                            self.finish(n, bearer.as_ref(), exchange, target, work, &mut outcomes);
+                            self.finish(n, bearer.as_ref(), exchange, work, &mut outcomes);
                         }
                         next = streams.try_join_next();
                     }
-                    if !outcomes.is_empty() {
-                        // The receiver only goes away when the daemon is being torn down.
-                        let _ = self.outcomes.send(outcomes);
-                    }
+                    self.lane.report(outcomes);
                 }
                 _ = &mut keepalive, if usable => {
-                    tracing::warn!(app = %self.app, lane = self.index,
+                    tracing::warn!(app = %self.lane.app, lane = self.lane.index,
                         "APNs stopped answering PINGs: dropping the connection");
-                    self.lane_stats.stalls.inc();
+                    self.lane.lane_stats.stalls.inc();
                     usable = false;
                     // Ends the connection, so every open stream fails at once.
                     driver.abort();
@@ -307,22 +181,19 @@ impl Lane {
                 ready = std::future::poll_fn(|cx| send.poll_ready(cx)), if room && !work.queue.is_empty() => match ready {
                     Ok(()) => {
                         if let Some(n) = work.queue.pop_front() {
-                            if !self.open_stream(&mut send, n, target, work, &mut streams) {
+                            if !self.open_stream(&mut send, n, work, &mut streams) {
                                 usable = false;
                             }
                         }
                     }
                     Err(e) => {
-                        tracing::debug!(app = %self.app, lane = self.index, error = %e,
+                        tracing::debug!(app = %self.lane.app, lane = self.lane.index, error = %e,
                             "connection no longer takes streams");
                         usable = false;
                     }
                 },
                 _ = sleep_until(due), if due.is_some() => work.release_due(Instant::now()),
-                batch = self.rx.recv(), if room && work.rx_open && work.queue.is_empty() => match batch {
-                    Some(batch) => work.queue.extend(batch),
-                    None => work.rx_open = false,
-                },
+                batch = self.lane.rx.recv(), if room && work.open && work.queue.is_empty() => work.take(batch),
             }
         };
         keepalive.abort();
@@ -336,25 +207,18 @@ impl Lane {
         &mut self,
         send: &mut SendRequest<Bytes>,
         n: Notification,
-        target: &Target,
         work: &mut Work,
         streams: &mut JoinSet<Finished>,
     ) -> bool {
+        let target = self.target;
         let env = &n.envelope;
-        if env.session.get() {
-            // Its broker session ended: the job is redelivered and sends it then.
-            self.stats.dropped_for_redelivery.inc();
+        if env.withdrawal.is_withdrawn() {
+            // Its owner took it back (the broker redelivers the job).
+            self.lane.stats.dropped_for_redelivery.inc();
             return true;
         }
         if is_expired(&n, unix_now()) {
-            let attempts = n.attempts;
-            let _ = self.outcomes.send(vec![Outcome {
-                notification: n,
-                result: Err(Failure {
-                    reason: Reason::Expired,
-                    attempts,
-                }),
-            }]);
+            self.lane.report(vec![Outcome::failed(n, Reason::Expired)]);
             return true;
         }
         let bearer = match target.signer.as_deref().map(Signer::bearer).transpose() {
@@ -362,8 +226,8 @@ impl Lane {
             Err(e) => {
                 // Signing with a key that loaded cannot fail short of a broken
                 // crypto library; retrying could not help.
-                tracing::error!(app = %self.app, error = %e, "cannot sign a provider token");
-                let _ = self.outcomes.send(vec![fail(
+                tracing::error!(app = %self.lane.app, error = %e, "cannot sign a provider token");
+                self.lane.report(vec![Outcome::refused(
                     n,
                     Reason::Http2 {
                         status: 403,
@@ -375,7 +239,7 @@ impl Lane {
         };
         let req = match request::build(
             &n,
-            &target.addr,
+            &target.endpoint.addr,
             &target.topic,
             bearer.as_ref().map(|b| &b.header),
         ) {
@@ -383,8 +247,8 @@ impl Lane {
             Err(e) => {
                 // Every part was validated (job decoding, the app's topic and
                 // endpoint at start): reaching this is a bug, reported as such.
-                tracing::error!(app = %self.app, error = %e, "cannot build the request");
-                let _ = self.outcomes.send(vec![fail(
+                tracing::error!(app = %self.lane.app, error = %e, "cannot build the request");
+                self.lane.report(vec![Outcome::refused(
                     n,
                     Reason::Http2 {
                         status: 400,
@@ -398,7 +262,7 @@ impl Lane {
             Ok((response, mut body)) => {
                 // A failure here shows on the response future as well.
                 let _ = body.send_data(env.job.payload.clone(), true);
-                self.stats.written.inc();
+                self.lane.stats.written.inc();
                 let timeout = self.settings.request_timeout;
                 streams.spawn(async move {
                     let exchange = exchange(response, timeout).await;
@@ -407,7 +271,7 @@ impl Lane {
                 true
             }
             Err(e) => {
-                tracing::debug!(app = %self.app, lane = self.index, error = %e, "stream not opened");
+                tracing::debug!(app = %self.lane.app, lane = self.lane.index, error = %e, "stream not opened");
                 work.queue.push_front(n);
                 false
             }
@@ -420,21 +284,22 @@ impl Lane {
         mut n: Notification,
         bearer: Option<&Bearer>,
         exchange: Exchange,
-        target: &Target,
         work: &mut Work,
         outcomes: &mut Vec<Outcome>,
     ) {
         let s = self.settings;
+        let target = self.target;
+        let pauses = Backoff::new(s.policy.reconnect_min, s.policy.reconnect_max);
         // Counts the try; `Some` once the tries are used up. A pause is for
         // APNs' own "not now" answers; a lost or stale stream goes again at once.
         let retry = |n: Notification, reason: Reason, work: &mut Work, pause: bool| {
             let mut n = n;
             n.attempts = n.attempts.saturating_add(1);
             if n.attempts >= s.max_attempts {
-                return Some(fail(n, reason));
+                return Some(Outcome::refused(n, reason));
             }
             if pause {
-                let delay = retry_delay(s.reconnect_min, s.reconnect_max, n.attempts);
+                let delay = pauses.ceiling(u32::from(n.attempts));
                 work.later.push((Instant::now() + delay, n));
             } else {
                 work.queue.push_front(n);
@@ -444,44 +309,41 @@ impl Lane {
         let (outcome, resend_counter) = match exchange {
             Exchange::Answered { status, body } => {
                 match request::classify(status, &body, SystemTime::now()) {
-                    Answer::Accepted => {
-                        let ok = Outcome {
-                            notification: n,
-                            result: Ok(()),
-                        };
-                        (Some(ok), None)
-                    }
+                    Answer::Accepted => (Some(Outcome::accepted(n)), None),
                     Answer::Failed(reason) => {
                         n.attempts = n.attempts.saturating_add(1);
-                        (Some(fail(n, reason)), None)
+                        (Some(Outcome::refused(n, reason)), None)
                     }
                     Answer::Retry(reason) => {
-                        (retry(n, reason, work, true), Some(&self.stats.retried))
+                        (retry(n, reason, work, true), Some(&self.lane.stats.retried))
                     }
                     Answer::TokenExpired => {
                         if let (Some(signer), Some(used)) = (&target.signer, bearer) {
-                            tracing::info!(app = %self.app, "APNs says the provider token expired: minting a new one");
+                            tracing::info!(app = %self.lane.app, "APNs says the provider token expired: minting a new one");
                             signer.expired(used);
                         }
                         let reason = Reason::Http2 {
                             status: 403,
                             reason: ApnsReason::ExpiredProviderToken,
                         };
-                        (retry(n, reason, work, false), Some(&self.stats.retried))
+                        (
+                            retry(n, reason, work, false),
+                            Some(&self.lane.stats.retried),
+                        )
                     }
                 }
             }
             Exchange::Refused => {
                 work.queue.push_front(n);
-                (None, Some(&self.stats.resent_after_error))
+                (None, Some(&self.lane.stats.resent_after_error))
             }
             Exchange::Lost => (
                 retry(n, Reason::ConnectionLost, work, false),
-                Some(&self.stats.resent_after_close),
+                Some(&self.lane.stats.resent_after_close),
             ),
             Exchange::TimedOut => (
                 retry(n, Reason::Timeout, work, false),
-                Some(&self.stats.resent_after_close),
+                Some(&self.lane.stats.resent_after_close),
             ),
         };
         if let (None, Some(counter)) = (&outcome, resend_counter) {
@@ -489,21 +351,6 @@ impl Lane {
         }
         outcomes.extend(outcome);
     }
-}
-
-/// The final failure of `n`, which has been tried `n.attempts` times.
-fn fail(n: Notification, reason: Reason) -> Outcome {
-    let attempts = n.attempts.max(1);
-    Outcome {
-        notification: n,
-        result: Err(Failure { reason, attempts }),
-    }
-}
-
-/// The pause before try `attempts + 1`: doubling from `min`, capped at `max`.
-fn retry_delay(min: Duration, max: Duration, attempts: u8) -> Duration {
-    let doublings = u32::from(attempts.saturating_sub(1)).min(16);
-    min.saturating_mul(1 << doublings).min(max)
 }
 
 /// Waits for the response and its body, within `timeout`.
@@ -546,7 +393,7 @@ async fn keepalive(ping: Option<PingPong>, interval: Duration) {
     }
 }
 
-struct Connection {
+pub struct Connection {
     send: SendRequest<Bytes>,
     /// Drives the connection's frames; aborting it ends the connection.
     driver: JoinHandle<Result<(), h2::Error>>,
@@ -554,7 +401,7 @@ struct Connection {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum ConnectError {
+pub enum ConnectError {
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("the server did not agree to HTTP/2 (ALPN h2)")]
@@ -568,7 +415,7 @@ enum ConnectError {
 impl ConnectError {
     fn unusable(&self) -> Unusable {
         match self {
-            ConnectError::Io(e) => classify(e),
+            ConnectError::Io(e) => Unusable::of_io(e),
             // h2 keeps only the kind and text of an I/O error; under h2 only
             // the TLS layer reports `InvalidData` (an alert, a bad record).
             ConnectError::Handshake(e) => match e.get_io() {
@@ -582,16 +429,13 @@ impl ConnectError {
     }
 }
 
-async fn connect(target: &Target, timeout: Duration) -> Result<Connection, ConnectError> {
+/// Connects, agrees on HTTP/2 and sees the server answer a PING, all within `timeout`.
+async fn open(endpoint: &Endpoint, timeout: Duration) -> Result<Connection, ConnectError> {
     // The driver runs from the h2 handshake on; a connect that fails or times
     // out after it must not leave it holding the socket.
     let mut spawned: Option<AbortHandle> = None;
     let attempt = async {
-        let tcp = TcpStream::connect(&target.addr).await?;
-        tcp.set_nodelay(true)?;
-        let tls = TlsConnector::from(target.tls.clone())
-            .connect(target.server_name.clone(), tcp)
-            .await?;
+        let tls = connect::open(endpoint).await?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err(ConnectError::NoH2);
         }
@@ -622,21 +466,4 @@ async fn connect(target: &Target, timeout: Duration) -> Result<Connection, Conne
         driver.abort();
     }
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::retry_delay;
-    use std::time::Duration;
-
-    #[test]
-    fn retry_pauses_double_up_to_the_cap() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(1));
-        let d: Vec<_> = (1..=6).map(|a| retry_delay(min, max, a)).collect();
-        assert_eq!(d[0], min);
-        assert_eq!(d[1], Duration::from_millis(200));
-        assert_eq!(d[3], Duration::from_millis(800));
-        assert_eq!(d[5], max);
-        assert_eq!(retry_delay(min, max, 255), max);
-    }
 }

@@ -1,7 +1,7 @@
 //! HTTP/2 requests and answers, pure: the request that carries a notification
 //! and the verdict on APNs' response. No I/O, so every rule is unit-tested.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use aws_lc_rs::digest;
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
@@ -9,6 +9,8 @@ use http::{Method, Request};
 
 use super::Reason;
 use crate::apns::Notification;
+use crate::clock::unix_secs;
+use crate::token::Hex;
 
 /// Largest payload HTTP/2 takes for every push type but VoIP.
 pub const MAX_PAYLOAD: usize = 4096;
@@ -132,10 +134,6 @@ pub fn classify(status: u16, body: &[u8], now: SystemTime) -> Answer {
     }
 }
 
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 static APNS_TOPIC: HeaderName = HeaderName::from_static("apns-topic");
 static APNS_PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
 static APNS_PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
@@ -223,7 +221,7 @@ pub fn apns_id(n: &Notification) -> String {
     b.copy_from_slice(&hash.as_ref()[..16]);
     b[6] = (b[6] & 0x0f) | 0x80;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let hex = Hex(&b).to_string();
     format!(
         "{}-{}-{}-{}-{}",
         &hex[..8],
@@ -238,10 +236,10 @@ pub fn apns_id(n: &Notification) -> String {
 mod tests {
     use super::*;
     use crate::apns::Envelope;
-    use crate::job::{DeviceToken, Job, Priority};
-    use crate::ledger::JobKey;
+    use crate::job::{Job, JobKey, Priority};
+    use crate::token::DeviceToken;
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::{Duration, Instant, UNIX_EPOCH};
 
     fn snake(camel: &str) -> String {
         let mut out = String::new();
@@ -332,7 +330,7 @@ mod tests {
             },
             app: "example".into(),
             consumed_at: Instant::now(),
-            session: Default::default(),
+            withdrawal: Default::default(),
             retries: 0,
         });
         Notification::new(envelope, 0)
