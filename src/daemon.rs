@@ -14,9 +14,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::Topology;
 use crate::apns::http2::{self, jwt::Signer};
-use crate::apns::lane::{Outcomes, Settings, Target};
+use crate::apns::lane::{Outcomes, Target};
 use crate::apns::pool::Pool;
 use crate::apns::tls::{self, Identity};
 use crate::apns::Protocol;
@@ -26,7 +25,7 @@ use crate::feedback::Poller;
 use crate::logging::Logging;
 use crate::metrics::Stats;
 use crate::pipeline::{
-    Inputs, LiveSettings, Pipeline, Reconfigure, ResultRequest, Route, SessionConfig, SessionEnd,
+    Inputs, Pipeline, Reconfigure, ResultRequest, Route, SessionConfig, SessionEnd,
 };
 use crate::shutdown::Request;
 use crate::simulator::{SimCerts, Simulator, SimulatorOptions};
@@ -198,10 +197,10 @@ impl Daemon {
             routes,
             default_app(&config),
             inputs,
-            live_settings(&config),
+            config.live(),
             stats.clone(),
         );
-        let session = session_config(&config);
+        let session = config.session();
         let wiring = Arc::new(Mutex::new(wiring));
         let task = tokio::spawn(supervise(pipeline, session, shutdown, wiring.clone()));
         Ok(Daemon {
@@ -253,14 +252,14 @@ impl Daemon {
         if config.worker_threads != w.config.worker_threads {
             tracing::warn!("worker_threads changes take effect at the next start");
         }
-        let session = session_config(&config);
-        done.broker_session = session != session_config(&w.config);
+        let session = config.session();
+        done.broker_session = session != w.config.session();
         let (tx, rx) = oneshot::channel();
         let change = Reconfigure {
             upsert,
             remove: done.removed.clone(),
             default_app: default_app(&config),
-            live: live_settings(&config),
+            live: config.live(),
             session: done.broker_session.then_some(session),
             done: tx,
         };
@@ -384,7 +383,7 @@ impl Wiring {
                     name.clone(),
                     app.connections,
                     Arc::new(gateway),
-                    lane_settings(app),
+                    app.binary(),
                     self.outcomes.clone(),
                     self.stats.clone(),
                 )
@@ -397,7 +396,7 @@ impl Wiring {
                         name.clone(),
                         i,
                         target.clone(),
-                        http2_settings(app),
+                        app.http2(),
                         self.outcomes.clone(),
                         self.stats.clone(),
                     )
@@ -511,68 +510,12 @@ fn spawn_watchdog() -> Option<JoinHandle<()>> {
     }))
 }
 
-fn session_config(config: &Config) -> SessionConfig {
-    let amqp = &config.amqp;
-    SessionConfig {
-        uri: amqp.uri.clone(),
-        topology: Topology {
-            queue: amqp.queue.clone(),
-            queue_type: amqp.queue_type.clone(),
-            results_exchange: amqp.results_exchange.clone(),
-        },
-        prefetch: amqp.prefetch,
-        prefetch_bytes: amqp.prefetch_bytes,
-        consumer_tag: amqp
-            .consumer_tag
-            .clone()
-            .unwrap_or_else(|| format!("apnsd-{}", std::process::id())),
-        confirm_timeout: amqp.confirm_timeout,
-    }
-}
-
-fn live_settings(config: &Config) -> LiveSettings {
-    LiveSettings {
-        delivered_results: config.results.delivered,
-        shutdown_timeout: config.shutdown_timeout,
-        retry_delay: config.amqp.retry_delay,
-        max_job_attempts: config.amqp.max_job_attempts,
-    }
-}
-
 fn default_app(config: &Config) -> String {
     config
         .apps
         .first()
         .map(|a| a.name.clone())
         .unwrap_or_default()
-}
-
-fn lane_settings(app: &AppConfig) -> Settings {
-    Settings {
-        settle: app.settle,
-        retain: app.retain,
-        window: app.window,
-        max_attempts: app.max_attempts,
-        connect_timeout: app.connect_timeout,
-        write_timeout: app.write_timeout,
-        reconnect_min: app.reconnect_min,
-        reconnect_max: app.reconnect_max,
-        unusable_after: app.unusable_after,
-    }
-}
-
-fn http2_settings(app: &AppConfig) -> http2::Settings {
-    http2::Settings {
-        max_attempts: app.max_attempts,
-        max_streams: app.max_concurrent_streams,
-        connect_timeout: app.connect_timeout,
-        request_timeout: app.request_timeout,
-        ping_interval: app.ping_interval,
-        reconnect_min: app.reconnect_min,
-        reconnect_max: app.reconnect_max,
-        unusable_after: app.unusable_after,
-        backlog: app.window,
-    }
 }
 
 /// The built-in simulator, started when an app needs it and none runs yet.
