@@ -23,7 +23,7 @@ use crate::backoff::Backoff;
 use crate::config::{AppConfig, Config, ConfigError};
 use crate::feedback::Poller;
 use crate::logging::Logging;
-use crate::metrics::Stats;
+use crate::metrics::{metrics_change, ListenError, MetricsChange, MetricsServer, Stats};
 use crate::pipeline::{
     Inputs, Pipeline, Reconfigure, ResultRequest, Route, SessionConfig, SessionEnd,
 };
@@ -84,41 +84,6 @@ struct Wiring {
     shutdown: CancellationToken,
 }
 
-/// The `/metrics` server in force; it stops when dropped, so a reload that
-/// moves `metrics.listen` stops it by putting the new one in its place.
-struct MetricsServer {
-    addr: SocketAddr,
-    stop: CancellationToken,
-}
-
-impl MetricsServer {
-    fn serve(
-        addr: SocketAddr,
-        listener: tokio::net::TcpListener,
-        stats: Arc<Stats>,
-        shutdown: &CancellationToken,
-    ) -> MetricsServer {
-        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-        let stop = shutdown.child_token();
-        tokio::spawn(crate::metrics::serve(listener, stats, stop.clone()));
-        MetricsServer { addr, stop }
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        tracing::info!(addr = %self.addr, "metrics server stopped");
-    }
-}
-
-/// What a reload does to the metrics server.
-enum MetricsChange {
-    Keep,
-    Move(SocketAddr, tokio::net::TcpListener),
-    Stop,
-}
-
 struct RunningApp {
     config: AppConfig,
     /// The identity files' contents when loaded: a certificate replaced in
@@ -158,7 +123,10 @@ impl Daemon {
         let (control_tx, control_rx) = mpsc::channel(4);
 
         // Start-up is a reload from no server: a bad address fails it.
-        let metrics = match metrics_change(None, config.metrics.listen).await? {
+        let metrics = match metrics_change(None, config.metrics.listen)
+            .await
+            .map_err(DaemonError::from)?
+        {
             MetricsChange::Move(addr, listener) => Some(MetricsServer::serve(
                 addr,
                 listener,
@@ -216,7 +184,9 @@ impl Daemon {
     /// daemon exactly as it was. Logging is the caller's (it owns the subscriber).
     pub async fn reload(&self, config: Config) -> Result<Reloaded, DaemonError> {
         let mut w = self.wiring.lock().await;
-        let metrics = metrics_change(w.metrics.as_ref(), config.metrics.listen).await?;
+        let metrics = metrics_change(w.metrics.as_ref(), config.metrics.listen)
+            .await
+            .map_err(DaemonError::from)?;
         w.simulator = start_simulator_if_needed(&config, w.simulator.take()).await?;
         let mut prepared = Vec::new();
         for app in &config.apps {
@@ -326,30 +296,12 @@ impl Daemon {
     }
 }
 
-/// What a reload to `listen` does to the metrics server `current`. A new
-/// address is bound before anything changes; one that overlaps the current
-/// socket (`0.0.0.0` for `127.0.0.1`, same port) cannot be while that is open,
-/// so it waits for the next start rather than leave no server at all.
-async fn metrics_change(
-    current: Option<&MetricsServer>,
-    listen: Option<SocketAddr>,
-) -> Result<MetricsChange, DaemonError> {
-    let serving = current.map(|m| m.addr);
-    match listen {
-        Some(addr) if serving == Some(addr) => Ok(MetricsChange::Keep),
-        Some(addr) => match crate::metrics::bind(addr).await {
-            Ok(listener) => Ok(MetricsChange::Move(addr, listener)),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::AddrInUse
-                    && serving.is_some_and(|old| old.port() == addr.port()) =>
-            {
-                tracing::warn!(%addr, "metrics.listen: the new address overlaps the one served now; it takes effect at the next start");
-                Ok(MetricsChange::Keep)
-            }
-            Err(source) => Err(DaemonError::Metrics { addr, source }),
-        },
-        None if serving.is_some() => Ok(MetricsChange::Stop),
-        None => Ok(MetricsChange::Keep),
+impl From<ListenError> for DaemonError {
+    fn from(e: ListenError) -> Self {
+        DaemonError::Metrics {
+            addr: e.addr,
+            source: e.source,
+        }
     }
 }
 
@@ -745,56 +697,6 @@ fn host_of(addr: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A server on `127.0.0.1:<free port>` that `metrics_change` can weigh
-    /// new addresses against; its listener holds the port.
-    async fn serving() -> (MetricsServer, tokio::net::TcpListener) {
-        let listener = crate::metrics::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        (MetricsServer { addr, stop }, listener)
-    }
-
-    #[tokio::test]
-    async fn a_metrics_reload_binds_first_and_keeps_an_overlapping_address_for_later() {
-        let (current, _held) = serving().await;
-        let port = current.addr.port();
-        let same = metrics_change(Some(&current), Some(current.addr)).await;
-        assert!(matches!(same, Ok(MetricsChange::Keep)));
-        let wildcard = format!("0.0.0.0:{port}").parse().unwrap();
-        let overlap = metrics_change(Some(&current), Some(wildcard)).await;
-        assert!(matches!(overlap, Ok(MetricsChange::Keep)), "next start");
-        let moved = metrics_change(Some(&current), Some("127.0.0.1:0".parse().unwrap())).await;
-        assert!(matches!(moved, Ok(MetricsChange::Move(..))));
-        assert!(matches!(
-            metrics_change(Some(&current), None).await,
-            Ok(MetricsChange::Stop)
-        ));
-        assert!(matches!(
-            metrics_change(None, None).await,
-            Ok(MetricsChange::Keep)
-        ));
-        // Another process's port: refused, and the error names the key.
-        let (_other, taken) = serving().await;
-        let taken = taken.local_addr().unwrap();
-        assert!(
-            matches!(
-                metrics_change(None, Some(taken)).await,
-                Err(DaemonError::Metrics { .. })
-            ),
-            "start-up fails on it"
-        );
-        match metrics_change(Some(&current), Some(taken)).await {
-            Err(e) => assert!(
-                e.to_string()
-                    .starts_with("metrics.listen: cannot listen on"),
-                "{e}"
-            ),
-            Ok(_) => panic!("{taken} is in use"),
-        }
-    }
 
     #[test]
     fn host_of_strips_ports_and_brackets() {
