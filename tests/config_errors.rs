@@ -118,6 +118,32 @@ fn an_unknown_environment_lists_the_valid_ones() {
     }
 }
 
+#[test]
+fn run_exits_2_when_the_descriptors_needed_exceed_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("apnsd.toml");
+    let apps: String = ["a", "b", "c"]
+        .map(|n| {
+            format!("[[apps]]\nname = \"{n}\"\nenvironment = \"simulator\"\nconnections = 100\n")
+        })
+        .concat();
+    std::fs::write(&config, apps).unwrap();
+    // `ulimit -n` sets the hard limit too, so apnsd cannot raise it.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n 200 && exec {APNSD} run --config \"$0\""))
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("file descriptors") && err.contains("RLIMIT_NOFILE allows 200"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
 #[tokio::test]
 async fn no_secret_in_a_refused_reload() {
     let broker = Broker::new("config_errors_reload").await;

@@ -6,6 +6,7 @@
 //! `schema` says what the keys are; `validate` the rules they keep; `views`
 //! hands each part of the daemon the settings it runs on.
 
+mod descriptors;
 mod schema;
 mod validate;
 mod views;
@@ -13,6 +14,7 @@ mod views;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub use descriptors::ensure_descriptors;
 pub use schema::{
     AmqpConfig, AppConfig, Config, Environment, LogFormat, MetricsConfig, Protocol, ResultsConfig,
 };
