@@ -77,7 +77,7 @@ fn summary(app: &AppConfig, info: &CertInfo) -> String {
             .as_deref()
             .or(info.topic.as_deref())
             .unwrap_or("(none)"),
-        crate::results::rfc3339(
+        humantime::format_rfc3339_millis(
             std::time::UNIX_EPOCH + Duration::from_secs(info.not_after.max(0) as u64)
         ),
     )

@@ -13,19 +13,17 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::Topology;
-use crate::apns::binary::{Binary, BinarySettings};
-use crate::apns::http2::{Http2, Http2Settings};
-use crate::apns::lane::Policy;
+use crate::apns::binary::Binary;
+use crate::apns::http2::Http2;
 use crate::apns::pool::Pool;
 use crate::apns::Outcomes;
 use crate::config::{AppConfig, Config, ConfigError};
 use crate::feedback::Poller;
 use crate::logging::Logging;
-use crate::metrics::Stats;
+use crate::metrics::{metrics_change, ListenError, MetricsChange, MetricsServer, Stats};
 use crate::pipeline::supervisor::supervise;
 use crate::pipeline::{
-    BrokerSettings, Inputs, LiveSettings, Pipeline, Reconfigure, ResultRequest, Route,
+    Inputs, Pipeline, Reconfigure, ResultRequest, Route,
 };
 use crate::signals::Request;
 use crate::systemd::notify;
@@ -64,41 +62,6 @@ struct Wiring {
     requests: mpsc::Sender<ResultRequest>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
-}
-
-/// The `/metrics` server in force; it stops when dropped, so a reload that
-/// moves `metrics.listen` stops it by putting the new one in its place.
-struct MetricsServer {
-    addr: SocketAddr,
-    stop: CancellationToken,
-}
-
-impl MetricsServer {
-    fn serve(
-        addr: SocketAddr,
-        listener: tokio::net::TcpListener,
-        stats: Arc<Stats>,
-        shutdown: &CancellationToken,
-    ) -> MetricsServer {
-        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-        let stop = shutdown.child_token();
-        tokio::spawn(crate::metrics::serve(listener, stats, stop.clone()));
-        MetricsServer { addr, stop }
-    }
-}
-
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        tracing::info!(addr = %self.addr, "metrics server stopped");
-    }
-}
-
-/// What a reload does to the metrics server.
-enum MetricsChange {
-    Keep,
-    Move(SocketAddr, tokio::net::TcpListener),
-    Stop,
 }
 
 struct RunningApp {
@@ -151,7 +114,10 @@ impl Daemon {
         let (control_tx, control_rx) = mpsc::channel(4);
 
         // Start-up is a reload from no server: a bad address fails it.
-        let metrics = match metrics_change(None, config.metrics.listen).await? {
+        let metrics = match metrics_change(None, config.metrics.listen)
+            .await
+            .map_err(DaemonError::from)?
+        {
             MetricsChange::Move(addr, listener) => Some(MetricsServer::serve(
                 addr,
                 listener,
@@ -190,10 +156,10 @@ impl Daemon {
             routes,
             default_app(&config),
             inputs,
-            live_settings(&config),
+            config.live(),
             stats.clone(),
         );
-        let broker = broker_settings(&config);
+        let broker = config.broker();
         let wiring = Arc::new(Mutex::new(wiring));
         let task = tokio::spawn(supervise(pipeline, broker, shutdown));
         Ok(Daemon {
@@ -209,7 +175,9 @@ impl Daemon {
     /// daemon exactly as it was. Logging is the caller's (it owns the subscriber).
     pub async fn reload(&self, config: Config) -> Result<Reloaded, DaemonError> {
         let mut w = self.wiring.lock().await;
-        let metrics = metrics_change(w.metrics.as_ref(), config.metrics.listen).await?;
+        let metrics = metrics_change(w.metrics.as_ref(), config.metrics.listen)
+            .await
+            .map_err(DaemonError::from)?;
         let mut prepared = Vec::new();
         for app in &config.apps {
             let material = material(app);
@@ -244,14 +212,14 @@ impl Daemon {
         if config.worker_threads != w.config.worker_threads {
             tracing::warn!("worker_threads changes take effect at the next start");
         }
-        let broker = broker_settings(&config);
-        done.broker_session = broker != broker_settings(&w.config);
+        let broker = config.broker();
+        done.broker_session = broker != w.config.broker();
         let (tx, rx) = oneshot::channel();
         let change = Reconfigure {
             upsert,
             remove: done.removed.clone(),
             default_app: default_app(&config),
-            live: live_settings(&config),
+            live: config.live(),
             broker: done.broker_session.then_some(broker),
             done: tx,
         };
@@ -318,30 +286,12 @@ impl Daemon {
     }
 }
 
-/// What a reload to `listen` does to the metrics server `current`. A new
-/// address is bound before anything changes; one that overlaps the current
-/// socket (`0.0.0.0` for `127.0.0.1`, same port) cannot be while that is open,
-/// so it waits for the next start rather than leave no server at all.
-async fn metrics_change(
-    current: Option<&MetricsServer>,
-    listen: Option<SocketAddr>,
-) -> Result<MetricsChange, DaemonError> {
-    let serving = current.map(|m| m.addr);
-    match listen {
-        Some(addr) if serving == Some(addr) => Ok(MetricsChange::Keep),
-        Some(addr) => match crate::metrics::bind(addr).await {
-            Ok(listener) => Ok(MetricsChange::Move(addr, listener)),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::AddrInUse
-                    && serving.is_some_and(|old| old.port() == addr.port()) =>
-            {
-                tracing::warn!(%addr, "metrics.listen: the new address overlaps the one served now; it takes effect at the next start");
-                Ok(MetricsChange::Keep)
-            }
-            Err(source) => Err(DaemonError::Metrics { addr, source }),
-        },
-        None if serving.is_some() => Ok(MetricsChange::Stop),
-        None => Ok(MetricsChange::Keep),
+impl From<ListenError> for DaemonError {
+    fn from(e: ListenError) -> Self {
+        DaemonError::Metrics {
+            addr: e.addr,
+            source: e.source,
+        }
     }
 }
 
@@ -371,7 +321,7 @@ impl Wiring {
                     stats: self.stats.clone(),
                 };
                 tokio::spawn(poller.run(stop.clone()));
-                let (gateway, settings) = (Arc::new(gateway), lane_settings(app));
+                let (gateway, settings) = (Arc::new(gateway), app.binary());
                 Pool::spawn(
                     name.clone(),
                     app.connections,
@@ -382,7 +332,7 @@ impl Wiring {
             }
             // 410 answers replace the feedback service: no poller.
             Prepared::Http2(target) => {
-                let (target, settings) = (Arc::new(target), http2_settings(app));
+                let (target, settings) = (Arc::new(target), app.http2());
                 Pool::spawn(
                     name.clone(),
                     app.connections,
@@ -408,122 +358,10 @@ impl Wiring {
     }
 }
 
-fn broker_settings(config: &Config) -> BrokerSettings {
-    let amqp = &config.amqp;
-    BrokerSettings {
-        uri: amqp.uri.clone(),
-        topology: Topology::from(amqp),
-        prefetch: amqp.prefetch,
-        prefetch_bytes: amqp.prefetch_bytes,
-        consumer_tag: amqp
-            .consumer_tag
-            .clone()
-            .unwrap_or_else(|| format!("apnsd-{}", std::process::id())),
-        confirm_timeout: amqp.confirm_timeout,
-    }
-}
-
-fn live_settings(config: &Config) -> LiveSettings {
-    LiveSettings {
-        delivered_results: config.results.delivered,
-        shutdown_timeout: config.shutdown_timeout,
-        retry_delay: config.amqp.retry_delay,
-        max_job_attempts: config.amqp.max_job_attempts,
-    }
-}
-
 fn default_app(config: &Config) -> String {
     config
         .apps
         .first()
         .map(|a| a.name.clone())
         .unwrap_or_default()
-}
-
-fn lane_settings(app: &AppConfig) -> BinarySettings {
-    BinarySettings {
-        settle: app.settle,
-        retain: app.retain,
-        window: app.window,
-        max_attempts: app.max_attempts,
-        write_timeout: app.write_timeout,
-        policy: lane_policy(app),
-    }
-}
-
-/// What lanes of either transport share: connecting, reconnecting, and what
-/// they queue meanwhile (the `window` key doubles as the HTTP/2 backlog).
-fn lane_policy(app: &AppConfig) -> Policy {
-    Policy {
-        connect_timeout: app.connect_timeout,
-        reconnect_min: app.reconnect_min,
-        reconnect_max: app.reconnect_max,
-        unusable_after: app.unusable_after,
-        backlog: app.window,
-    }
-}
-
-fn http2_settings(app: &AppConfig) -> Http2Settings {
-    Http2Settings {
-        max_attempts: app.max_attempts,
-        max_streams: app.max_concurrent_streams,
-        request_timeout: app.request_timeout,
-        ping_interval: app.ping_interval,
-        policy: lane_policy(app),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A server on `127.0.0.1:<free port>` that `metrics_change` can weigh
-    /// new addresses against; its listener holds the port.
-    async fn serving() -> (MetricsServer, tokio::net::TcpListener) {
-        let listener = crate::metrics::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        (MetricsServer { addr, stop }, listener)
-    }
-
-    #[tokio::test]
-    async fn a_metrics_reload_binds_first_and_keeps_an_overlapping_address_for_later() {
-        let (current, _held) = serving().await;
-        let port = current.addr.port();
-        let same = metrics_change(Some(&current), Some(current.addr)).await;
-        assert!(matches!(same, Ok(MetricsChange::Keep)));
-        let wildcard = format!("0.0.0.0:{port}").parse().unwrap();
-        let overlap = metrics_change(Some(&current), Some(wildcard)).await;
-        assert!(matches!(overlap, Ok(MetricsChange::Keep)), "next start");
-        let moved = metrics_change(Some(&current), Some("127.0.0.1:0".parse().unwrap())).await;
-        assert!(matches!(moved, Ok(MetricsChange::Move(..))));
-        assert!(matches!(
-            metrics_change(Some(&current), None).await,
-            Ok(MetricsChange::Stop)
-        ));
-        assert!(matches!(
-            metrics_change(None, None).await,
-            Ok(MetricsChange::Keep)
-        ));
-        // Another process's port: refused, and the error names the key.
-        let (_other, taken) = serving().await;
-        let taken = taken.local_addr().unwrap();
-        assert!(
-            matches!(
-                metrics_change(None, Some(taken)).await,
-                Err(DaemonError::Metrics { .. })
-            ),
-            "start-up fails on it"
-        );
-        match metrics_change(Some(&current), Some(taken)).await {
-            Err(e) => assert!(
-                e.to_string()
-                    .starts_with("metrics.listen: cannot listen on"),
-                "{e}"
-            ),
-            Ok(_) => panic!("{taken} is in use"),
-        }
-    }
 }

@@ -78,9 +78,10 @@ pub enum JobError {
         field: &'static str,
         expected: &'static str,
     },
-    #[error("token {index} ({text:?}) is malformed: {error}")]
+    #[error("token {index} ({text}) is malformed: {error}")]
     BadToken {
         index: usize,
+        /// [`quote_token`]'s cut of what was written.
         text: String,
         error: TokenError,
     },
@@ -280,9 +281,27 @@ fn number(raw: &RawValue) -> Option<serde_json::Number> {
     serde_json::from_str(raw.get()).ok()
 }
 
-/// A job id: a string, or a number written as it reads.
+/// A job id: a string id as its text; a numeric one as the publisher wrote it
+/// (`1e3` stays `1e3`, a big integer keeps its digits), not re-rendered.
 fn id_text(raw: &RawValue) -> Option<String> {
-    string(raw).or_else(|| number(raw).map(|n| n.to_string()))
+    string(raw).or_else(|| number(raw).map(|_| raw.get().to_owned()))
+}
+
+/// Most characters of a bad token quoted back: enough to recognise it,
+/// while a huge one does not make a huge error, log line and result.
+const QUOTED_TOKEN_CHARS: usize = 100;
+
+/// A bad token as errors show it: quoted whole when short, else its first
+/// [`QUOTED_TOKEN_CHARS`] characters and its length.
+fn quote_token(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_TOKEN_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!(
+            "{:?}... ({} characters)",
+            &text[..cut],
+            text.chars().count()
+        ),
+    }
 }
 
 /// The first byte of a JSON value tells its type.
@@ -298,7 +317,7 @@ fn tokens(one: Option<&RawValue>, many: Option<&RawValue>) -> Result<Tokens, Job
     let parse = |index: usize, s: &str| {
         DeviceToken::parse(s).map_err(|error| JobError::BadToken {
             index,
-            text: s.to_owned(),
+            text: quote_token(s),
             error,
         })
     };
@@ -586,5 +605,28 @@ mod tests {
                 .error,
             JobError::BadCollapseId
         );
+    }
+
+    #[test]
+    fn a_numeric_id_is_echoed_as_written() {
+        for id in ["1e3", "12345678901234567890123", "-0.50", "42"] {
+            let body = format!(r#"{{"id": {id}, "token": "{HEX}", "payload": {{"aps": {{}}}}}}"#);
+            assert_eq!(decode(&body).unwrap().id.as_deref(), Some(id));
+            let bad = format!(r#"{{"id": {id}, "token": "zz", "payload": {{"aps": {{}}}}}}"#);
+            assert_eq!(decode(&bad).unwrap_err().id.as_deref(), Some(id));
+        }
+    }
+
+    #[test]
+    fn a_huge_bad_token_is_quoted_in_part() {
+        let huge = "g".repeat(5_000_000);
+        let body = format!(r#"{{"token": "{huge}", "payload": {{"aps": {{}}}}}}"#);
+        let message = decode(&body).unwrap_err().error.to_string();
+        assert!(message.len() < 400, "{} bytes", message.len());
+        assert!(message.contains(&"g".repeat(100)), "{message}");
+        assert!(message.contains("5000000 characters"), "{message}");
+        let short = r#"{"token": "xyz", "payload": {"aps": {}}}"#;
+        let message = decode(short).unwrap_err().error.to_string();
+        assert!(message.contains("(\"xyz\")"), "{message}");
     }
 }

@@ -95,8 +95,10 @@ fn main() -> ExitCode {
     apnsd::apns::tls::install_crypto_provider();
     let result = match cli.command {
         // The daemon's configuration decides how many threads run it.
-        Command::Run { config: path } => load(&path)
-            .and_then(|config| runtime(config.worker_threads)?.block_on(run(&path, config))),
+        Command::Run { config: path } => load(&path).and_then(|config| {
+            apnsd::config::ensure_descriptors(config.descriptors_needed()).map_err(Usage)?;
+            runtime(config.worker_threads)?.block_on(run(&path, config))
+        }),
         Command::Check { config, connect } => {
             runtime(1).and_then(|rt| rt.block_on(check(&config, connect)))
         }

@@ -2,7 +2,7 @@
 //! the contract fixes them. Pure; the pipeline publishes them with confirms.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
@@ -47,7 +47,8 @@ impl Event {
 
     /// The JSON body, stamped with `at`, the time the daemon decided.
     pub fn body(&self, at: SystemTime) -> Vec<u8> {
-        let at = rfc3339(at);
+        // `2026-11-24T02:33:10.123Z`: RFC 3339 in UTC, millisecond precision.
+        let at = humantime::format_rfc3339_millis(at).to_string();
         let value = match self {
             Event::Delivered { app, id, token } => json!({
                 "app": &**app, "id": id.as_deref(), "token": token.to_hex(), "at": at,
@@ -84,48 +85,28 @@ impl Event {
     }
 }
 
-/// `2026-11-24T02:33:10.123Z`: RFC 3339 in UTC, millisecond precision.
-pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, day) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), after Howard Hinnant's
-/// `civil_from_days`.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::apns::frame::Status;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
-    fn rfc3339_matches_known_instants() {
+    fn at_is_rfc3339_in_utc_with_milliseconds() {
         let at = |s: u64, ms: u64| UNIX_EPOCH + Duration::from_secs(s) + Duration::from_millis(ms);
-        assert_eq!(rfc3339(at(0, 0)), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(at(951_782_400, 5)), "2000-02-29T00:00:00.005Z");
-        assert_eq!(rfc3339(at(1_795_475_473, 999)), "2026-11-23T23:11:13.999Z");
+        let e = Event::Rejected {
+            error: "x".into(),
+            body: Vec::new(),
+            id: None,
+        };
+        for (t, text) in [
+            (at(0, 0), "1970-01-01T00:00:00.000Z"),
+            (at(951_782_400, 5), "2000-02-29T00:00:00.005Z"),
+            (at(1_795_475_473, 999), "2026-11-23T23:11:13.999Z"),
+        ] {
+            let body: Value = serde_json::from_slice(&e.body(t)).unwrap();
+            assert_eq!(body["at"], text);
+        }
     }
 
     fn parse(e: &Event) -> Value {

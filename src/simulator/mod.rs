@@ -427,7 +427,7 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "N")]
     pub max_streams: Option<u32>,
     /// HTTP/2: answer provider tokens older than this with ExpiredProviderToken.
-    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub token_max_age: Option<Duration>,
     /// Count accepted notifications only (throughput mode).
     #[arg(long)]

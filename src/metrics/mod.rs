@@ -1,21 +1,20 @@
-//! What apnsd counts about itself, and the small HTTP endpoint that shows it:
-//! `/metrics` (Prometheus text), `/healthz` (the process answers), `/readyz`
-//! (a broker session is consuming). One registry per daemon instance, so
-//! several daemons in one test process stay apart.
+//! What apnsd counts about itself; `server` shows it over HTTP. One
+//! registry per daemon instance, so several daemons in one test process
+//! stay apart.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+
+mod server;
+
+pub use server::{bind, metrics_change, serve, ListenError, MetricsChange, MetricsServer};
 
 type PCounter = prometheus_client::metrics::counter::Counter<u64>;
 type PGauge = prometheus_client::metrics::gauge::Gauge<i64>;
@@ -413,74 +412,6 @@ pub struct StatsSnapshot {
     pub feedback_tokens: u64,
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` over plain HTTP/1.1 until
-/// `shutdown`. Prometheus scrapes need nothing more than this.
-pub async fn serve(listener: TcpListener, stats: Arc<Stats>, shutdown: CancellationToken) {
-    loop {
-        let (mut stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(s) => s,
-                Err(_) => continue,
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
-            let Ok(Ok(n)) = read else { return };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let (status, content_type, body) = respond(&request, &stats);
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
-fn respond(request: &str, stats: &Stats) -> (&'static str, &'static str, String) {
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" {
-        return ("405 Method Not Allowed", "text/plain", "GET only\n".into());
-    }
-    match path.split('?').next().unwrap_or("") {
-        "/metrics" => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            stats.render(),
-        ),
-        "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
-        "/readyz" if stats.is_ready() => ("200 OK", "text/plain", "ready\n".into()),
-        "/readyz" => {
-            let refused = stats.refused_apps();
-            let why = if refused.is_empty() {
-                "not consuming: broker session not established\n".to_owned()
-            } else {
-                format!(
-                    "the gateway refuses the certificate of: {}\n",
-                    refused.join(", ")
-                )
-            };
-            ("503 Service Unavailable", "text/plain", why)
-        }
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics, /healthz or /readyz\n".into(),
-        ),
-    }
-}
-
-/// Binds the metrics listener, so a bad address fails start-up, not later.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,19 +452,5 @@ mod tests {
             "{text}"
         );
         assert_eq!(s.snapshot().failed, 1);
-    }
-
-    #[test]
-    fn endpoints_answer() {
-        let s = Stats::new();
-        assert!(respond("GET /healthz HTTP/1.1", &s).0.starts_with("200"));
-        assert!(respond("GET /readyz HTTP/1.1", &s).0.starts_with("503"));
-        s.set_ready(true);
-        assert!(respond("GET /readyz HTTP/1.1", &s).0.starts_with("200"));
-        assert!(respond("GET /metrics HTTP/1.1", &s)
-            .2
-            .contains("apnsd_jobs_acked_total 0"));
-        assert!(respond("GET /nope HTTP/1.1", &s).0.starts_with("404"));
-        assert!(respond("POST /metrics HTTP/1.1", &s).0.starts_with("405"));
     }
 }
