@@ -22,9 +22,7 @@ use crate::feedback::Poller;
 use crate::logging::Logging;
 use crate::metrics::{metrics_change, ListenError, MetricsChange, MetricsServer, Stats};
 use crate::pipeline::supervisor::supervise;
-use crate::pipeline::{
-    Inputs, Pipeline, Reconfigure, ResultRequest, Route,
-};
+use crate::pipeline::{Inputs, Pipeline, Reconfigure, ResultRequest, Route};
 use crate::signals::Request;
 use crate::systemd::notify;
 use crate::targets::{prepare, Prepared, StandIn, TargetError};

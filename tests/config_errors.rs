@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::process::{signal, spawn_daemon, wait_exit, wait_for_log, APNSD};
+use common::process::{spawn_daemon, wait_for_log, APNSD};
 use common::Broker;
 
 const SECRET: &str = "Zq9-SECRET-pw";
@@ -158,7 +158,7 @@ async fn no_secret_in_a_refused_reload() {
     // Each is refused, so none needs to name the test's broker.
     for (n, bad) in secret_cases().iter().enumerate() {
         std::fs::write(&config, bad).unwrap();
-        signal(&daemon.0, "-HUP");
+        daemon.signal("-HUP");
         let seen = common::process::wait_for_nth(&log, "reload refused", n + 1).await;
         assert!(
             !seen.contains("SECRET"),
@@ -166,11 +166,8 @@ async fn no_secret_in_a_refused_reload() {
         );
     }
 
-    signal(&daemon.0, "-TERM");
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut daemon.0, Duration::from_secs(30)))
-            .await
-            .unwrap();
+    daemon.signal("-TERM");
+    let status = daemon.wait_exit(Duration::from_secs(30)).await;
     assert!(status.success(), "apnsd exited with {status}");
     broker.cleanup().await;
 }
