@@ -542,6 +542,11 @@ impl Config {
                         "use `certificate` or `key_file`, not both".into(),
                     );
                 }
+                for (k, id) in [("key_id", &app.key_id), ("team_id", &app.team_id)] {
+                    if let Some(id) = id.as_deref().filter(|id| !is_apple_id(id)) {
+                        bad(at(k), format!("{id:?} is a placeholder, not Apple's (10 capital letters and digits, from Apple's developer site)"));
+                    }
+                }
                 if app.topic.is_none() {
                     bad(
                         at("topic"),
@@ -649,6 +654,16 @@ fn fix_index_paths(message: &str) -> String {
         }
     }
     out
+}
+
+/// Apple's key ids and team ids are ten capital letters and digits: anything
+/// else is the shipped example's placeholder (or a typo), which APNs would
+/// answer with `InvalidProviderToken` on every request.
+fn is_apple_id(id: &str) -> bool {
+    id.len() == 10
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -783,7 +798,8 @@ feedback_interval = "1h"
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "AuthKey.p8", "not read by load");
         let app = "[[apps]]\nname = \"a\"\nenvironment = \"production\"\nprotocol = \"http2\"\n";
-        let token = "key_file = \"AuthKey.p8\"\nkey_id = \"K\"\nteam_id = \"T\"\n";
+        let token =
+            "key_file = \"AuthKey.p8\"\nkey_id = \"ABC123DEFG\"\nteam_id = \"DEF123GHIJ\"\n";
         let p = write(
             dir.path(),
             "apnsd.toml",
@@ -808,6 +824,17 @@ feedback_interval = "1h"
 
         let m = message(&format!("{app}key_id = \"K\"\n"));
         assert!(m.contains("apps[0].key_file: token auth needs"), "{m}");
+        let m = message(&format!(
+            "{app}topic = \"t\"\nkey_file = \"/etc/hostname\"\nkey_id = \"YOUR_KEY_ID\"\nteam_id = \"YOUR_TEAM_ID\"\n"
+        ));
+        assert!(
+            m.contains("apps[0].key_id: \"YOUR_KEY_ID\" is a placeholder"),
+            "{m}"
+        );
+        assert!(
+            m.contains("apps[0].team_id: \"YOUR_TEAM_ID\" is a placeholder"),
+            "{m}"
+        );
         let m = message(&format!(
             "{app}key_file = \"/etc/hostname\"\nkey_id = \"K\"\nteam_id = \"T\"\n"
         ));
