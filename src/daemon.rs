@@ -242,10 +242,12 @@ impl Daemon {
             }
             upsert.push(w.start_app(app, material, targets));
         }
+        let stats = w.stats.clone();
         w.apps.retain(|name, running| {
             let keep = config.app(Some(name)).is_some();
             if !keep {
                 running.poller.cancel();
+                stats.set_certificate_expiry(name, None);
                 done.removed.push(name.clone());
             }
             keep
@@ -369,6 +371,8 @@ impl Wiring {
     fn start_app(&mut self, app: &AppConfig, material: Material, targets: Prepared) -> Route {
         let name: Arc<str> = Arc::from(app.name.as_str());
         let stop = self.shutdown.child_token();
+        self.stats
+            .set_certificate_expiry(&app.name, certificate_expiry(app));
         let pool = match targets {
             Prepared::Binary { gateway, feedback } => {
                 let poller = Poller {
@@ -791,6 +795,16 @@ fn load_identity(app: &AppConfig) -> Result<Identity, DaemonError> {
             source,
         }
     })
+}
+
+/// When the app's client certificate expires, for the expiry alert; `None`
+/// with token auth. Loaded again rather than threaded through `prepare`,
+/// which has already refused an identity that does not load.
+fn certificate_expiry(app: &AppConfig) -> Option<i64> {
+    app.certificate.as_ref()?;
+    load_identity(app)
+        .ok()
+        .map(|identity| identity.info.not_after)
 }
 
 /// `host:port` → `host`, minding bracketed IPv6 literals.
