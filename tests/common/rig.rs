@@ -7,7 +7,7 @@ use std::time::Duration;
 use apnsd::config::Config;
 use apnsd::daemon::Daemon;
 use apnsd::job::DeviceToken;
-use apnsd::simulator::Simulator;
+use apnsd::simulator::{Faults, SimCerts, Simulator, SimulatorOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::{job, Broker};
@@ -107,4 +107,34 @@ impl Rig {
 /// A token as the simulator records it.
 pub fn tok(hex: &str) -> DeviceToken {
     DeviceToken::parse(hex).unwrap()
+}
+
+/// A daemon with one app, "example", on the simulator's HTTP/2 endpoint with
+/// the simulator's client certificate, answering as `faults` says.
+pub async fn certificate_http2_rig(test: &str, faults: Faults) -> Rig {
+    apnsd::apns::tls::install_crypto_provider();
+    let broker = Broker::new(test).await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = SimCerts::generate("com.example.app").unwrap();
+    certs.write_to(dir.path()).unwrap();
+    let mut opts = SimulatorOptions::new(certs);
+    opts.faults = faults;
+    let sim = Simulator::start(opts).await.unwrap();
+    let toml = format!(
+        r#"shutdown_timeout = "10s"
+{amqp}
+[[apps]]
+name = "example"
+environment = "simulator"
+protocol = "http2"
+endpoint = "{endpoint}"
+ca = "{d}/ca.pem"
+certificate = "{d}/client.p12"
+password = "simulator"
+"#,
+        amqp = broker.amqp_toml(100),
+        endpoint = sim.http2_addr(),
+        d = dir.path().display(),
+    );
+    Rig::start(broker, sim, dir, &toml).await
 }
