@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 if ! cargo deb --version >/dev/null 2>&1; then
     echo "apnsd: installing cargo-deb" >&2
-    cargo install cargo-deb --locked --quiet
+    cargo install cargo-deb --version "~3.8" --locked --quiet
 fi
 
 # The packaged unit runs the packaged binary: /usr/bin, not install.sh's /usr/local/bin.

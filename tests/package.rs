@@ -4,6 +4,8 @@
 //! configuration are checked before `dpkg --remove` and `--purge` take it all
 //! away again. Needs root and dpkg (CI has both).
 
+mod common;
+
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -23,14 +25,7 @@ fn run(program: &str, args: &[&str]) -> Output {
 }
 
 fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    common::process::succeeded(&format!("{program} {args:?}"), &run(program, args))
 }
 
 fn installed() -> bool {
