@@ -15,3 +15,7 @@ fi
 
 # Test queues that a killed test run leaves behind expire on their own.
 rabbitmqctl -q set_policy --apply-to queues apnsd-test-expiry '^apnsd-test\.' '{"expires": 600000}' >/dev/null || true
+
+# --- The package, example and monitoring tests (tests/package.rs, tests/examples.rs,
+# tests/monitoring.rs): cargo-deb, PHP with php-amqplib, promtool, pika, amqplib.
+bash deploy/prerequisites/examples.sh

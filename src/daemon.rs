@@ -25,7 +25,7 @@ use crate::pipeline::supervisor::supervise;
 use crate::pipeline::{Inputs, Pipeline, Reconfigure, ResultRequest, Route};
 use crate::signals::Request;
 use crate::systemd::notify;
-use crate::targets::{prepare, Prepared, StandIn, TargetError};
+use crate::targets::{certificate_expiry, prepare, Prepared, StandIn, TargetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -199,10 +199,12 @@ impl Daemon {
             }
             upsert.push(w.start_app(app, material, targets));
         }
+        let stats = w.stats.clone();
         w.apps.retain(|name, running| {
             let keep = config.app(Some(name)).is_some();
             if !keep {
                 running.poller.cancel();
+                stats.set_certificate_expiry(name, None);
                 done.removed.push(name.clone());
             }
             keep
@@ -308,6 +310,8 @@ impl Wiring {
     fn start_app(&mut self, app: &AppConfig, material: Material, targets: Prepared) -> Route {
         let name: Arc<str> = Arc::from(app.name.as_str());
         let stop = self.shutdown.child_token();
+        self.stats
+            .set_certificate_expiry(&app.name, certificate_expiry(app));
         let pool = match targets {
             Prepared::Binary { gateway, feedback } => {
                 let poller = Poller {

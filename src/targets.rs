@@ -251,6 +251,16 @@ fn load_identity(app: &AppConfig) -> Result<Identity, TargetError> {
     })
 }
 
+/// When the app's client certificate expires, for the expiry alert; `None`
+/// with token auth. Loaded again rather than threaded through `prepare`,
+/// which has already refused an identity that does not load.
+pub fn certificate_expiry(app: &AppConfig) -> Option<i64> {
+    app.certificate.as_ref()?;
+    load_identity(app)
+        .ok()
+        .map(|identity| identity.info.not_after)
+}
+
 /// `host:port` → `host`, minding bracketed IPv6 literals.
 fn host_of(addr: &str) -> &str {
     let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);

@@ -454,7 +454,8 @@ feedback_interval = "1h"
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "AuthKey.p8", "not read by load");
         let app = "[[apps]]\nname = \"a\"\nenvironment = \"production\"\nprotocol = \"http2\"\n";
-        let token = "key_file = \"AuthKey.p8\"\nkey_id = \"K\"\nteam_id = \"T\"\n";
+        let token =
+            "key_file = \"AuthKey.p8\"\nkey_id = \"ABC123DEFG\"\nteam_id = \"DEF123GHIJ\"\n";
         let p = write(
             dir.path(),
             "apnsd.toml",
@@ -479,6 +480,17 @@ feedback_interval = "1h"
 
         let m = message(&format!("{app}key_id = \"K\"\n"));
         assert!(m.contains("apps[0].key_file: token auth needs"), "{m}");
+        let m = message(&format!(
+            "{app}topic = \"t\"\nkey_file = \"/etc/hostname\"\nkey_id = \"YOUR_KEY_ID\"\nteam_id = \"YOUR_TEAM_ID\"\n"
+        ));
+        assert!(
+            m.contains("apps[0].key_id: \"YOUR_KEY_ID\" is a placeholder"),
+            "{m}"
+        );
+        assert!(
+            m.contains("apps[0].team_id: \"YOUR_TEAM_ID\" is a placeholder"),
+            "{m}"
+        );
         let m = message(&format!(
             "{app}key_file = \"/etc/hostname\"\nkey_id = \"K\"\nteam_id = \"T\"\n"
         ));

@@ -256,6 +256,14 @@ fn app(app: &AppConfig, at: &str, p: &mut Problems) {
         if app.certificate.is_some() {
             p.bad(key("key_file"), "use `certificate` or `key_file`, not both");
         }
+        for (k, id) in [("key_id", &app.key_id), ("team_id", &app.team_id)] {
+            if let Some(id) = id.as_deref().filter(|id| !is_apple_id(id)) {
+                p.bad(
+                    key(k),
+                    format!("{id:?} is a placeholder, not Apple's (10 capital letters and digits, from Apple's developer site)"),
+                );
+            }
+        }
         if app.topic.is_none() {
             p.bad(
                 key("topic"),
@@ -301,6 +309,16 @@ fn app(app: &AppConfig, at: &str, p: &mut Problems) {
             }
         }
     }
+}
+
+/// Apple's key ids and team ids are ten capital letters and digits: anything
+/// else is the shipped example's placeholder (or a typo), which APNs would
+/// answer with `InvalidProviderToken` on every request.
+fn is_apple_id(id: &str) -> bool {
+    id.len() == 10
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
 }
 
 #[cfg(test)]

@@ -120,6 +120,11 @@ pub struct Stats {
     connections_up: Family<AppLabel, PGauge>,
     window: Family<LaneLabel, PGauge>,
     identity_refused: Family<AppLabel, PGauge>,
+    /// When each certificate-auth app's certificate ends (unix seconds), so an
+    /// alert fires weeks before APNs starts refusing it.
+    certificate_expiry: Family<AppLabel, PGauge>,
+    /// `is_ready` as a series: Prometheus cannot scrape `/readyz`.
+    ready_gauge: PGauge,
     /// (app, lane) pairs whose gateway refuses the certificate now.
     refused: Mutex<HashSet<(String, usize)>>,
     pub feedback_tokens: Counter,
@@ -240,6 +245,18 @@ impl Stats {
             "Connections whose gateway refuses the app's certificate, by app (not ready while any)",
             identity_refused.clone(),
         );
+        let certificate_expiry = Family::<AppLabel, PGauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the app's client certificate expires (unix seconds), by app",
+            certificate_expiry.clone(),
+        );
+        let ready_gauge = PGauge::default();
+        registry.register(
+            "ready",
+            "1 while a broker session consumes and no gateway refuses an app's certificate (as /readyz)",
+            ready_gauge.clone(),
+        );
         let window = Family::<LaneLabel, PGauge>::default();
         registry.register(
             "window_notifications",
@@ -285,6 +302,8 @@ impl Stats {
             connections_up,
             window,
             identity_refused,
+            certificate_expiry,
+            ready_gauge,
             refused: Mutex::new(HashSet::new()),
             feedback_tokens,
             accept_latency,
@@ -326,6 +345,22 @@ impl Stats {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+        self.ready_gauge.set(i64::from(self.is_ready()));
+    }
+    /// Records when `app`'s certificate expires; `None` (token auth, the
+    /// built-in simulator, a removed app) drops the series.
+    pub fn set_certificate_expiry(&self, app: &str, not_after: Option<i64>) {
+        let label = AppLabel {
+            app: app.to_owned(),
+        };
+        match not_after {
+            Some(t) => {
+                self.certificate_expiry.get_or_create(&label).set(t);
+            }
+            None => {
+                self.certificate_expiry.remove(&label);
+            }
+        }
     }
 
     /// A broker session consumes, and no gateway refuses an app's certificate.
@@ -351,6 +386,8 @@ impl Stats {
             self.identity_refused
                 .get_or_create(&by_app)
                 .set(count as i64);
+            drop(set);
+            self.ready_gauge.set(i64::from(self.is_ready()));
         }
     }
 
@@ -433,6 +470,24 @@ mod tests {
         s.set_identity_refused("shop", 1, false);
         assert!(s.is_ready());
         assert!(s.refused_apps().is_empty());
+    }
+
+    #[test]
+    fn readiness_and_certificate_expiry_are_series() {
+        let s = Stats::new();
+        assert!(s.render().contains("apnsd_ready 0"));
+        s.set_ready(true);
+        assert!(s.render().contains("apnsd_ready 1"));
+        s.set_identity_refused("shop", 0, true);
+        assert!(s.render().contains("apnsd_ready 0"));
+        s.set_identity_refused("shop", 0, false);
+        assert!(s.render().contains("apnsd_ready 1"));
+
+        s.set_certificate_expiry("shop", Some(1_800_000_000));
+        let line = "apnsd_certificate_expiry_timestamp_seconds{app=\"shop\"} 1800000000";
+        assert!(s.render().contains(line), "{}", s.render());
+        s.set_certificate_expiry("shop", None);
+        assert!(!s.render().contains("{app=\"shop\"} 1800000000"));
     }
 
     #[test]

@@ -261,6 +261,14 @@ impl Broker {
             .unwrap();
     }
 
+    /// Deletes a queue the test declared besides its own (e.g. an example's).
+    pub async fn delete_queue(&self, queue: &str) {
+        self.ch
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+
     async fn depth(&self, queue: &str) -> u32 {
         self.ch
             .queue_declare(
