@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 pub use crate::apns::Protocol;
+use crate::brokers::BrokerUris;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -121,7 +122,8 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
-    pub uri: String,
+    /// One broker URI, or several nodes of a cluster (each process starts at a random one).
+    pub uri: BrokerUris,
     pub queue: String,
     /// `x-queue-type` of the jobs queue: `classic` (default) or `quorum`.
     pub queue_type: Option<String>,
@@ -144,7 +146,7 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
-            uri: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            uri: BrokerUris::default(),
             queue: "apns.jobs".into(),
             queue_type: None,
             prefetch: 20_000,
@@ -472,6 +474,16 @@ impl Config {
                 "at least one [[apps]] entry is needed".into(),
             );
         }
+        for i in self.amqp.uri.invalid() {
+            let key = match self.amqp.uri.len() {
+                1 => "amqp.uri".to_owned(),
+                _ => format!("amqp.uri[{i}]"),
+            };
+            bad(
+                key,
+                "is not an AMQP URI (amqp[s]://[user:password@]host[:port][/vhost])".into(),
+            );
+        }
         if self.amqp.prefetch == 0 {
             bad("amqp.prefetch".into(), "must be between 1 and 65535".into());
         }
@@ -752,7 +764,7 @@ feedback_interval = "1h"
         ]);
         let c = Config::load_with_env(&p, Some(env)).unwrap();
         assert_eq!((c.amqp.prefetch, c.log_level.as_str()), (10, "debug"));
-        assert_eq!(c.amqp.uri, "amqp://other:5672/%2f");
+        assert_eq!(c.amqp.uri, BrokerUris::single("amqp://other:5672/%2f"));
     }
 
     #[test]
@@ -830,6 +842,25 @@ feedback_interval = "1h"
         assert!(m.contains("spdy"), "{m}");
         // The built-in simulator needs neither certificate nor key.
         assert!(load(&format!("{APP}protocol = \"http2\"\n")).is_ok());
+    }
+
+    #[test]
+    fn amqp_uri_takes_a_list_and_checks_every_entry() {
+        let c = load(&format!(
+            "[amqp]\nuri = [\"amqp://a:5681/%2f\", \"amqp://b:5682/%2f\"]\n{APP}"
+        ))
+        .expect("a list of URIs");
+        assert_eq!(c.amqp.uri.len(), 2);
+        assert_eq!(c.amqp.uri.get(1), "amqp://b:5682/%2f");
+        let m = message(&format!(
+            "[amqp]\nuri = [\"amqp://a\", \"http://u:s3cret@b\", \"nope:s3cret\"]\n{APP}"
+        ));
+        assert!(m.contains("amqp.uri[1]: is not an AMQP URI"), "{m}");
+        assert!(m.contains("amqp.uri[2]"), "{m}");
+        assert!(!m.contains("amqp.uri[0]") && !m.contains("s3cret"), "{m}");
+        let m = message(&format!("[amqp]\nuri = \"http://x\"\n{APP}"));
+        assert!(m.contains("amqp.uri: is not an AMQP URI"), "{m}");
+        assert!(message(&format!("[amqp]\nuri = []\n{APP}")).contains("empty"));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use crate::apns::pool::Pool;
 use crate::apns::tls::{self, Identity};
 use crate::apns::Protocol;
 use crate::backoff::Backoff;
+use crate::brokers::{self, Rotation};
 use crate::config::{AppConfig, Config, ConfigError};
 use crate::feedback::Poller;
 use crate::logging::Logging;
@@ -431,17 +432,30 @@ async fn supervise(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let watchdog = spawn_watchdog();
     let mut first = true;
+    let mut nodes = Rotation::random(session.uri.len());
     loop {
+        let uri = session.uri.get(nodes.current()).to_owned();
+        let node = brokers::node_label(&uri);
+        let stats = pipeline.stats.clone();
         let ready = || {
+            stats.set_broker_node(&node, true);
+            tracing::info!(node = %node, "broker session open");
             if std::mem::take(&mut first) {
                 notify(&[NotifyState::Ready, NotifyState::Status("consuming jobs")]);
             } else {
                 notify(&[NotifyState::Status("consuming jobs")]);
             }
         };
-        let outcome = pipeline.session(&session, &shutdown, ready).await;
+        let outcome = pipeline.session(&session, &uri, &shutdown, ready).await;
+        stats.set_broker_node(&node, false);
+        if outcome.is_err() {
+            nodes.advance();
+        }
         if let Some(next) = pipeline.take_next_session() {
             tracing::info!(queue = %next.topology.queue, "reconnecting with the new broker settings");
+            if next.uri != session.uri {
+                nodes = Rotation::random(next.uri.len());
+            }
             session = next;
         }
         match outcome {
@@ -453,7 +467,7 @@ async fn supervise(
             }
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "broker session failed; unacknowledged jobs will be redelivered");
+                tracing::warn!(error = %e, node = %node, retry_in = ?delay, "broker session failed; unacknowledged jobs will be redelivered");
                 notify(&[NotifyState::Status(&format!("broker unavailable: {e}"))]);
                 let wait = tokio::time::sleep(delay);
                 tokio::pin!(wait);
@@ -467,6 +481,9 @@ async fn supervise(
                     }
                 }
                 if let Some(next) = pipeline.take_next_session() {
+                    if next.uri != session.uri {
+                        nodes = Rotation::random(next.uri.len());
+                    }
                     session = next;
                 }
                 if shutdown.is_cancelled() {

@@ -59,6 +59,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AppLabel {
     app: String,
 }
@@ -125,6 +130,8 @@ pub struct Stats {
     refused: Mutex<HashSet<(String, usize)>>,
     pub feedback_tokens: Counter,
     accept_latency: Histogram,
+    /// 1 for the broker node the session is on, 0 for nodes it was on.
+    broker_node: Family<NodeLabel, PGauge>,
     ready: AtomicBool,
     registry: Registry,
 }
@@ -261,6 +268,12 @@ impl Stats {
             "Time from consuming a job to APNs accepting its notification",
             accept_latency.clone(),
         );
+        let broker_node = Family::<NodeLabel, PGauge>::default();
+        registry.register(
+            "amqp_session_node",
+            "1 for the broker node (host:port) the session is on, 0 for nodes it left",
+            broker_node.clone(),
+        );
         Stats {
             jobs_consumed,
             jobs_rejected,
@@ -289,6 +302,7 @@ impl Stats {
             refused: Mutex::new(HashSet::new()),
             feedback_tokens,
             accept_latency,
+            broker_node,
             ready: AtomicBool::new(false),
             registry,
         }
@@ -323,6 +337,15 @@ impl Stats {
 
     pub fn observe_accepted(&self, latency: Duration) {
         self.accept_latency.observe(latency.as_secs_f64());
+    }
+
+    /// Marks `node` (a label without userinfo) as the one the session is on, or left.
+    pub fn set_broker_node(&self, node: &str, on: bool) {
+        self.broker_node
+            .get_or_create(&NodeLabel {
+                node: node.to_owned(),
+            })
+            .set(i64::from(on));
     }
 
     pub fn set_ready(&self, ready: bool) {

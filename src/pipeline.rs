@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{self, AmqpError, Owner, Publisher, Topology};
 use crate::apns::pool::Pool;
 use crate::apns::{Envelope, Failure, Notification, Outcome, Protocol, Reason, SessionEnded};
+use crate::brokers::BrokerUris;
 use crate::intake::Prefetch;
 use crate::job::{Job, JobError, Tokens};
 use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
@@ -51,7 +52,8 @@ pub type ResultRequest = (Event, oneshot::Sender<()>);
 /// Broker settings of one session: a change to any of them needs a new session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
-    pub uri: String,
+    /// The broker nodes; the supervisor picks the one each session uses.
+    pub uri: BrokerUris,
     pub topology: Topology,
     pub prefetch: u16,
     /// Most job body bytes held; the prefetch in force adapts under it (0: off).
@@ -193,16 +195,17 @@ impl Pipeline {
         tasks
     }
 
-    /// Runs one broker session until shutdown has drained it or the broker fails.
-    /// `ready` fires once the consumer is attached.
+    /// Runs one broker session on the node at `uri` until shutdown has
+    /// drained it or the broker fails. `ready` fires once the consumer is attached.
     pub async fn session(
         &mut self,
         cfg: &SessionConfig,
+        uri: &str,
         shutdown: &CancellationToken,
         ready: impl FnOnce(),
     ) -> Result<SessionEnd, AmqpError> {
-        let consume_conn = amqp::connect(&cfg.uri, "apnsd-consume").await?;
-        let publish_conn = amqp::connect(&cfg.uri, "apnsd-publish").await?;
+        let consume_conn = amqp::connect(uri, "apnsd-consume").await?;
+        let publish_conn = amqp::connect(uri, "apnsd-publish").await?;
         let intake = Prefetch::new(cfg.prefetch, cfg.prefetch_bytes);
         let consume =
             amqp::consumer_channel(&consume_conn, &cfg.topology, intake.current()).await?;
