@@ -130,8 +130,14 @@ start() {
     for n in "${NODES[@]}"; do
         start_node_process "$n"
     done
+    # Each wait is a few CLI calls of seconds each: the three run side by side.
+    local pids=()
     for n in "${NODES[@]}"; do
-        wait_app "$n"
+        wait_app "$n" &
+        pids+=($!)
+    done
+    for n in "${pids[@]}"; do
+        wait "$n"
     done
     for n in 2 3; do
         join "$n"
