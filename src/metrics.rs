@@ -130,6 +130,7 @@ pub struct Stats {
     refused: Mutex<HashSet<(String, usize)>>,
     pub feedback_tokens: Counter,
     accept_latency: Histogram,
+    ack_lag: Histogram,
     /// 1 for the broker node the session is on, 0 for nodes it was on.
     broker_node: Family<NodeLabel, PGauge>,
     ready: AtomicBool,
@@ -268,6 +269,14 @@ impl Stats {
             "Time from consuming a job to APNs accepting its notification",
             accept_latency.clone(),
         );
+        let ack_lag = Histogram::new([
+            0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+        ]);
+        registry.register(
+            "ack_lag_seconds",
+            "Time from a job becoming final (its last result confirmed) to its ack",
+            ack_lag.clone(),
+        );
         let broker_node = Family::<NodeLabel, PGauge>::default();
         registry.register(
             "amqp_session_node",
@@ -302,6 +311,7 @@ impl Stats {
             refused: Mutex::new(HashSet::new()),
             feedback_tokens,
             accept_latency,
+            ack_lag,
             broker_node,
             ready: AtomicBool::new(false),
             registry,
@@ -337,6 +347,10 @@ impl Stats {
 
     pub fn observe_accepted(&self, latency: Duration) {
         self.accept_latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn observe_ack_lag(&self, lag: Duration) {
+        self.ack_lag.observe(lag.as_secs_f64());
     }
 
     /// Marks `node` (a label without userinfo) as the one the session is on, or left.

@@ -36,6 +36,10 @@ const INTAKE_BATCH: usize = 256;
 /// would otherwise be expanded whole (a `Notification` per token) before the
 /// first one is written.
 const INTAKE_NOTIFICATIONS: usize = 16 * 1024;
+/// Longest a final job waits for its ack behind a job still in flight (acks
+/// then go one by one instead of one per run): a crash must redeliver only
+/// jobs that were truly in flight.
+const ACK_WAIT: Duration = Duration::from_millis(5);
 
 /// An app as the router sees it.
 pub struct Route {
@@ -123,6 +127,9 @@ struct Session {
     ledger: Ledger,
     acks: AckPlanner,
     ack_buf: Vec<Ack>,
+    /// How long each job acked by the last flush had been final.
+    ack_lags: Vec<Duration>,
+    stats: Arc<Stats>,
     /// Set when the session ends, however it ends (see `Drop`): lanes then
     /// drop the unwritten notifications of its jobs, which the broker redelivers.
     ended: SessionEnded,
@@ -230,8 +237,10 @@ impl Pipeline {
             // Lanes settle at different moments, so one lane's finished jobs
             // often wait behind another's for a tick: only a stuck delivery
             // holding half the prefetch is worth acking around one by one.
-            acks: AckPlanner::new(usize::from(intake.current()) / 2),
+            acks: AckPlanner::new(usize::from(intake.current()) / 2, ACK_WAIT),
             ack_buf: Vec::new(),
+            ack_lags: Vec::new(),
+            stats: self.stats.clone(),
             ended: SessionEnded::default(),
             retry_queue: cfg.topology.retry_queue(),
         };
@@ -263,6 +272,8 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if consuming => {}
+                // Final jobs waiting behind a pending one: acked after the loop.
+                _ = sleep_until(s.acks.deadline()), if s.acks.deadline().is_some() => {}
                 _ = sleep_until(drain_deadline), if drain_deadline.is_some() => {
                     tracing::warn!(unfinished = s.ledger.len(),
                         "drain timeout: leaving unfinished jobs to the broker for redelivery");
@@ -652,7 +663,7 @@ impl Session {
 
     fn final_job(&mut self, stats: &Stats, tag: u64) {
         stats.jobs_acked.inc();
-        self.acks.done(tag);
+        self.acks.done(tag, Instant::now());
     }
 
     fn confirmed(&mut self, stats: &Stats, owner: Owner) {
@@ -671,7 +682,11 @@ impl Session {
     }
 
     async fn flush_acks(&mut self) -> Result<(), lapin::Error> {
-        self.acks.take(&mut self.ack_buf);
+        self.acks
+            .take(Instant::now(), &mut self.ack_buf, &mut self.ack_lags);
+        for lag in self.ack_lags.drain(..) {
+            self.stats.observe_ack_lag(lag);
+        }
         for ack in self.ack_buf.drain(..) {
             self.consume
                 .basic_ack(
