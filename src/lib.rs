@@ -28,6 +28,7 @@ pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod redelivery;
 pub mod results;
 pub mod send;
 pub mod shutdown;

@@ -119,6 +119,8 @@ pub struct Stats {
     /// Not yet written when the broker session of their job ended: dropped, as
     /// the redelivered job sends them.
     pub dropped_for_redelivery: Counter,
+    /// Not sent again on redelivery: their outcome was known from the lost session.
+    pub skipped_after_redelivery: Counter,
     pub results_published: Counter,
     connections_opened: Family<AppLabel, PCounter>,
     connect_failures: Family<AppLabel, PCounter>,
@@ -199,6 +201,10 @@ impl Stats {
         let dropped_for_redelivery = counter(
             "notifications_dropped_for_redelivery",
             "Unwritten notifications dropped because their broker session ended",
+        );
+        let skipped_after_redelivery = counter(
+            "notifications_skipped_after_redelivery",
+            "Notifications of redelivered jobs not sent again: their outcome was known from the lost broker session",
         );
         let results_published = counter("results_published", "Results confirmed by the broker");
         let feedback_tokens = counter("feedback_tokens", "Tokens reported by the feedback service");
@@ -301,6 +307,7 @@ impl Stats {
             resent_after_close,
             accepted_after_session_loss,
             dropped_for_redelivery,
+            skipped_after_redelivery,
             results_published,
             connections_opened,
             connect_failures,
@@ -424,6 +431,7 @@ impl Stats {
             resent_after_close: self.resent_after_close.get(),
             accepted_after_session_loss: self.accepted_after_session_loss.get(),
             dropped_for_redelivery: self.dropped_for_redelivery.get(),
+            skipped_after_redelivery: self.skipped_after_redelivery.get(),
             results_published: self.results_published.get(),
             feedback_tokens: self.feedback_tokens.get(),
         }
@@ -446,6 +454,7 @@ pub struct StatsSnapshot {
     pub resent_after_close: u64,
     pub accepted_after_session_loss: u64,
     pub dropped_for_redelivery: u64,
+    pub skipped_after_redelivery: u64,
     pub results_published: u64,
     pub feedback_tokens: u64,
 }

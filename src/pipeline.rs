@@ -27,6 +27,7 @@ use crate::intake::Prefetch;
 use crate::job::{Job, JobError, Tokens};
 use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
 use crate::metrics::Stats;
+use crate::redelivery::{Identity, Recall};
 use crate::results::Event;
 
 /// Most deliveries taken in one go before routing them, so one-token jobs
@@ -108,6 +109,8 @@ pub struct Pipeline {
     /// Lane tasks of replaced or removed apps, still finishing their work.
     retired: Vec<JoinHandle<()>>,
     next_key: u64,
+    /// Known outcomes of unfinished jobs, kept across sessions for their redelivery.
+    recall: Recall,
 }
 
 /// How a session ended without error.
@@ -130,6 +133,8 @@ struct Session {
     /// How long each job acked by the last flush had been final.
     ack_lags: Vec<Duration>,
     stats: Arc<Stats>,
+    /// The pipeline's, lent for the session.
+    recall: Recall,
     /// Set when the session ends, however it ends (see `Drop`): lanes then
     /// drop the unwritten notifications of its jobs, which the broker redelivers.
     ended: SessionEnded,
@@ -163,6 +168,7 @@ impl Pipeline {
             next_session: None,
             retired: Vec::new(),
             next_key: 0,
+            recall: Recall::default(),
         }
     }
 
@@ -241,6 +247,7 @@ impl Pipeline {
             ack_buf: Vec::new(),
             ack_lags: Vec::new(),
             stats: self.stats.clone(),
+            recall: std::mem::take(&mut self.recall),
             ended: SessionEnded::default(),
             retry_queue: cfg.topology.retry_queue(),
         };
@@ -330,6 +337,9 @@ impl Pipeline {
             self.stats.jobs_in_flight.set(held.0 as i64);
             self.stats.job_bytes_held.set(held.1 as i64);
         };
+        // However the session ended, its unfinished jobs come back.
+        self.recall = std::mem::take(&mut s.recall);
+        self.recall.session_lost();
         self.stats.set_ready(false);
         self.stats.jobs_in_flight.set(0);
         self.stats.job_bytes_held.set(0);
@@ -365,7 +375,7 @@ impl Pipeline {
                 .message_id()
                 .as_ref()
                 .map(|m| m.as_str().to_owned());
-            let job = match Job::decode(&d.data, message_id.as_deref()) {
+            let mut job = match Job::decode(&d.data, message_id.as_deref()) {
                 Ok(job) => job,
                 Err(rejection) => {
                     s.reject(&self.stats, key, tag, rejection.error, d.data, rejection.id)
@@ -385,8 +395,39 @@ impl Pipeline {
                 s.reject(&self.stats, key, tag, error, d.data, id).await?;
                 continue;
             }
+            // A job redelivered after a lost session of this process sends
+            // only the tokens without a known outcome, and publishes the
+            // known outcomes' results again (they may not have been confirmed).
+            let mut republish = Vec::new();
+            if d.redelivered {
+                let identity =
+                    Identity::of(job.id.as_deref(), &route.name, &job.payload, &job.tokens);
+                if let Some(known) = s.recall.redelivered(key, identity) {
+                    let (left, skipped) = known.remaining(&job.tokens);
+                    self.stats.skipped_after_redelivery.add(skipped);
+                    republish = known.results().to_vec();
+                    job.tokens = left;
+                }
+            }
+            if job.tokens.is_empty() && republish.is_empty() {
+                s.recall.finished(key);
+                s.final_job(&self.stats, tag);
+                continue;
+            }
             let count = job.tokens.len();
-            s.ledger.open(key, tag, body_len(&d.data), count as u32, 0);
+            s.ledger.open(
+                key,
+                tag,
+                body_len(&d.data),
+                count as u32,
+                republish.len() as u32,
+            );
+            for event in &republish {
+                s.publisher.publish(event, Owner::Job(key)).await?;
+            }
+            if count == 0 {
+                continue;
+            }
             let envelope = Arc::new(Envelope {
                 key,
                 tokens: job.tokens,
@@ -542,19 +583,33 @@ impl Pipeline {
                 (true, Some(event)) => {
                     let results = 1 + u32::from(unregistered.is_some());
                     let progress = s.ledger.token_done(env.key, results);
+                    if progress == Progress::Open {
+                        for e in std::iter::once(&event).chain(&unregistered) {
+                            let known = Some(e.clone());
+                            s.recall
+                                .outcome(env.key, false, || identity(env), n.token(), known);
+                        }
+                    }
                     s.publisher.publish(&event, Owner::Job(env.key)).await?;
                     if let Some(event) = unregistered {
                         s.publisher.publish(&event, Owner::Job(env.key)).await?;
                     }
                     s.progress(stats, env, progress, live.retry_delay).await?;
                 }
-                (true, None) => match &mut run {
-                    Some((_, count)) if in_run => *count += 1,
-                    _ => {
-                        let previous = run.replace((n.envelope.clone(), 1));
-                        s.accepted_run(stats, live.retry_delay, previous).await?;
+                (true, None) => {
+                    // A one-token job is final with this outcome: nothing to note.
+                    if env.tokens.len() > 1 {
+                        s.recall
+                            .outcome(env.key, false, || identity(env), n.token(), None);
                     }
-                },
+                    match &mut run {
+                        Some((_, count)) if in_run => *count += 1,
+                        _ => {
+                            let previous = run.replace((n.envelope.clone(), 1));
+                            s.accepted_run(stats, live.retry_delay, previous).await?;
+                        }
+                    }
+                }
                 // A late failure of a notification whose job is final already.
                 (false, Some(event @ Event::Failed { .. })) if n.reported => {
                     s.publisher.publish(&event, Owner::Nobody).await?;
@@ -563,6 +618,13 @@ impl Pipeline {
                 // sends this one again.
                 (false, None) if o.result.is_ok() && !n.reported => {
                     stats.accepted_after_session_loss.inc();
+                    s.recall
+                        .outcome(env.key, true, || identity(env), n.token(), None);
+                }
+                // Final after its session ended: the redelivered job publishes it.
+                (false, Some(event)) if !n.reported && env.session.get() => {
+                    s.recall
+                        .outcome(env.key, true, || identity(env), n.token(), Some(event));
                 }
                 _ => {}
             }
@@ -626,6 +688,7 @@ impl Session {
         match progress {
             Progress::Open => Ok(()),
             Progress::Final(tag) => {
+                self.recall.finished(env.key);
                 self.final_job(stats, tag);
                 Ok(())
             }
@@ -671,6 +734,7 @@ impl Session {
         match owner {
             Owner::Job(key) => {
                 if let Some(tag) = self.ledger.result_confirmed(key) {
+                    self.recall.finished(key);
                     self.final_job(stats, tag);
                 }
             }
@@ -699,6 +763,11 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Names a job across deliveries, for [`Recall`].
+fn identity(env: &Envelope) -> Identity {
+    Identity::of(env.id.as_deref(), &env.app, &env.payload, &env.tokens)
 }
 
 /// A body's size as the ledger counts it (RabbitMQ caps messages far below 4 GiB).

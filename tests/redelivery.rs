@@ -1,0 +1,98 @@
+//! A broker session lost while the process lives: the redelivered jobs send
+//! only the notifications whose outcome the process did not know.
+
+mod common;
+
+use std::collections::HashMap;
+
+use apnsd::job::DeviceToken;
+use apnsd::simulator::{SimCerts, Simulator, SimulatorOptions};
+
+use common::relay::Relay;
+use common::rig::{tok, Rig, WAIT};
+use common::*;
+
+/// Fan-out jobs of `per_job` tokens each, with ids `fan-<n>`.
+fn fan_out_jobs(jobs: u32, per_job: u32) -> (Vec<Vec<u8>>, Vec<String>) {
+    let mut bodies = Vec::new();
+    let mut all = Vec::new();
+    for j in 0..jobs {
+        let tokens: Vec<String> = (0..per_job).map(|i| token(0x31, j * per_job + i)).collect();
+        bodies.push(
+            serde_json::to_vec(&serde_json::json!({
+                "id": format!("fan-{j}"),
+                "tokens": tokens,
+                "payload": {"aps": {"alert": "hello"}},
+            }))
+            .unwrap(),
+        );
+        all.extend(tokens);
+    }
+    (bodies, all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_session_does_not_resend_what_it_knew() {
+    apnsd::apns::tls::install_crypto_provider();
+    let relay = Relay::start("127.0.0.1:5672").await;
+    let broker = Broker::new("recall").await;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = SimCerts::generate("com.example.app").unwrap();
+    certs.write_to(dir.path()).unwrap();
+    let sim = Simulator::start(SimulatorOptions::new(certs))
+        .await
+        .unwrap();
+    let amqp = broker.amqp_toml(100).replace(&amqp_uri(), &relay.uri());
+    let toml = format!(
+        r#"shutdown_timeout = "10s"
+{amqp}
+[[apps]]
+name = "example"
+environment = "simulator"
+certificate = "{dir}/client.p12"
+password = "simulator"
+ca = "{dir}/ca.pem"
+gateway = "{gateway}"
+feedback = "{gateway}"
+connections = 2
+settle = "100ms"
+feedback_interval = "1h"
+"#,
+        dir = dir.path().display(),
+        gateway = sim.gateway_addr(),
+    );
+    let rig = Rig::start(broker, sim, dir, &toml).await;
+
+    // 40 jobs of 100 tokens: the cut finds jobs with some tokens accepted
+    // and others not yet.
+    let (bodies, tokens) = fan_out_jobs(40, 100);
+    rig.broker.publish_all(bodies).await;
+    let stats = rig.daemon.stats.clone();
+    eventually(WAIT, "some tokens accepted", || {
+        stats.accepted.get() >= 1000
+    })
+    .await;
+    relay.cut();
+
+    let wanted: Vec<DeviceToken> = tokens.iter().map(|t| tok(t)).collect();
+    let mut counts: HashMap<DeviceToken, usize> = HashMap::new();
+    eventually(WAIT, "every token accepted", || {
+        counts = rig.accepted_counts();
+        wanted.iter().all(|t| counts.contains_key(t))
+    })
+    .await;
+    rig.wait_acked(40).await;
+    let duplicates: usize = wanted.iter().map(|t| counts[t] - 1).sum();
+    let stats = rig.finish().await;
+    let skipped = stats.skipped_after_redelivery;
+    eprintln!("skipped {skipped}, duplicates {duplicates}: {stats:?}");
+    assert!(stats.jobs_redelivered > 0, "the cut left jobs unfinished");
+    assert!(skipped > 0, "known outcomes were not sent again");
+    // What can still go twice: notifications in flight when the session
+    // ended whose outcome came after their job was redelivered, or that a
+    // gateway connection closed on without a word.
+    assert!(
+        duplicates as u64 <= stats.accepted_after_session_loss + stats.resent_after_close,
+        "{duplicates} duplicates: {stats:?}"
+    );
+}
