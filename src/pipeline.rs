@@ -621,10 +621,12 @@ impl Pipeline {
                     s.recall
                         .outcome(env.key, true, || identity(env), n.token(), None);
                 }
-                // Final after its session ended: the redelivered job publishes it.
+                // Final after its session ended: the redelivered job publishes its results.
                 (false, Some(event)) if !n.reported && env.session.get() => {
-                    s.recall
-                        .outcome(env.key, true, || identity(env), n.token(), Some(event));
+                    for e in std::iter::once(event).chain(unregistered) {
+                        s.recall
+                            .outcome(env.key, true, || identity(env), n.token(), Some(e));
+                    }
                 }
                 _ => {}
             }
