@@ -28,6 +28,7 @@
 pub mod amqp;
 pub mod apns;
 pub mod backoff;
+pub mod brokers;
 pub mod check;
 pub mod clock;
 pub mod config;
@@ -39,6 +40,7 @@ pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod redelivery;
 pub mod results;
 pub mod send;
 pub mod signals;
