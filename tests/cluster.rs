@@ -30,6 +30,10 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/rabbitmq-clus
 const NODES: [usize; 3] = [1, 2, 3];
 /// `amqp.prefetch` of both processes: bounds what a fault can leave unacked.
 const PREFETCH: u64 = 50;
+/// The whole test, the cluster's start included (about 100 s on a loaded
+/// 2-core machine): a fault that hangs fails the test instead of the run,
+/// and the cluster and daemons are stopped as the test's future is dropped.
+const BUDGET: Duration = Duration::from_secs(240);
 
 /// The cluster of this test: held under a file lock, stopped on drop.
 struct Cluster {
@@ -103,6 +107,7 @@ async fn script(args: &[&str]) -> String {
     let out = tokio::process::Command::new("bash")
         .arg(SCRIPT)
         .args(args)
+        .kill_on_drop(true)
         .output()
         .await
         .expect("bash");
@@ -267,6 +272,12 @@ async fn wait_acked(daemons: &[&Daemon], at_least: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_survive_losing_a_node_and_the_queue_leader() {
+    tokio::time::timeout(BUDGET, lose_a_node_and_the_queue_leader())
+        .await
+        .unwrap_or_else(|_| panic!("not done within {BUDGET:?}"));
+}
+
+async fn lose_a_node_and_the_queue_leader() {
     let began = Instant::now();
     let cluster = Cluster::start().await;
     eprintln!("cluster up after {:?}", began.elapsed());
