@@ -15,7 +15,9 @@
 //!
 //! `startup` resolves the built-in simulator (if an app needs it) into a
 //! `targets::StandIn`; `daemon` runs the apps (`targets`: addresses and
-//! identities) and the `pipeline` under its broker `pipeline::supervisor`,
+//! identities) and the `pipeline` under its broker `pipeline::supervisor`
+//! (which rotates over the nodes of `brokers`; `redelivery` is what the
+//! settlement remembers of a lost session's jobs),
 //! applies reloads, and tells `systemd`; `signals` asks for drains and
 //! reloads. `simulator` is the APNs stand-in the tests and the quick start
 //! run against.
