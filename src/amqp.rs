@@ -15,6 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use lapin::{Confirmation, PublisherConfirm};
 use tokio::sync::oneshot;
 
+use crate::brokers::{BrokerUris, Rotation};
 use crate::config::AmqpConfig;
 use crate::ledger::JobKey;
 use crate::results::Event;
@@ -78,6 +79,23 @@ pub async fn connect(uri: &str, name: &str) -> Result<Connection, lapin::Error> 
         }
         // lapin names what is wrong with the URI.
         Err(_) => Connection::connect(uri, props).await,
+    }
+}
+
+/// Connects to the first node of `uris` that answers, trying each once from
+/// a random start (one-shot commands; the daemon rotates with a backoff).
+pub async fn connect_any(uris: &BrokerUris, name: &str) -> Result<Connection, lapin::Error> {
+    let mut nodes = Rotation::random(uris.len());
+    let mut tries = uris.len();
+    loop {
+        match connect(uris.get(nodes.current()), name).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) if tries <= 1 => return Err(e),
+            Err(_) => {
+                tries -= 1;
+                nodes.advance();
+            }
+        }
     }
 }
 

@@ -77,7 +77,7 @@ impl Intake {
                 .message_id()
                 .as_ref()
                 .map(|m| m.as_str().to_owned());
-            let job = match Job::decode(&d.data, message_id.as_deref()) {
+            let mut job = match Job::decode(&d.data, message_id.as_deref()) {
                 Ok(job) => job,
                 Err(rejection) => {
                     settle
@@ -98,7 +98,15 @@ impl Intake {
                 settle.reject(key, tag, error, d.data, id).await?;
                 continue;
             }
-            settle.open(key, tag, &d.data, job.tokens.len() as u32);
+            if !d.redelivered {
+                settle.open(key, tag, &d.data, job.tokens.len() as u32);
+            } else if !settle
+                .open_redelivered(key, tag, &d.data, &route.name, &mut job)
+                .await?
+            {
+                // Its outcomes were all known: nothing is sent again.
+                continue;
+            }
             jobs.push(Arc::new(Envelope {
                 key,
                 app: route.name.clone(),

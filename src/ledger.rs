@@ -3,6 +3,7 @@
 //! broker. Pure bookkeeping; the pipeline does the I/O.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 pub use crate::job::JobKey;
 use crate::token::{DeviceToken, Tokens};
@@ -146,31 +147,47 @@ pub struct Ack {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Pending,
-    Done,
+    /// Final since then: what the ack lag is measured from.
+    Done(Instant),
     Acked,
 }
 
 /// Plans acks for one channel: one multiple-ack for each run of final deliveries
 /// at the front, so a busy queue costs one ack frame per batch, not per job.
-/// A delivery stuck behind a slow one is acked on its own once more than
-/// `slack` final ones wait behind it, so one slow job never holds the prefetch.
+/// A delivery final behind a slow one is acked on its own once more than
+/// `slack` final ones wait behind it, or once one has waited `max_wait`: one
+/// slow job never holds the prefetch, and a final job is acked within
+/// milliseconds, so a crash redelivers only jobs that were truly in flight.
 #[derive(Debug)]
 pub struct AckPlanner {
     /// Delivery tags in the order received (consecutive on a channel).
     states: VecDeque<(u64, State)>,
     slack: usize,
+    max_wait: Duration,
     /// Entries in `states` that are `Done`: kept as a count so planning stays
     /// cheap with a large prefetch.
     done: usize,
+    /// When the oldest `Done` entry became final, or earlier (it is not
+    /// moved forward when the front run leaves): waiting ones are acked
+    /// early, never late.
+    waiting_since: Option<Instant>,
 }
 
 impl AckPlanner {
-    pub fn new(slack: usize) -> Self {
+    pub fn new(slack: usize, max_wait: Duration) -> Self {
         AckPlanner {
             states: VecDeque::new(),
             slack,
+            max_wait,
             done: 0,
+            waiting_since: None,
         }
+    }
+
+    /// When `take` will ack final deliveries that wait behind a pending one,
+    /// if any wait: the session wakes up then.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.waiting_since.map(|since| since + self.max_wait)
     }
 
     /// Follows the prefetch in force: with a small one, a stuck delivery must
@@ -187,7 +204,8 @@ impl AckPlanner {
         self.states.push_back((tag, State::Pending));
     }
 
-    pub fn done(&mut self, tag: u64) {
+    /// Delivery `tag` became final at `now`.
+    pub fn done(&mut self, tag: u64, now: Instant) {
         let Some(&(front, _)) = self.states.front() else {
             return;
         };
@@ -198,8 +216,9 @@ impl AckPlanner {
             _ => self.states.iter_mut().find(|e| e.0 == tag),
         };
         if let Some(entry) = entry.filter(|e| e.1 == State::Pending) {
-            entry.1 = State::Done;
+            entry.1 = State::Done(now);
             self.done += 1;
+            self.waiting_since.get_or_insert(now);
         }
     }
 
@@ -208,17 +227,19 @@ impl AckPlanner {
         self.states.iter().filter(|e| e.1 != State::Acked).count()
     }
 
-    /// The acks to send now.
-    pub fn take(&mut self, out: &mut Vec<Ack>) {
+    /// The acks to send at `now`; `lags` gets, per job acked, how long it
+    /// had been final.
+    pub fn take(&mut self, now: Instant, out: &mut Vec<Ack>, lags: &mut Vec<Duration>) {
         let mut last_done = None;
         let mut run = 0usize;
         while let Some(&(tag, state)) = self.states.front() {
             if state == State::Pending {
                 break;
             }
-            if state == State::Done {
+            if let State::Done(at) = state {
                 last_done = Some(tag);
                 run += 1;
+                lags.push(now.saturating_duration_since(at));
             }
             self.states.pop_front();
         }
@@ -229,15 +250,22 @@ impl AckPlanner {
                 multiple: run > 1,
             });
         }
-        if self.done > self.slack {
-            for entry in self.states.iter_mut().filter(|e| e.1 == State::Done) {
-                entry.1 = State::Acked;
-                out.push(Ack {
-                    tag: entry.0,
-                    multiple: false,
-                });
+        let overdue = self.deadline().is_some_and(|at| now >= at);
+        if self.done > 0 && (self.done > self.slack || overdue) {
+            for entry in self.states.iter_mut() {
+                if let State::Done(at) = entry.1 {
+                    entry.1 = State::Acked;
+                    lags.push(now.saturating_duration_since(at));
+                    out.push(Ack {
+                        tag: entry.0,
+                        multiple: false,
+                    });
+                }
             }
             self.done = 0;
+        }
+        if self.done == 0 {
+            self.waiting_since = None;
         }
     }
 }
@@ -306,49 +334,114 @@ mod tests {
         assert_eq!(l.result_confirmed(JobKey(2)), Some(9));
     }
 
-    fn acks(p: &mut AckPlanner) -> Vec<(u64, bool)> {
+    /// A planner whose final deliveries never wait long enough to be acked
+    /// for their wait alone, with its clock.
+    fn planner(slack: usize) -> (AckPlanner, Instant) {
+        (
+            AckPlanner::new(slack, Duration::from_secs(3600)),
+            Instant::now(),
+        )
+    }
+
+    fn acks(p: &mut AckPlanner, now: Instant) -> Vec<(u64, bool)> {
         let mut out = Vec::new();
-        p.take(&mut out);
+        p.take(now, &mut out, &mut Vec::new());
         out.into_iter().map(|a| (a.tag, a.multiple)).collect()
     }
 
     #[test]
+    fn a_final_delivery_behind_a_pending_one_is_acked_after_max_wait() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut p = AckPlanner::new(100, ms(5));
+        for t in 1..=3 {
+            p.delivered(t);
+        }
+        assert_eq!(p.deadline(), None, "nothing final, nothing to wake up for");
+        p.done(2, t0);
+        p.done(3, t0 + ms(2));
+        assert_eq!(p.deadline(), Some(t0 + ms(5)));
+        assert_eq!(
+            acks(&mut p, t0 + ms(4)),
+            vec![],
+            "within max_wait and slack"
+        );
+        let (mut out, mut lags) = (Vec::new(), Vec::new());
+        p.take(t0 + ms(5), &mut out, &mut lags);
+        let out: Vec<(u64, bool)> = out.into_iter().map(|a| (a.tag, a.multiple)).collect();
+        assert_eq!(out, vec![(2, false), (3, false)]);
+        assert_eq!(lags, vec![ms(5), ms(3)]);
+        assert_eq!(p.deadline(), None);
+        assert_eq!(p.unacked(), 1);
+        p.done(1, t0 + ms(9));
+        lags.clear();
+        p.take(t0 + ms(10), &mut Vec::new(), &mut lags);
+        assert_eq!(lags, vec![ms(1)], "the front run's lag, once per job");
+        assert_eq!(p.unacked(), 0);
+    }
+
+    #[test]
+    fn the_front_run_reports_one_lag_per_job() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut p = AckPlanner::new(8, ms(5));
+        for t in 1..=3 {
+            p.delivered(t);
+            p.done(t, t0 + ms(t));
+        }
+        let (mut out, mut lags) = (Vec::new(), Vec::new());
+        p.take(t0 + ms(3), &mut out, &mut lags);
+        assert_eq!(
+            out,
+            vec![Ack {
+                tag: 3,
+                multiple: true
+            }]
+        );
+        assert_eq!(lags, vec![ms(2), ms(1), ms(0)]);
+    }
+
+    #[test]
     fn contiguous_final_deliveries_share_one_multiple_ack() {
-        let mut p = AckPlanner::new(8);
+        let (mut p, now) = planner(8);
         for t in 1..=5 {
             p.delivered(t);
         }
-        p.done(2);
-        p.done(1);
-        p.done(3);
-        assert_eq!(acks(&mut p), vec![(3, true)]);
-        p.done(5);
-        assert_eq!(acks(&mut p), vec![], "5 waits behind 4 within the slack");
-        p.done(4);
-        assert_eq!(acks(&mut p), vec![(5, true)]);
+        p.done(2, now);
+        p.done(1, now);
+        p.done(3, now);
+        assert_eq!(acks(&mut p, now), vec![(3, true)]);
+        p.done(5, now);
+        assert_eq!(
+            acks(&mut p, now),
+            vec![],
+            "5 waits behind 4 within the slack"
+        );
+        p.done(4, now);
+        assert_eq!(acks(&mut p, now), vec![(5, true)]);
         assert_eq!(p.unacked(), 0);
         p.delivered(6);
-        p.done(6);
-        assert_eq!(acks(&mut p), vec![(6, false)]);
+        p.done(6, now);
+        assert_eq!(acks(&mut p, now), vec![(6, false)]);
     }
 
     #[test]
     fn a_stuck_delivery_does_not_hold_the_others() {
-        let mut p = AckPlanner::new(2);
+        let (mut p, now) = planner(2);
         for t in 1..=5 {
             p.delivered(t);
         }
         for t in 2..=5 {
-            p.done(t);
+            p.done(t, now);
         }
         assert_eq!(
-            acks(&mut p),
+            acks(&mut p, now),
             vec![(2, false), (3, false), (4, false), (5, false)]
         );
         assert_eq!(p.unacked(), 1);
-        p.done(1);
+        p.done(1, now);
         // 2..=5 are acked already: a multiple ack up to 1 never covers them twice.
-        assert_eq!(acks(&mut p), vec![(1, false)]);
+        assert_eq!(acks(&mut p, now), vec![(1, false)]);
         assert_eq!(p.unacked(), 0);
     }
 }

@@ -15,7 +15,9 @@
 //!
 //! `startup` resolves the built-in simulator (if an app needs it) into a
 //! `targets::StandIn`; `daemon` runs the apps (`targets`: addresses and
-//! identities) and the `pipeline` under its broker `pipeline::supervisor`,
+//! identities) and the `pipeline` under its broker `pipeline::supervisor`
+//! (which rotates over the nodes of `brokers`; `redelivery` is what the
+//! settlement remembers of a lost session's jobs),
 //! applies reloads, and tells `systemd`; `signals` asks for drains and
 //! reloads. `simulator` is the APNs stand-in the tests and the quick start
 //! run against.
@@ -28,6 +30,7 @@
 pub mod amqp;
 pub mod apns;
 pub mod backoff;
+pub mod brokers;
 pub mod check;
 pub mod clock;
 pub mod config;
@@ -39,6 +42,7 @@ pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod redelivery;
 pub mod results;
 pub mod send;
 pub mod signals;

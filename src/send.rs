@@ -68,7 +68,7 @@ pub async fn publish(
     jobs: Vec<Vec<u8>>,
     mut progress: impl FnMut(usize),
 ) -> Result<(), SendError> {
-    let conn = amqp::connect(&config.amqp.uri, "apnsd-send").await?;
+    let conn = amqp::connect_any(&config.amqp.uri, "apnsd-send").await?;
     let ch = conn.create_channel().await?;
     amqp::declare_queue(&ch, &Topology::from(&config.amqp)).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;

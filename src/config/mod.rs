@@ -319,6 +319,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::brokers::BrokerUris;
 
     const APP: &str = "[[apps]]\nname = \"example\"\nenvironment = \"simulator\"\n";
 
@@ -423,7 +424,7 @@ feedback_interval = "1h"
         ]);
         let c = Config::load_with_env(&p, Some(env)).unwrap();
         assert_eq!((c.amqp.prefetch, c.log_level.as_str()), (10, "debug"));
-        assert_eq!(c.amqp.uri, "amqp://other:5672/%2f");
+        assert_eq!(c.amqp.uri, BrokerUris::single("amqp://other:5672/%2f"));
     }
 
     #[test]
@@ -516,6 +517,27 @@ feedback_interval = "1h"
     }
 
     #[test]
+    fn amqp_uri_takes_a_list_and_checks_every_entry() {
+        let c = load(&format!(
+            "[amqp]\nuri = [\"amqp://a:5681/%2f\", \"amqp://b:5682/%2f\"]\n{APP}"
+        ))
+        .expect("a list of URIs");
+        assert_eq!(c.amqp.uri.len(), 2);
+        assert_eq!(c.amqp.uri.get(1), "amqp://b:5682/%2f");
+        let m = message(&format!(
+            "[amqp]\nuri = [\"amqp://a\", \"http://u:s3cret@b\", \"nope:s3cret\"]\n{APP}"
+        ));
+        assert!(m.contains("amqp.uri[1]: not an AMQP URI"), "{m}");
+        assert!(m.contains("amqp.uri[2]: "), "{m}");
+        assert!(!m.contains("amqp.uri[0]") && !m.contains("s3cret"), "{m}");
+        let m = message(&format!("[amqp]\nuri = \"http://x\"\n{APP}"));
+        assert!(m.contains("amqp.uri: not an AMQP URI"), "{m}");
+        // An empty list is refused as a value of the wrong shape, unquoted.
+        let m = message(&format!("[amqp]\nuri = []\n{APP}"));
+        assert!(m.contains("amqp.uri: "), "{m}");
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         assert!(message(&format!("{APP}settle = \"fast\"\n")).contains("apps[0].settle"));
         assert!(message(&format!("[amqp]\nprefetch = 70000\n{APP}")).contains("amqp.prefetch"));
@@ -576,7 +598,8 @@ feedback_interval = "1h"
             format!("{APP}password = [\"{secret}\"]\n"),
             format!("[amqp]\nuri = \"http://u:{secret}@what\"\n{APP}"),
             format!("[amqp]\nuri = \"amqp://u:{secret}@host:port/\"\n{APP}"),
-            format!("[amqp]\nuri = [\"amqp://u:{secret}@host/\"]\n{APP}"),
+            format!("[amqp]\nuri = [\"amqp://a\", \"amqp://u:{secret}@host:port/\"]\n{APP}"),
+            format!("[amqp]\nuri = [1, \"amqp://u:{secret}@host/\"]\n{APP}"),
         ] {
             let m = message(&text);
             assert!(!m.contains("SECRET"), "{text} gave {m}");

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 pub use crate::apns::Protocol;
+use crate::brokers::BrokerUris;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -92,7 +93,8 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct AmqpConfig {
-    pub uri: String,
+    /// One broker URI, or several nodes of a cluster (each process starts at a random one).
+    pub uri: BrokerUris,
     pub queue: String,
     /// `x-queue-type` of the jobs queue: `classic` (default) or `quorum`.
     pub queue_type: Option<String>,
@@ -115,7 +117,7 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         AmqpConfig {
-            uri: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            uri: BrokerUris::default(),
             queue: "apns.jobs".into(),
             queue_type: None,
             prefetch: 20_000,

@@ -90,8 +90,13 @@ pub(super) fn validate(config: &Config) -> Vec<Problem> {
 
 fn amqp(config: &Config, p: &mut Problems) {
     let amqp = &config.amqp;
-    if let Err(problem) = check_amqp_uri(&amqp.uri) {
-        p.bad("amqp.uri", problem);
+    for (i, uri) in amqp.uri.iter().enumerate() {
+        if let Err(problem) = check_amqp_uri(uri) {
+            match amqp.uri.len() {
+                1 => p.bad("amqp.uri", problem),
+                _ => p.bad(format!("amqp.uri[{i}]"), problem),
+            }
+        }
     }
     p.within(
         "amqp.prefetch",

@@ -58,6 +58,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabel {
+    node: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AppLabel {
     app: String,
 }
@@ -113,6 +118,8 @@ pub struct Stats {
     /// Not yet written when the broker session of their job ended: dropped, as
     /// the redelivered job sends them.
     pub dropped_for_redelivery: Counter,
+    /// Not sent again on redelivery: their outcome was known from the lost session.
+    pub skipped_after_redelivery: Counter,
     pub results_published: Counter,
     connections_opened: Family<AppLabel, PCounter>,
     connect_failures: Family<AppLabel, PCounter>,
@@ -129,6 +136,9 @@ pub struct Stats {
     refused: Mutex<HashSet<(String, usize)>>,
     pub feedback_tokens: Counter,
     accept_latency: Histogram,
+    ack_lag: Histogram,
+    /// 1 for the broker node the session is on, 0 for nodes it was on.
+    broker_node: Family<NodeLabel, PGauge>,
     ready: AtomicBool,
     registry: Registry,
 }
@@ -195,6 +205,10 @@ impl Stats {
         let dropped_for_redelivery = counter(
             "notifications_dropped_for_redelivery",
             "Unwritten notifications dropped because their broker session ended",
+        );
+        let skipped_after_redelivery = counter(
+            "notifications_skipped_after_redelivery",
+            "Notifications of redelivered jobs not sent again: their outcome was known from the lost broker session",
         );
         let results_published = counter("results_published", "Results confirmed by the broker");
         let feedback_tokens = counter("feedback_tokens", "Tokens reported by the feedback service");
@@ -277,6 +291,20 @@ impl Stats {
             "Time from consuming a job to APNs accepting its notification",
             accept_latency.clone(),
         );
+        let ack_lag = Histogram::new([
+            0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+        ]);
+        registry.register(
+            "ack_lag_seconds",
+            "Time from a job becoming final (its last result confirmed) to its ack",
+            ack_lag.clone(),
+        );
+        let broker_node = Family::<NodeLabel, PGauge>::default();
+        registry.register(
+            "amqp_session_node",
+            "1 for the broker node (host:port) the session is on, 0 for nodes it left",
+            broker_node.clone(),
+        );
         Stats {
             jobs_consumed,
             jobs_rejected,
@@ -295,6 +323,7 @@ impl Stats {
             resent_after_close,
             accepted_after_session_loss,
             dropped_for_redelivery,
+            skipped_after_redelivery,
             results_published,
             connections_opened,
             connect_failures,
@@ -307,6 +336,8 @@ impl Stats {
             refused: Mutex::new(HashSet::new()),
             feedback_tokens,
             accept_latency,
+            ack_lag,
+            broker_node,
             ready: AtomicBool::new(false),
             registry,
         }
@@ -341,6 +372,19 @@ impl Stats {
 
     pub fn observe_accepted(&self, latency: Duration) {
         self.accept_latency.observe(latency.as_secs_f64());
+    }
+
+    pub fn observe_ack_lag(&self, lag: Duration) {
+        self.ack_lag.observe(lag.as_secs_f64());
+    }
+
+    /// Marks `node` (a label without userinfo) as the one the session is on, or left.
+    pub fn set_broker_node(&self, node: &str, on: bool) {
+        self.broker_node
+            .get_or_create(&NodeLabel {
+                node: node.to_owned(),
+            })
+            .set(i64::from(on));
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -423,6 +467,7 @@ impl Stats {
             resent_after_close: self.resent_after_close.get(),
             accepted_after_session_loss: self.accepted_after_session_loss.get(),
             dropped_for_redelivery: self.dropped_for_redelivery.get(),
+            skipped_after_redelivery: self.skipped_after_redelivery.get(),
             results_published: self.results_published.get(),
             feedback_tokens: self.feedback_tokens.get(),
         }
@@ -445,6 +490,7 @@ pub struct StatsSnapshot {
     pub resent_after_close: u64,
     pub accepted_after_session_loss: u64,
     pub dropped_for_redelivery: u64,
+    pub skipped_after_redelivery: u64,
     pub results_published: u64,
     pub feedback_tokens: u64,
 }

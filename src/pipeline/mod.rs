@@ -21,9 +21,11 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::{self, AmqpError, Publisher, Topology};
 use crate::apns::pool::Pool;
 use crate::apns::{Outcome, Protocol};
+use crate::brokers::BrokerUris;
 use crate::clock::sleep_until;
 use crate::intake::{self, Intake, Prefetch, Subscription};
 use crate::metrics::Stats;
+use crate::redelivery::Recall;
 use crate::results::Event;
 pub use settlement::LiveSettings;
 use settlement::Settlement;
@@ -57,7 +59,8 @@ pub type ResultRequest = (Event, oneshot::Sender<()>);
 /// Broker settings of one broker session: a change to any of them needs a new session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerSettings {
-    pub uri: String,
+    /// The broker nodes; the supervisor picks the one each session uses.
+    pub uri: BrokerUris,
     pub topology: Topology,
     pub prefetch: u16,
     /// Most job body bytes held; the prefetch in force adapts under it (0: off).
@@ -114,6 +117,8 @@ pub struct Pipeline {
     next_broker: Option<BrokerSettings>,
     /// Lane tasks of replaced or removed apps, still finishing their work.
     retired: Vec<JoinHandle<()>>,
+    /// Known outcomes of unfinished jobs, kept across sessions for their redelivery.
+    recall: Recall,
 }
 
 impl Pipeline {
@@ -137,6 +142,7 @@ impl Pipeline {
             live,
             next_broker: None,
             retired: Vec::new(),
+            recall: Recall::default(),
         }
     }
 
@@ -191,16 +197,18 @@ impl Pipeline {
         tasks
     }
 
-    /// Runs one broker session until shutdown has drained it or the broker fails.
-    /// `ready` fires once the consumer is attached.
+    /// Runs one broker session on the node at `uri` (one of `cfg.uri`) until
+    /// shutdown has drained it or the broker fails. `ready` fires once the
+    /// consumer is attached.
     pub async fn session(
         &mut self,
         cfg: &BrokerSettings,
+        uri: &str,
         shutdown: &CancellationToken,
         ready: impl FnOnce(),
     ) -> Result<Drained, AmqpError> {
-        let consume_conn = amqp::connect(&cfg.uri, "apnsd-consume").await?;
-        let publish_conn = amqp::connect(&cfg.uri, "apnsd-publish").await?;
+        let consume_conn = amqp::connect(uri, "apnsd-consume").await?;
+        let publish_conn = amqp::connect(uri, "apnsd-publish").await?;
         let prefetch = Prefetch::new(cfg.prefetch, cfg.prefetch_bytes);
         let consume =
             amqp::consumer_channel(&consume_conn, &cfg.topology, prefetch.current()).await?;
@@ -225,6 +233,7 @@ impl Pipeline {
             cfg.topology.retry_queue(),
             self.live,
             self.stats.clone(),
+            std::mem::take(&mut self.recall),
         );
         let mut consuming = true;
         let mut drain_deadline: Option<Instant> = None;
@@ -254,6 +263,8 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if consuming => {}
+                // Final jobs waiting behind one in flight: acked after the select.
+                _ = sleep_until(settle.ack_deadline()), if settle.ack_deadline().is_some() => {}
                 _ = sleep_until(drain_deadline), if drain_deadline.is_some() => {
                     tracing::warn!(unfinished = settle.held().0,
                         "drain timeout: leaving unfinished jobs to the broker for redelivery");
@@ -310,6 +321,10 @@ impl Pipeline {
         self.stats.prefetch.set(0);
         if result.is_ok() {
             let _ = settle.flush_acks().await;
+        }
+        // However the session ended, its unfinished jobs come back.
+        self.recall = settle.end();
+        if result.is_ok() {
             let _ = consume_conn.close(200, "bye".into()).await;
             let _ = publish_conn.close(200, "bye".into()).await;
         }

@@ -15,8 +15,14 @@ use crate::apns::{Envelope, Failure, Notification, Outcome, Reason, Withdrawal};
 use crate::job::{Job, JobError, JobKey};
 use crate::ledger::{Ack, AckPlanner, Ledger, Progress};
 use crate::metrics::Stats;
+use crate::redelivery::{Identity, Recall};
 use crate::results::Event;
 use crate::token::Tokens;
+
+/// Longest a final job waits for its ack behind a job still in flight (acks
+/// then go one by one instead of one per run): a crash must redeliver only
+/// jobs that were truly in flight.
+const ACK_WAIT: Duration = Duration::from_millis(5);
 
 /// Settings that apply at once, without a new broker session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +44,11 @@ pub struct Settlement {
     ledger: Ledger,
     acks: AckPlanner,
     ack_buf: Vec<Ack>,
+    /// How long each job acked by the last flush had been final.
+    ack_lags: Vec<Duration>,
+    /// Known outcomes of unfinished jobs: the pipeline's, lent for the
+    /// session and handed back by [`Settlement::end`].
+    recall: Recall,
     /// Set when the session ends, however it ends (see `Drop`): lanes then
     /// drop the unwritten notifications of its jobs, which the broker redelivers.
     withdrawal: Withdrawal,
@@ -61,6 +72,7 @@ impl Settlement {
         retry_queue: String,
         live: LiveSettings,
         stats: Arc<Stats>,
+        recall: Recall,
     ) -> Self {
         Settlement {
             consume,
@@ -69,13 +81,23 @@ impl Settlement {
             // Lanes settle at different moments, so one lane's finished jobs
             // often wait behind another's for a tick: only a stuck delivery
             // holding half the prefetch is worth acking around one by one.
-            acks: AckPlanner::new(usize::from(prefetch) / 2),
+            acks: AckPlanner::new(usize::from(prefetch) / 2, ACK_WAIT),
             ack_buf: Vec::new(),
+            ack_lags: Vec::new(),
+            recall,
             withdrawal: Withdrawal::default(),
             retry_queue,
             live,
             stats,
         }
+    }
+
+    /// The session ended, however it ended: its envelopes are withdrawn, and
+    /// what is known of its unfinished jobs goes back for their redelivery.
+    pub fn end(mut self) -> Recall {
+        let mut recall = std::mem::take(&mut self.recall);
+        recall.session_lost();
+        recall
     }
 
     /// The flag the session's envelopes carry.
@@ -91,6 +113,42 @@ impl Settlement {
     /// A job goes to the lanes: `tokens` outcomes will settle it.
     pub fn open(&mut self, key: JobKey, tag: u64, body: &[u8], tokens: u32) {
         self.ledger.open(key, tag, body_len(body), tokens, 0);
+    }
+
+    /// A job the broker redelivered. When a lost session of this process knew
+    /// outcomes of its tokens, those tokens are not sent again and their
+    /// results are published again (the broker may not have confirmed them).
+    /// Opens the job for the tokens left in `job`; false when none are left
+    /// to send.
+    pub async fn open_redelivered(
+        &mut self,
+        key: JobKey,
+        tag: u64,
+        body: &[u8],
+        app: &str,
+        job: &mut Job,
+    ) -> Result<bool, lapin::Error> {
+        let identity = Identity::of(job.id.as_deref(), app, &job.payload, &job.tokens);
+        let Some(known) = self.recall.redelivered(key, identity) else {
+            self.open(key, tag, body, job.tokens.len() as u32);
+            return Ok(true);
+        };
+        let (left, skipped) = known.remaining(&job.tokens);
+        self.stats.skipped_after_redelivery.add(skipped);
+        job.tokens = left;
+        let results = known.results();
+        if job.tokens.is_empty() && results.is_empty() {
+            self.recall.finished(key);
+            self.final_job(tag);
+            return Ok(false);
+        }
+        let tokens = job.tokens.len() as u32;
+        self.ledger
+            .open(key, tag, body_len(body), tokens, results.len() as u32);
+        for event in results {
+            self.publisher.publish(event, Owner::Job(key)).await?;
+        }
+        Ok(tokens > 0)
     }
 
     /// The prefetch changed: so does the slack of the ack plan.
@@ -204,22 +262,47 @@ impl Settlement {
                 (true, Some(event)) => {
                     let results = 1 + u32::from(unregistered.is_some());
                     let progress = self.ledger.token_done(env.key, results);
+                    if progress == Progress::Open {
+                        for e in std::iter::once(&event).chain(&unregistered) {
+                            let known = Some(e.clone());
+                            self.recall
+                                .outcome(env.key, false, || identity(env), n.token(), known);
+                        }
+                    }
                     self.publisher.publish(&event, Owner::Job(env.key)).await?;
                     if let Some(event) = unregistered {
                         self.publisher.publish(&event, Owner::Job(env.key)).await?;
                     }
                     self.progress(env, progress).await?;
                 }
-                (true, None) => match &mut run {
-                    Some((_, count)) if in_run => *count += 1,
-                    _ => {
-                        let previous = run.replace((n.envelope.clone(), 1));
-                        self.accepted_run(previous).await?;
+                (true, None) => {
+                    // A one-token job is final with this outcome: nothing to note.
+                    if env.job.tokens.len() > 1 {
+                        self.recall
+                            .outcome(env.key, false, || identity(env), n.token(), None);
                     }
-                },
-                // From a broken session: the job comes back by redelivery and
-                // sends this one again.
-                (false, None) => self.stats.accepted_after_session_loss.inc(),
+                    match &mut run {
+                        Some((_, count)) if in_run => *count += 1,
+                        _ => {
+                            let previous = run.replace((n.envelope.clone(), 1));
+                            self.accepted_run(previous).await?;
+                        }
+                    }
+                }
+                // From a broken session: the job comes back by redelivery,
+                // which skips this token (this process remembers it).
+                (false, None) => {
+                    self.stats.accepted_after_session_loss.inc();
+                    self.recall
+                        .outcome(env.key, true, || identity(env), n.token(), None);
+                }
+                // Final after its session ended: the redelivered job publishes its results.
+                (false, Some(event)) if env.withdrawal.is_withdrawn() => {
+                    for e in std::iter::once(event).chain(unregistered) {
+                        self.recall
+                            .outcome(env.key, true, || identity(env), n.token(), Some(e));
+                    }
+                }
                 (false, Some(_)) => {}
             }
         }
@@ -266,6 +349,7 @@ impl Settlement {
         match progress {
             Progress::Open => Ok(()),
             Progress::Final(tag) => {
+                self.recall.finished(env.key);
                 self.final_job(tag);
                 Ok(())
             }
@@ -300,7 +384,7 @@ impl Settlement {
 
     fn final_job(&mut self, tag: u64) {
         self.stats.jobs_acked.inc();
-        self.acks.done(tag);
+        self.acks.done(tag, Instant::now());
     }
 
     /// The broker confirmed a result: the job it settles may be final.
@@ -309,6 +393,7 @@ impl Settlement {
         match owner {
             Owner::Job(key) => {
                 if let Some(tag) = self.ledger.result_confirmed(key) {
+                    self.recall.finished(key);
                     self.final_job(tag);
                 }
             }
@@ -319,8 +404,18 @@ impl Settlement {
         }
     }
 
+    /// When final jobs waiting behind one in flight are due for their ack:
+    /// the session wakes up then to flush them.
+    pub fn ack_deadline(&self) -> Option<Instant> {
+        self.acks.deadline()
+    }
+
     pub async fn flush_acks(&mut self) -> Result<(), lapin::Error> {
-        self.acks.take(&mut self.ack_buf);
+        self.acks
+            .take(Instant::now(), &mut self.ack_buf, &mut self.ack_lags);
+        for lag in self.ack_lags.drain(..) {
+            self.stats.observe_ack_lag(lag);
+        }
         for ack in self.ack_buf.drain(..) {
             self.consume
                 .basic_ack(
@@ -351,6 +446,16 @@ fn failed(env: &Envelope, n: &Notification, f: Failure) -> Event {
         reason: f.reason,
         attempts,
     }
+}
+
+/// Names a job across deliveries, for [`Recall`].
+fn identity(env: &Envelope) -> Identity {
+    Identity::of(
+        env.job.id.as_deref(),
+        &env.app,
+        &env.job.payload,
+        &env.job.tokens,
+    )
 }
 
 /// A body's size as the ledger counts it (RabbitMQ caps messages far below 4 GiB).

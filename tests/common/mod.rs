@@ -270,18 +270,7 @@ impl Broker {
     }
 
     async fn depth(&self, queue: &str) -> u32 {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap()
-            .message_count()
+        message_count(&self.ch, queue).await
     }
 
     /// Deletes this test's queues (jobs and retry) and exchange.
@@ -301,6 +290,21 @@ impl Broker {
             .await;
         let _ = self.conn.close(200, "bye".into()).await;
     }
+}
+
+/// Messages ready in `queue` (a passive declare), on any channel.
+pub async fn message_count(ch: &Channel, queue: &str) -> u32 {
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap()
+    .message_count()
 }
 
 /// Groups results by routing key.
