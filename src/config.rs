@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 pub use crate::apns::Protocol;
+use crate::proxy::{Proxy, ProxySetting};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -84,6 +85,15 @@ impl Environment {
         }
     }
 
+    /// Apple's channel management API (broadcast channels) for this environment.
+    pub fn channel_endpoint(self) -> Option<&'static str> {
+        match self {
+            Environment::Production => Some("api-manage-broadcast.push.apple.com:2196"),
+            Environment::Sandbox => Some("api-manage-broadcast.sandbox.push.apple.com:2195"),
+            Environment::Simulator => None,
+        }
+    }
+
     pub fn feedback(self) -> Option<&'static str> {
         match self {
             Environment::Production => Some("feedback.push.apple.com:2196"),
@@ -116,6 +126,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+    /// HTTP CONNECT proxy for every app that sets none of its own.
+    #[serde(default)]
+    pub proxy: Option<ProxySetting>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -233,12 +246,26 @@ pub struct AppConfig {
     /// go to the retry queue instead of waiting in its lanes.
     #[serde(default = "defaults::unusable_after", deserialize_with = "duration")]
     pub unusable_after: Duration,
+    /// HTTP CONNECT proxy for every connection of the app (`""`: none);
+    /// absent, the top-level `proxy` applies (filled in at load time).
+    #[serde(default)]
+    pub proxy: Option<ProxySetting>,
+    /// `host:port` of Apple's channel management API, overriding the environment's.
+    pub channel_endpoint: Option<String>,
 }
 
 impl AppConfig {
     /// HTTP/2 with a provider token instead of a client certificate.
     pub fn token_auth(&self) -> bool {
         self.key_file.is_some()
+    }
+
+    /// The proxy the app's connections go through, if any.
+    pub fn via_proxy(&self) -> Option<&Proxy> {
+        self.proxy
+            .as_ref()
+            .and_then(ProxySetting::proxy)
+            .map(|p| &**p)
     }
 
     /// Talks to a simulator started inside this process.
@@ -263,6 +290,7 @@ impl std::fmt::Debug for AppConfig {
             .field("protocol", &self.protocol)
             .field("endpoint", &self.endpoint)
             .field("key_id", &self.key_id)
+            .field("proxy", &self.proxy)
             .finish_non_exhaustive()
     }
 }
@@ -414,6 +442,9 @@ impl Config {
     /// Makes file paths relative to the config file's folder and reads password files.
     fn resolve(&mut self, base: &Path, file: &Path) -> Result<(), ConfigError> {
         for (i, app) in self.apps.iter_mut().enumerate() {
+            if app.proxy.is_none() {
+                app.proxy.clone_from(&self.proxy);
+            }
             for p in [
                 &mut app.certificate,
                 &mut app.key,
@@ -568,6 +599,7 @@ impl Config {
                 ("gateway", &app.gateway),
                 ("feedback", &app.feedback),
                 ("endpoint", &app.endpoint),
+                ("channel_endpoint", &app.channel_endpoint),
             ] {
                 if let Some(addr) = v {
                     let port_ok = addr
@@ -830,6 +862,57 @@ feedback_interval = "1h"
         assert!(m.contains("spdy"), "{m}");
         // The built-in simulator needs neither certificate nor key.
         assert!(load(&format!("{APP}protocol = \"http2\"\n")).is_ok());
+    }
+
+    #[test]
+    fn apps_inherit_the_top_level_proxy_unless_they_set_their_own() {
+        let cfg = load(
+            r#"
+            proxy = "http://user:s3cret@proxy.example:3128"
+            [[apps]]
+            name = "inherits"
+            environment = "simulator"
+            [[apps]]
+            name = "own"
+            environment = "simulator"
+            proxy = "http://other:8080"
+            [[apps]]
+            name = "off"
+            environment = "simulator"
+            proxy = ""
+            "#,
+        )
+        .expect("valid");
+        let via: Vec<_> = cfg
+            .apps
+            .iter()
+            .map(|a| a.via_proxy().map(|p| p.addr()))
+            .collect();
+        assert_eq!(
+            via,
+            [
+                Some("proxy.example:3128".to_owned()),
+                Some("other:8080".to_owned()),
+                None
+            ]
+        );
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn a_bad_proxy_is_named_without_its_password() {
+        let text = message(
+            r#"
+            [[apps]]
+            name = "a"
+            environment = "simulator"
+            proxy = "socks5://user:s3cret@proxy:1080"
+            "#,
+        );
+        assert!(text.contains("proxy"), "{text}");
+        assert!(text.contains("socks5"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
     }
 
     #[test]

@@ -668,6 +668,7 @@ fn targets(
             addr,
             server_name,
             tls: tls_config.clone(),
+            proxy: app.via_proxy().cloned().map(Arc::new),
         })
     };
     Ok((target(gateway)?, target(feedback)?))
@@ -775,6 +776,7 @@ fn http2_target(
         tls: tls::with_h2(&tls),
         topic,
         signer,
+        proxy: app.via_proxy().cloned().map(Arc::new),
     })
 }
 

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -96,7 +95,7 @@ impl Poller {
 /// Connects, reads until the service closes, decodes the tuples.
 pub async fn poll(target: &Target, connect_timeout: Duration) -> io::Result<Vec<FeedbackTuple>> {
     let connect = async {
-        let tcp = TcpStream::connect(&target.addr).await?;
+        let tcp = crate::proxy::tcp(target.proxy.as_deref(), &target.addr, connect_timeout).await?;
         TlsConnector::from(target.tls.clone())
             .connect(target.server_name.clone(), tcp)
             .await

@@ -27,6 +27,7 @@ pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod proxy;
 pub mod results;
 pub mod send;
 pub mod shutdown;

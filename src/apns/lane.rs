@@ -57,6 +57,8 @@ pub struct Target {
     pub addr: String,
     pub server_name: ServerName<'static>,
     pub tls: Arc<rustls::ClientConfig>,
+    /// HTTP CONNECT proxy the connection tunnels through.
+    pub proxy: Option<Arc<crate::proxy::Proxy>>,
 }
 
 /// Per-lane tuning, from the app's configuration.
@@ -539,10 +541,10 @@ async fn write_or_flush(
     }
 }
 
-/// TCP connect and TLS handshake, bounded by `timeout`.
+/// TCP connect (through the proxy, if any) and TLS handshake, bounded by `timeout`.
 pub async fn connect(target: &Target, timeout: Duration) -> io::Result<TlsStream<TcpStream>> {
     let attempt = async {
-        let tcp = TcpStream::connect(&target.addr).await?;
+        let tcp = crate::proxy::tcp(target.proxy.as_deref(), &target.addr, timeout).await?;
         tcp.set_nodelay(true)?;
         TlsConnector::from(target.tls.clone())
             .connect(target.server_name.clone(), tcp)

@@ -20,7 +20,6 @@ use bytes::Bytes;
 use h2::client::{ResponseFuture, SendRequest};
 use h2::{Ping, PingPong};
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio_rustls::TlsConnector;
@@ -46,6 +45,8 @@ pub struct Target {
     pub topic: String,
     /// Token auth; `None` means the client certificate authenticates.
     pub signer: Option<Arc<Signer>>,
+    /// HTTP CONNECT proxy the connection tunnels through.
+    pub proxy: Option<Arc<crate::proxy::Proxy>>,
 }
 
 /// Per-lane tuning, from the app's configuration.
@@ -587,7 +588,7 @@ async fn connect(target: &Target, timeout: Duration) -> Result<Connection, Conne
     // out after it must not leave it holding the socket.
     let mut spawned: Option<AbortHandle> = None;
     let attempt = async {
-        let tcp = TcpStream::connect(&target.addr).await?;
+        let tcp = crate::proxy::tcp(target.proxy.as_deref(), &target.addr, timeout).await?;
         tcp.set_nodelay(true)?;
         let tls = TlsConnector::from(target.tls.clone())
             .connect(target.server_name.clone(), tcp)
