@@ -709,7 +709,7 @@ const PROBE_LISTEN: Duration = Duration::from_millis(500);
 
 /// The HTTP/2 target of an app: endpoint, TLS with ALPN `h2`, topic, and the
 /// provider-token signer under token auth.
-fn http2_target(
+pub(crate) fn http2_target(
     app: &AppConfig,
     simulator: Option<&Simulator>,
 ) -> Result<http2::Target, DaemonError> {

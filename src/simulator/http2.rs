@@ -218,6 +218,9 @@ fn judge(
     let Ok(token) = DeviceToken::parse(hex) else {
         return Err(refuse(None, 400, ApnsReason::BadDeviceToken));
     };
+    // No device has it: APNs answers BadDeviceToken once the credentials
+    // pass, which `apnsd check --connect` relies on.
+    let no_device = hex == crate::apns::http2::PROBE_TOKEN;
     let some = Some(token);
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let token_auth = !certified;
@@ -272,6 +275,9 @@ fn judge(
     }
     if payload.len() > limit {
         return Err(refuse(some, 413, ApnsReason::PayloadTooLarge));
+    }
+    if no_device {
+        return Err(refuse(some, 400, ApnsReason::BadDeviceToken));
     }
     if let Some((status, reason)) = faults.answer_for(&token) {
         return Err(refuse(some, status, reason));

@@ -625,6 +625,97 @@ async fn connect(target: &Target, timeout: Duration) -> Result<Connection, Conne
     result
 }
 
+/// The device token of [`probe`]'s request: well-formed, and no device has it.
+pub const PROBE_TOKEN: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Why an HTTP/2 endpoint failed [`probe`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("APNs refused the {what}: {status} {reason}")]
+    Refused {
+        what: &'static str,
+        status: u16,
+        reason: String,
+    },
+    #[error("the probe request failed: {0}")]
+    Request(String),
+}
+
+/// Proves an app's HTTP/2 credentials without notifying anyone: the TLS
+/// handshake and a PING answered (the client certificate, if any, was
+/// taken), then one request to [`PROBE_TOKEN`]. APNs judges the credentials
+/// before the token, so `400 BadDeviceToken` means they are good, and a 403
+/// (`InvalidProviderToken`, `BadCertificate`, ...) names what is wrong.
+/// Returns what was proven, for `apnsd check --connect`.
+pub async fn probe(target: &Target, timeout: Duration) -> Result<String, ProbeError> {
+    let conn = connect(target, timeout)
+        .await
+        .map_err(|e| ProbeError::Connect {
+            addr: target.addr.clone(),
+            source: Box::new(e),
+        })?;
+    let request_failed = |e: &dyn std::fmt::Display| ProbeError::Request(e.to_string());
+    let bearer = match target.signer.as_deref().map(Signer::bearer).transpose() {
+        Ok(b) => b,
+        Err(e) => return Err(request_failed(&e)),
+    };
+    let mut req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("https://{}/3/device/{PROBE_TOKEN}", target.addr))
+        .header("apns-topic", target.topic.as_str())
+        .header("apns-push-type", "background")
+        .header("apns-priority", "5");
+    if let Some(b) = &bearer {
+        req = req.header(http::header::AUTHORIZATION, &b.header);
+    }
+    let req = req.body(()).map_err(|e| request_failed(&e))?;
+    let mut send = conn.send;
+    let driver = conn.driver;
+    let answer = async {
+        let (response, mut body) = send
+            .send_request(req, false)
+            .map_err(|e| request_failed(&e))?;
+        body.send_data(
+            Bytes::from_static(br#"{"aps":{"content-available":1}}"#),
+            true,
+        )
+        .map_err(|e| request_failed(&e))?;
+        match exchange(response, timeout).await {
+            Exchange::Answered { status, body } => Ok((status, body)),
+            Exchange::TimedOut => Err(ProbeError::Request(format!("no answer within {timeout:?}"))),
+            Exchange::Refused | Exchange::Lost => Err(ProbeError::Request(
+                "the connection closed before the answer".into(),
+            )),
+        }
+    }
+    .await;
+    driver.abort();
+    let (status, body) = answer?;
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let reason = json["reason"].as_str().unwrap_or("(no reason)").to_owned();
+    let what = if bearer.is_some() {
+        "provider token"
+    } else {
+        "client certificate"
+    };
+    match (status, reason.as_str()) {
+        (400, "BadDeviceToken") | (200, _) => Ok(format!(
+            "TLS and HTTP/2 up, PING answered, {what} and topic accepted ({status} {reason} for a token no device has)"
+        )),
+        _ => Err(ProbeError::Refused {
+            what,
+            status,
+            reason,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::retry_delay;
