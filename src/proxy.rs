@@ -183,9 +183,14 @@ impl<'de> serde::Deserialize<'de> for ProxySetting {
 pub enum ProxyError {
     #[error("cannot connect to the proxy {proxy}: {source}")]
     Connect { proxy: String, source: io::Error },
-    #[error("the proxy {proxy} wants credentials (407 Proxy Authentication Required){}",
-        if *.sent { ": it refused the user and password given" } else { ": give them as http://user:password@host:port" })]
-    AuthRequired { proxy: String, sent: bool },
+    /// 407, or 401 as tinyproxy answers.
+    #[error("the proxy {proxy} {} (HTTP {status})",
+        if *.sent { "refused the user and password given" } else { "wants credentials: give them as http://user:password@host:port" })]
+    AuthRequired {
+        proxy: String,
+        sent: bool,
+        status: u16,
+    },
     #[error("the proxy {proxy} refused the tunnel to {target} (403 Forbidden)")]
     Forbidden { proxy: String, target: String },
     #[error("the proxy {proxy} cannot reach {target} (502 Bad Gateway)")]
@@ -314,9 +319,10 @@ where
             what: "data arrived before the tunnel was used",
         }),
         200..=299 => Ok(()),
-        407 => Err(ProxyError::AuthRequired {
+        401 | 407 => Err(ProxyError::AuthRequired {
             proxy: name,
             sent: proxy.has_credentials(),
+            status,
         }),
         403 => Err(ProxyError::Forbidden {
             proxy: name,
@@ -423,6 +429,7 @@ mod tests {
         let e = ProxyError::AuthRequired {
             proxy: p.addr(),
             sent: true,
+            status: 407,
         };
         assert!(!e.to_string().contains("hunter2"));
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod process;
+pub mod reach;
 pub mod relay;
 pub mod rig;
 
