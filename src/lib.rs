@@ -17,6 +17,7 @@
 pub mod amqp;
 pub mod apns;
 pub mod backoff;
+pub mod channels;
 pub mod check;
 pub mod config;
 pub mod daemon;

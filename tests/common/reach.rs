@@ -3,11 +3,14 @@
 //! an HTTP/2 app on it, and `apnsd` commands run to completion.
 
 use std::ffi::OsStr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use apnsd::simulator::{SimCerts, Simulator, SimulatorOptions};
 
-use super::process::APNSD;
+use super::eventually;
+use super::process::{free_port, APNSD};
+use super::rig::WAIT;
 
 /// A simulator whose certificates and token key are written to `dir`.
 pub async fn simulator(dir: &Path) -> Simulator {
@@ -71,4 +74,90 @@ where
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A tinyproxy process, killed on drop.
+pub struct Tinyproxy {
+    pub port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Tinyproxy {
+    /// Starts tinyproxy allowing CONNECT to `ports` only, with basic auth
+    /// when `auth` is given, and waits until it accepts connections.
+    pub async fn start(
+        dir: &Path,
+        name: &str,
+        ports: &[u16],
+        auth: Option<(&str, &str)>,
+    ) -> Tinyproxy {
+        let port = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let mut conf = format!(
+            "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 20\nAllow 127.0.0.1\nLogLevel Connect\nLogFile \"{}\"\n",
+            log.display()
+        );
+        if nix_root() {
+            conf.push_str("User nobody\nGroup nogroup\n");
+        }
+        for p in ports {
+            conf.push_str(&format!("ConnectPort {p}\n"));
+        }
+        if let Some((user, password)) = auth {
+            conf.push_str(&format!("BasicAuth {user} {password}\n"));
+        }
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, conf).unwrap();
+        // The log file must be writable by the user tinyproxy switches to.
+        std::fs::write(&log, "").unwrap();
+        let _ = Command::new("chmod").arg("0666").arg(&log).status();
+        let _ = Command::new("chmod").arg("0755").arg(dir).status();
+        let child = Command::new(tinyproxy_binary())
+            .arg("-d")
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tinyproxy (run deploy/test-prerequisites.sh)");
+        let proxy = Tinyproxy { port, log, child };
+        eventually(WAIT, "tinyproxy to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        proxy
+    }
+
+    pub fn uri(&self, userinfo: &str) -> String {
+        format!("http://{userinfo}127.0.0.1:{}", self.port)
+    }
+
+    /// Tunnels tinyproxy opened to `port`, from its log.
+    pub fn tunnels_to(&self, port: u16) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let needle = format!("CONNECT 127.0.0.1:{port} ");
+        log.lines().filter(|l| l.contains(&needle)).count()
+    }
+}
+
+fn nix_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+fn tinyproxy_binary() -> &'static str {
+    ["/usr/bin/tinyproxy", "/usr/sbin/tinyproxy"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("tinyproxy")
 }
