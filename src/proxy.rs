@@ -249,7 +249,12 @@ pub fn parse_reply(buf: &[u8]) -> Result<Reply, NotHttp> {
     let _version = parts.next();
     let status = parts
         .next()
-        .filter(|code| code.len() == 3 && code.iter().all(u8::is_ascii_digit))
+        // Three digits, the first 1 to 5 (RFC 9110's classes).
+        .filter(|code| {
+            code.len() == 3
+                && (b'1'..=b'5').contains(&code[0])
+                && code.iter().all(u8::is_ascii_digit)
+        })
         .and_then(|code| std::str::from_utf8(code).ok()?.parse::<u16>().ok())
         .ok_or(NotHttp("the status line has no three-digit status"))?;
     match buf[line_end..].windows(4).position(|w| w == b"\r\n\r\n") {
@@ -509,6 +514,8 @@ mod tests {
         assert!(parse_reply(b"\x16\x03\x01").is_err());
         assert!(parse_reply(b"HTTP/1.1 abc OK\r\n").is_err());
         assert!(parse_reply(b"HTTP/1.1 2000 OK\r\n").is_err());
+        assert!(parse_reply(b"HTTP/1.1 000 Zero\r\n\r\n").is_err());
+        assert!(parse_reply(b"HTTP/1.1 600 Six\r\n\r\n").is_err());
         let endless = [b"HTTP/1.1 200 OK\r\n".as_slice(), &[b'x'; MAX_REPLY]].concat();
         assert!(parse_reply(&endless).is_err());
     }
