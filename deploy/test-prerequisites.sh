@@ -15,3 +15,16 @@ fi
 
 # Test queues that a killed test run leaves behind expire on their own.
 rabbitmqctl -q set_policy --apply-to queues apnsd-test-expiry '^apnsd-test\.' '{"expires": 600000}' >/dev/null || true
+
+# --- HTTP CONNECT proxy (tests/proxy.rs) --------------------------------------
+# The proxy tests start their own tinyproxy processes on their own ports with
+# their own config files; only the binary is needed. Its packaged service is
+# not needed: stop and disable it so it holds no port.
+if ! command -v tinyproxy >/dev/null 2>&1 && [ ! -x /usr/bin/tinyproxy ] && [ ! -x /usr/sbin/tinyproxy ]; then
+    echo "apnsd: installing tinyproxy (for the proxy tests)" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tinyproxy >/dev/null
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now tinyproxy >/dev/null 2>&1 || true
+    fi
+fi
