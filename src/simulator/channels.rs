@@ -1,7 +1,8 @@
 //! Apple's channel management API for broadcast push (iOS 18 Live
 //! Activities), as the simulator serves it on its HTTP/2 port: create, read,
 //! list and delete an app's channels, with Apple's errors for a missing,
-//! malformed or unknown channel id.
+//! malformed or unknown channel id; and the broadcast push itself
+//! (`POST /4/broadcasts/apps/<bundle-id>`), recorded per channel.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -16,10 +17,26 @@ use crate::apns::http2::ApnsReason;
 /// Every channel management path starts so: `/1/apps/<bundle-id>/...`.
 pub(super) const PATH: &str = "/1/apps/";
 
-/// The channels of every app (bundle id → channel id → storage policy).
+/// A broadcast push's path: `/4/broadcasts/apps/<bundle-id>`.
+pub(super) const BROADCAST_PATH: &str = "/4/broadcasts/apps/";
+
+/// Largest broadcast payload APNs takes (a Live Activity update).
+const MAX_BROADCAST_PAYLOAD: usize = 5120;
+
+/// The channels of every app (bundle id → channel id → storage policy),
+/// and the broadcasts accepted.
 #[derive(Default)]
 pub(crate) struct Channels {
     by_topic: Mutex<BTreeMap<String, BTreeMap<String, u8>>>,
+    broadcasts: Mutex<Vec<Broadcast>>,
+}
+
+/// A broadcast push the simulator accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broadcast {
+    pub topic: String,
+    pub channel: String,
+    pub payload: Vec<u8>,
 }
 
 /// An answer: status, the `apns-channel-id` header of a created channel, a JSON body.
@@ -126,6 +143,67 @@ impl Channels {
     }
 }
 
+impl Channels {
+    /// Answers one broadcast push (its credentials already checked), as
+    /// Apple's "Sending broadcast push notification requests to APNs"
+    /// describes it: a known channel, push type `liveactivity`, priority and
+    /// expiration both given, no expiration for a channel that stores no
+    /// message, a payload of at most 5120 bytes.
+    pub(super) fn broadcast(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        payload: &[u8],
+    ) -> Answer {
+        let Some(topic) = path
+            .strip_prefix(BROADCAST_PATH)
+            .filter(|t| !t.is_empty() && !t.contains('/'))
+        else {
+            return Answer::refused(404, ApnsReason::BadPath);
+        };
+        if method != Method::POST {
+            return Answer::refused(405, ApnsReason::MethodNotAllowed);
+        }
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let mut all = self.by_topic.lock().unwrap_or_else(|e| e.into_inner());
+        let (channel, policy) = match known(all.entry(topic.to_owned()).or_default(), headers) {
+            Ok(known) => known,
+            Err(refused) => return refused,
+        };
+        drop(all);
+        if header("apns-push-type") != Some("liveactivity") {
+            return Answer::refused(400, ApnsReason::InvalidPushType);
+        }
+        if !matches!(header("apns-priority"), Some("5" | "10")) {
+            return Answer::refused(400, ApnsReason::BadPriority);
+        }
+        match header("apns-expiration").map(str::parse::<u64>) {
+            Some(Ok(0)) => {}
+            Some(Ok(_)) if policy == 1 => {}
+            _ => return Answer::refused(400, ApnsReason::BadExpirationDate),
+        }
+        if payload.len() > MAX_BROADCAST_PAYLOAD {
+            return Answer::refused(413, ApnsReason::PayloadTooLarge);
+        }
+        let mut broadcasts = self.broadcasts.lock().unwrap_or_else(|e| e.into_inner());
+        broadcasts.push(Broadcast {
+            topic: topic.to_owned(),
+            channel,
+            payload: payload.to_vec(),
+        });
+        Answer::ok(200, None)
+    }
+
+    /// The broadcasts accepted so far, oldest first.
+    pub(super) fn broadcasts(&self) -> Vec<Broadcast> {
+        self.broadcasts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 /// The request's `apns-channel-id`, if it names one of `channels`.
 fn known(channels: &BTreeMap<String, u8>, headers: &HeaderMap) -> Result<(String, u8), Answer> {
     let Some(id) = headers.get("apns-channel-id") else {
@@ -194,6 +272,85 @@ mod tests {
             store.handle(&Method::GET, path, &with_id(&id), b""),
             Answer::refused(400, ApnsReason::ChannelNotRegistered)
         );
+    }
+
+    #[test]
+    fn broadcasts_follow_apples_rules() {
+        let channels = Channels::default();
+        let create = |policy: u8| {
+            let body =
+                format!(r#"{{"message-storage-policy":{policy},"push-type":"LiveActivity"}}"#);
+            let created = channels.handle(
+                &Method::POST,
+                "/1/apps/com.x/channels",
+                &HeaderMap::new(),
+                body.as_bytes(),
+            );
+            created.channel_id.expect("created")
+        };
+        let (none, latest) = (create(0), create(1));
+        let send = |id: &str, pairs: &[(&'static str, &'static str)], payload: &[u8]| {
+            let mut headers = with_id(id);
+            for (k, v) in pairs {
+                headers.insert(*k, v.parse().unwrap());
+            }
+            channels
+                .broadcast(&Method::POST, "/4/broadcasts/apps/com.x", &headers, payload)
+                .status
+        };
+        let good = [
+            ("apns-push-type", "liveactivity"),
+            ("apns-priority", "10"),
+            ("apns-expiration", "0"),
+        ];
+        let update = br#"{"aps":{"event":"update","timestamp":1}}"#;
+        assert_eq!(send(&none, &good, update), 200);
+        let later = [
+            ("apns-push-type", "liveactivity"),
+            ("apns-priority", "5"),
+            ("apns-expiration", "1900000000"),
+        ];
+        assert_eq!(send(&latest, &later, update), 200);
+        assert_eq!(
+            send(&none, &later, update),
+            400,
+            "no storage, no expiration"
+        );
+        assert_eq!(
+            send(&none, &good[..2], update),
+            400,
+            "expiration is required"
+        );
+        assert_eq!(
+            send(&none, &[good[0], good[2]], update),
+            400,
+            "priority is required"
+        );
+        assert_eq!(
+            send(
+                &none,
+                &[("apns-push-type", "alert"), good[1], good[2]],
+                update
+            ),
+            400
+        );
+        assert_eq!(send(&none, &good, &[b' '; 5121]), 413);
+        assert_eq!(
+            send("dW5rbm93bg==", &good, update),
+            400,
+            "an unknown channel"
+        );
+        let accepted = channels.broadcasts();
+        assert_eq!(
+            accepted
+                .iter()
+                .map(|b| b.channel.as_str())
+                .collect::<Vec<_>>(),
+            [none.as_str(), latest.as_str()]
+        );
+        assert!(accepted
+            .iter()
+            .all(|b| b.topic == "com.x" && b.payload == update));
     }
 
     #[test]

@@ -110,7 +110,8 @@ impl Stream {
         }
         let faults = self.shared.faults();
         let now = SystemTime::now();
-        if parts.uri.path().starts_with(channels::PATH) {
+        let path = parts.uri.path();
+        if path.starts_with(channels::PATH) || path.starts_with(channels::BROADCAST_PATH) {
             let auth = authorize(
                 &parts.headers,
                 self.certified,
@@ -119,12 +120,15 @@ impl Stream {
                 now,
             );
             let answer = match auth {
-                Ok(()) => self.shared.channels.handle(
-                    &parts.method,
-                    parts.uri.path(),
-                    &parts.headers,
-                    &payload,
-                ),
+                Ok(()) if path.starts_with(channels::BROADCAST_PATH) => self
+                    .shared
+                    .channels
+                    .broadcast(&parts.method, path, &parts.headers, &payload),
+                Ok(()) => {
+                    self.shared
+                        .channels
+                        .handle(&parts.method, path, &parts.headers, &payload)
+                }
                 Err((status, reason)) => channels::Answer::refused(status, reason),
             };
             answer.send(respond);

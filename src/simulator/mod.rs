@@ -4,6 +4,7 @@
 
 mod certs;
 mod channels;
+pub use channels::Broadcast;
 mod faults;
 mod gateway;
 mod http2;
@@ -302,6 +303,11 @@ impl Simulator {
 
     pub fn http2_addr(&self) -> SocketAddr {
         self.http2
+    }
+
+    /// Broadcast pushes accepted (`/4/broadcasts/apps/<bundle-id>`), oldest first.
+    pub fn broadcasts(&self) -> Vec<Broadcast> {
+        self.shared.channels.broadcasts()
     }
 
     /// HTTP/2 requests answered with an error: token, status, reason.
