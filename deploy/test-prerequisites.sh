@@ -19,3 +19,16 @@ rabbitmqctl -q set_policy --apply-to queues apnsd-test-expiry '^apnsd-test\.' '{
 # --- The package, example and monitoring tests (tests/package.rs, tests/examples.rs,
 # tests/monitoring.rs): cargo-deb, PHP with php-amqplib, promtool, pika, amqplib.
 bash deploy/prerequisites/examples.sh
+
+# --- HTTP CONNECT proxy (tests/proxy.rs) --------------------------------------
+# The proxy tests start their own tinyproxy processes on their own ports with
+# their own config files; only the binary is needed. Its packaged service is
+# not needed: stop and disable it so it holds no port.
+if ! command -v tinyproxy >/dev/null 2>&1 && [ ! -x /usr/bin/tinyproxy ] && [ ! -x /usr/sbin/tinyproxy ]; then
+    echo "apnsd: installing tinyproxy (for the proxy tests)" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tinyproxy >/dev/null
+    if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now tinyproxy >/dev/null 2>&1 || true
+    fi
+fi

@@ -78,3 +78,28 @@ pub fn frame_codec(data: &[u8]) {
         rest = &rest[used..];
     }
 }
+
+/// The proxy's answer is read without panicking or claiming more bytes than
+/// it was given, and a complete answer reads the same from exactly its own
+/// bytes; a proxy URI parses without panicking and its printed forms never
+/// carry the password.
+pub fn proxy_reply(data: &[u8]) {
+    use apnsd::proxy::{parse_reply, Proxy, Reply};
+    if let Ok(Reply::Complete { status, len }) = parse_reply(data) {
+        assert!(len <= data.len());
+        assert!((100..600).contains(&status));
+        assert_eq!(
+            parse_reply(&data[..len]),
+            Ok(Reply::Complete { status, len })
+        );
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(proxy) = Proxy::parse(text) {
+            let shown = format!("{proxy} {proxy:?}");
+            let secret = "fuzz-secret-password";
+            if text.contains(secret) {
+                assert!(!shown.contains(secret), "{shown}");
+            }
+        }
+    }
+}

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-60}"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(job_decoder frame_codec)
+[ ${#targets[@]} -gt 0 ] || targets=(job_decoder frame_codec proxy_reply)
 
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
     echo "fuzz.sh: needs the nightly toolchain and cargo-fuzz (cargo install cargo-fuzz)" >&2

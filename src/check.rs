@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use crate::apns::http2::jwt::Signer;
+use crate::apns::http2::{self, jwt::Signer};
 use crate::apns::tls::{self, CertInfo};
+use crate::apns::Protocol;
 use crate::config::{AppConfig, Config, Environment};
 use crate::targets;
 
@@ -55,12 +56,33 @@ pub async fn check(config: &Config, now: i64, connect: bool) -> Report {
     }
     if connect && report.problems.is_empty() {
         for app in &config.apps {
-            if let Err(e) = targets::probe_gateway(app).await {
+            if app.protocol == Protocol::Http2 && !app.uses_builtin_simulator() {
+                match probe_http2(app).await {
+                    Ok(line) => report.apps.push(line),
+                    Err(problem) => report.problems.push(problem),
+                }
+            } else if let Err(e) = targets::probe_gateway(app).await {
                 report.problems.push(e.to_string());
             }
         }
     }
     report
+}
+
+/// One line on an HTTP/2 app's connection: what was proven, or the problem.
+async fn probe_http2(app: &AppConfig) -> Result<String, String> {
+    let target = targets::http2_target(app, None).map_err(|e| e.to_string())?;
+    let addr = &target.endpoint.addr;
+    let via = target
+        .endpoint
+        .proxy
+        .as_ref()
+        .map(|p| format!(" via {p}"))
+        .unwrap_or_default();
+    http2::probe(&target, app.connect_timeout)
+        .await
+        .map(|proven| format!("{}: {addr}{via}: {proven}", app.name))
+        .map_err(|e| format!("{}: {addr}{via}: {e}", app.name))
 }
 
 fn summary(app: &AppConfig, info: &CertInfo) -> String {

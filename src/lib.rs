@@ -20,7 +20,9 @@
 //! settlement remembers of a lost session's jobs),
 //! applies reloads, and tells `systemd`; `signals` asks for drains and
 //! reloads. `simulator` is the APNs stand-in the tests and the quick start
-//! run against.
+//! run against. `proxy` is the HTTP CONNECT tunnel `apns::connect` opens
+//! when an app has a proxy; `check` and `channels` are commands that speak to
+//! Apple once, through the same connector.
 //!
 //! Rules that keep the shape (more in `docs/architecture.md`): `token` is a
 //! leaf and `job` imports only it, so `job`, `apns` and `ledger` form no
@@ -31,6 +33,7 @@ pub mod amqp;
 pub mod apns;
 pub mod backoff;
 pub mod brokers;
+pub mod channels;
 pub mod check;
 pub mod clock;
 pub mod config;
@@ -42,6 +45,7 @@ pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;
+pub mod proxy;
 pub mod redelivery;
 pub mod results;
 pub mod send;

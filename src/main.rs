@@ -52,6 +52,21 @@ enum Command {
         #[arg(long)]
         app: Option<String>,
     },
+    /// Manage broadcast channels (iOS 18 Live Activities) with an HTTP/2 app's
+    /// credentials: create prints the new id, list one id per line.
+    Channels {
+        action: apnsd::channels::Action,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        app: Option<String>,
+        /// create: 0 stores no message (the default), 1 the most recent one.
+        #[arg(long)]
+        storage_policy: Option<u8>,
+        /// get, delete: the channel id (base64).
+        #[arg(long)]
+        channel: Option<String>,
+    },
     /// Run the built-in APNs simulator (binary gateway, feedback service, HTTP/2 API).
     Simulate(Box<apnsd::simulator::SimulateArgs>),
 }
@@ -108,6 +123,15 @@ fn main() -> ExitCode {
             alert,
             app,
         } => runtime(1).and_then(|rt| rt.block_on(send(&config, &to, &alert, app.as_deref()))),
+        Command::Channels {
+            action,
+            config,
+            app,
+            storage_policy,
+            channel,
+        } => apnsd::channels::Command::new(action, storage_policy, channel.as_deref())
+            .map_err(|e| Usage(e.to_string()).into())
+            .and_then(|command| runtime(1)?.block_on(channels(&config, app.as_deref(), &command))),
         Command::Simulate(args) => runtime(0).and_then(|rt| rt.block_on(simulate(*args))),
     };
     match result {
@@ -177,6 +201,34 @@ async fn check(path: &Path, connect: bool) -> anyhow::Result<()> {
         Ok(())
     } else {
         Err(Usage(report.problems.join("\n")).into())
+    }
+}
+
+async fn channels(
+    path: &Path,
+    app: Option<&str>,
+    command: &apnsd::channels::Command,
+) -> anyhow::Result<()> {
+    use apnsd::channels::ChannelError;
+    let config = load(path)?;
+    let app = config.app(app).ok_or_else(|| {
+        Usage(format!(
+            "--app: no app named {:?} in {}",
+            app.unwrap_or_default(),
+            path.display()
+        ))
+    })?;
+    match apnsd::channels::run(app, command).await {
+        Ok(output) => {
+            let text = output.to_string();
+            print!("{text}");
+            if !text.ends_with('\n') && !text.is_empty() {
+                println!();
+            }
+            Ok(())
+        }
+        Err(e @ ChannelError::Usage(_)) => Err(Usage(e.to_string()).into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("{}: channels", app.name))),
     }
 }
 

@@ -135,6 +135,7 @@ fn targets(
             addr,
             server_name,
             tls: tls_config.clone(),
+            proxy: app.via_proxy().cloned(),
         })
     };
     Ok((target(gateway)?, target(feedback)?))
@@ -175,7 +176,10 @@ const PROBE_LISTEN: Duration = Duration::from_millis(500);
 
 /// The HTTP/2 target of an app: endpoint, TLS with ALPN `h2`, topic, and the
 /// provider-token signer under token auth.
-fn http2_target(app: &AppConfig, stand_in: Option<&StandIn>) -> Result<http2::Target, TargetError> {
+pub(crate) fn http2_target(
+    app: &AppConfig,
+    stand_in: Option<&StandIn>,
+) -> Result<http2::Target, TargetError> {
     let fail = |what: String| TargetError::App {
         app: app.name.clone(),
         what,
@@ -230,6 +234,7 @@ fn http2_target(app: &AppConfig, stand_in: Option<&StandIn>) -> Result<http2::Ta
             addr,
             server_name,
             tls: tls::with_h2(&tls),
+            proxy: app.via_proxy().cloned(),
         },
         topic,
         signer,

@@ -156,4 +156,16 @@ proptest! {
     fn frame_codec_on_frame_like_bytes(data in frames_like()) {
         bodies::frame_codec(&data);
     }
+
+    #[test]
+    fn proxy_reply_on_arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..256)) {
+        bodies::proxy_reply(&data);
+    }
+
+    #[test]
+    fn proxy_reply_on_reply_like_text(
+        data in "(HTTP/1\\.[01] [0-9]{3}[ -~]{0,12}\r\n([A-Za-z-]{1,8}: [ -~]{0,8}\r\n){0,3}(\r\n)?|http://([a-z]{1,5}(:(fuzz-secret-password|[a-z%0-9]{0,6}))?@)?[a-z.]{1,8}(:[0-9]{1,5})?/?)"
+    ) {
+        bodies::proxy_reply(data.as_bytes());
+    }
 }

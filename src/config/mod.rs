@@ -121,6 +121,9 @@ impl Config {
     fn resolve(&mut self, base: &Path) -> Vec<validate::Problem> {
         let mut problems = Vec::new();
         for (i, app) in self.apps.iter_mut().enumerate() {
+            if app.proxy.is_none() {
+                app.proxy.clone_from(&self.proxy);
+            }
             for p in [
                 &mut app.certificate,
                 &mut app.key,
@@ -535,6 +538,56 @@ feedback_interval = "1h"
         // An empty list is refused as a value of the wrong shape, unquoted.
         let m = message(&format!("[amqp]\nuri = []\n{APP}"));
         assert!(m.contains("amqp.uri: "), "{m}");
+    }
+
+    #[test]
+    fn apps_inherit_the_top_level_proxy_unless_they_set_their_own() {
+        let cfg = load(
+            r#"
+            proxy = "http://user:s3cret@proxy.example:3128"
+            [[apps]]
+            name = "inherits"
+            environment = "simulator"
+            [[apps]]
+            name = "own"
+            environment = "simulator"
+            proxy = "http://other:8080"
+            [[apps]]
+            name = "off"
+            environment = "simulator"
+            proxy = ""
+            "#,
+        )
+        .expect("valid");
+        let via: Vec<_> = cfg
+            .apps
+            .iter()
+            .map(|a| a.via_proxy().map(|p| p.addr()))
+            .collect();
+        assert_eq!(
+            via,
+            [
+                Some("proxy.example:3128".to_owned()),
+                Some("other:8080".to_owned()),
+                None
+            ]
+        );
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn a_bad_proxy_is_named_without_its_password() {
+        for text in [
+            format!("{APP}proxy = \"socks5://user:s3cret@proxy:1080\"\n"),
+            format!("proxy = \"http://user:s3cret@proxy:1080/path\"\n{APP}"),
+        ] {
+            let m = message(&text);
+            assert!(m.contains("proxy: "), "{m}");
+            assert!(!m.contains("s3cret"), "{m}");
+        }
+        let m = message(&format!("{APP}channel_endpoint = \"nowhere\"\n"));
+        assert!(m.contains("apps[0].channel_endpoint"), "{m}");
     }
 
     #[test]

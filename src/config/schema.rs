@@ -5,12 +5,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
 pub use crate::apns::Protocol;
 use crate::brokers::BrokerUris;
+use crate::proxy::{Proxy, ProxySetting};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -57,6 +59,15 @@ impl Environment {
         }
     }
 
+    /// Apple's channel management API (broadcast channels) for this environment.
+    pub fn channel_endpoint(self) -> Option<&'static str> {
+        match self {
+            Environment::Production => Some("api-manage-broadcast.push.apple.com:2196"),
+            Environment::Sandbox => Some("api-manage-broadcast.sandbox.push.apple.com:2195"),
+            Environment::Simulator => None,
+        }
+    }
+
     pub fn feedback(self) -> Option<&'static str> {
         match self {
             Environment::Production => Some("feedback.push.apple.com:2196"),
@@ -88,6 +99,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub apps: Vec<AppConfig>,
+    /// HTTP CONNECT proxy for every app that sets none of its own.
+    #[serde(default)]
+    pub proxy: Option<ProxySetting>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,12 +219,23 @@ pub struct AppConfig {
     /// go to the retry queue instead of waiting in its lanes.
     #[serde(default = "defaults::unusable_after", deserialize_with = "duration")]
     pub unusable_after: Duration,
+    /// HTTP CONNECT proxy for every connection of the app (`""`: none);
+    /// absent, the top-level `proxy` applies (filled in at load time).
+    #[serde(default)]
+    pub proxy: Option<ProxySetting>,
+    /// `host:port` of Apple's channel management API, overriding the environment's.
+    pub channel_endpoint: Option<String>,
 }
 
 impl AppConfig {
     /// HTTP/2 with a provider token instead of a client certificate.
     pub fn token_auth(&self) -> bool {
         self.key_file.is_some()
+    }
+
+    /// The proxy the app's connections go through, if any.
+    pub fn via_proxy(&self) -> Option<&Arc<Proxy>> {
+        self.proxy.as_ref().and_then(ProxySetting::proxy)
     }
 
     /// Talks to a simulator started inside this process.
@@ -235,6 +260,7 @@ impl std::fmt::Debug for AppConfig {
             .field("protocol", &self.protocol)
             .field("endpoint", &self.endpoint)
             .field("key_id", &self.key_id)
+            .field("proxy", &self.proxy)
             .finish_non_exhaustive()
     }
 }

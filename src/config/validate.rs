@@ -283,6 +283,7 @@ fn app(app: &AppConfig, at: &str, p: &mut Problems) {
         ("gateway", &app.gateway),
         ("feedback", &app.feedback),
         ("endpoint", &app.endpoint),
+        ("channel_endpoint", &app.channel_endpoint),
     ] {
         if let Some(addr) = v {
             let port_ok = addr

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio_rustls::TlsAcceptor;
 
-use super::{Accepted, Faults, Http2Request, Shared, SIM_KEY_ID, SIM_TEAM_ID};
+use super::{channels, Accepted, Faults, Http2Request, Shared, SIM_KEY_ID, SIM_TEAM_ID};
 use crate::apns::http2::{jwt, ApnsReason, MAX_PAYLOAD, MAX_VOIP_PAYLOAD};
 use crate::job::DeviceToken;
 
@@ -110,6 +110,30 @@ impl Stream {
         }
         let faults = self.shared.faults();
         let now = SystemTime::now();
+        let path = parts.uri.path();
+        if path.starts_with(channels::PATH) || path.starts_with(channels::BROADCAST_PATH) {
+            let auth = authorize(
+                &parts.headers,
+                self.certified,
+                &faults,
+                self.shared.token_public_key.as_slice(),
+                now,
+            );
+            let answer = match auth {
+                Ok(()) if path.starts_with(channels::BROADCAST_PATH) => self
+                    .shared
+                    .channels
+                    .broadcast(&parts.method, path, &parts.headers, &payload),
+                Ok(()) => {
+                    self.shared
+                        .channels
+                        .handle(&parts.method, path, &parts.headers, &payload)
+                }
+                Err((status, reason)) => channels::Answer::refused(status, reason),
+            };
+            answer.send(respond);
+            return;
+        }
         let apns_id = parts.headers.get("apns-id").cloned();
         let answer = judge(
             &parts.method,
@@ -218,23 +242,14 @@ fn judge(
     let Ok(token) = DeviceToken::parse(hex) else {
         return Err(refuse(None, 400, ApnsReason::BadDeviceToken));
     };
+    // No device has it: APNs answers BadDeviceToken once the credentials
+    // pass, which `apnsd check --connect` relies on.
+    let no_device = hex == crate::apns::http2::PROBE_TOKEN;
     let some = Some(token);
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let token_auth = !certified;
-    if token_auth {
-        let Some(jwt) = header("authorization").and_then(|v| v.strip_prefix("bearer ")) else {
-            return Err(refuse(some, 403, ApnsReason::MissingProviderToken));
-        };
-        let iat = jwt::verify(jwt, public_key, SIM_KEY_ID, SIM_TEAM_ID)
-            .map_err(|_| refuse(some, 403, ApnsReason::InvalidProviderToken))?;
-        let age = now
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            .saturating_sub(iat);
-        if age > faults.token_max_age.unwrap_or(TOKEN_MAX_AGE).as_secs() {
-            return Err(refuse(some, 403, ApnsReason::ExpiredProviderToken));
-        }
-    }
+    authorize(headers, certified, faults, public_key, now)
+        .map_err(|(status, reason)| refuse(some, status, reason))?;
     let Some(topic) = header("apns-topic").filter(|t| !t.is_empty()) else {
         return Err(refuse(some, 400, ApnsReason::MissingTopic));
     };
@@ -273,6 +288,9 @@ fn judge(
     if payload.len() > limit {
         return Err(refuse(some, 413, ApnsReason::PayloadTooLarge));
     }
+    if no_device {
+        return Err(refuse(some, 400, ApnsReason::BadDeviceToken));
+    }
     if let Some((status, reason)) = faults.answer_for(&token) {
         return Err(refuse(some, status, reason));
     }
@@ -288,6 +306,37 @@ fn judge(
             token_auth,
         },
     })
+}
+
+/// A request's credentials: the client certificate (checked in the TLS
+/// handshake), or a provider token signed by the simulator's key, fresh enough.
+fn authorize(
+    headers: &HeaderMap,
+    certified: bool,
+    faults: &Faults,
+    public_key: &[u8],
+    now: SystemTime,
+) -> Result<(), (u16, ApnsReason)> {
+    if certified {
+        return Ok(());
+    }
+    let Some(jwt) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bearer "))
+    else {
+        return Err((403, ApnsReason::MissingProviderToken));
+    };
+    let iat = jwt::verify(jwt, public_key, SIM_KEY_ID, SIM_TEAM_ID)
+        .map_err(|_| (403, ApnsReason::InvalidProviderToken))?;
+    let age = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .saturating_sub(iat);
+    if age > faults.token_max_age.unwrap_or(TOKEN_MAX_AGE).as_secs() {
+        return Err((403, ApnsReason::ExpiredProviderToken));
+    }
+    Ok(())
 }
 
 /// `8-4-4-4-12` hex digits, as Apple requires of `apns-id`.

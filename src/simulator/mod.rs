@@ -3,6 +3,8 @@
 //! injection, and a record of what it accepted for tests to compare.
 
 mod certs;
+mod channels;
+pub use channels::Broadcast;
 mod faults;
 mod gateway;
 mod http2;
@@ -120,6 +122,8 @@ pub(crate) struct Shared {
     http2_refused: Mutex<Vec<(DeviceToken, u16, ApnsReason)>>,
     /// Provider tokens must verify against this (the `.p8` key's public half).
     token_public_key: Vec<u8>,
+    /// Broadcast channels, created and deleted through channel management.
+    channels: channels::Channels,
     connections: AtomicU64,
     handshake_failures: AtomicU64,
     feedback: Mutex<Vec<FeedbackTuple>>,
@@ -251,6 +255,7 @@ impl Simulator {
             refused: Mutex::new(Vec::new()),
             http2_refused: Mutex::new(Vec::new()),
             token_public_key: opts.certs.token_public_key().to_vec(),
+            channels: channels::Channels::default(),
             connections: AtomicU64::new(0),
             handshake_failures: AtomicU64::new(0),
             feedback: Mutex::new(Vec::new()),
@@ -298,6 +303,11 @@ impl Simulator {
 
     pub fn http2_addr(&self) -> SocketAddr {
         self.http2
+    }
+
+    /// Broadcast pushes accepted (`/4/broadcasts/apps/<bundle-id>`), oldest first.
+    pub fn broadcasts(&self) -> Vec<Broadcast> {
+        self.shared.channels.broadcasts()
     }
 
     /// HTTP/2 requests answered with an error: token, status, reason.

@@ -5,6 +5,7 @@
 
 pub mod logs;
 pub mod process;
+pub mod reach;
 pub mod relay;
 pub mod rig;
 

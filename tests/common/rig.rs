@@ -329,16 +329,7 @@ impl RigBuilder {
             "shutdown_timeout = \"10s\"\n{amqp}{}\n[results]\ndelivered = {}\n{apps}\n{}",
             self.amqp, self.delivered, self.sections,
         );
-        let path = dir.path().join("apnsd.toml");
-        std::fs::write(&path, toml).unwrap();
-        let (daemon, shutdown) = start_daemon(&path).await;
-        Rig {
-            broker,
-            sim,
-            daemon,
-            shutdown,
-            dir,
-        }
+        Rig::with_config(broker, sim, dir, &toml).await
     }
 }
 
@@ -387,6 +378,27 @@ impl Rig {
             sections: String::new(),
             identities: Vec::new(),
             feedback: Vec::new(),
+        }
+    }
+
+    /// A daemon on a configuration the test wrote itself (`toml`, saved as
+    /// `apnsd.toml` in `dir`), for a test that must start something between
+    /// the simulator and the daemon (a proxy in front of it).
+    pub async fn with_config(
+        broker: Broker,
+        sim: Simulator,
+        dir: tempfile::TempDir,
+        toml: &str,
+    ) -> Rig {
+        let path = dir.path().join("apnsd.toml");
+        std::fs::write(&path, toml).unwrap();
+        let (daemon, shutdown) = start_daemon(&path).await;
+        Rig {
+            broker,
+            sim,
+            daemon,
+            shutdown,
+            dir,
         }
     }
 

@@ -467,3 +467,133 @@ async fn open(endpoint: &Endpoint, timeout: Duration) -> Result<Connection, Conn
     }
     result
 }
+
+/// Why [`send_one`] got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the request failed: {0}")]
+    Failed(String),
+}
+
+/// Longest answer body [`send_one`] reads (a list of 10,000 channel ids fits).
+const MAX_ONE_BODY: usize = 1 << 20;
+
+/// One request on a connection of its own, for the tools that are not the
+/// daemon (`check --connect`, `channels`): the answer's head and body.
+/// Under token auth the target's signer adds the `authorization` header.
+pub async fn send_one(
+    target: &Target,
+    mut req: http::Request<()>,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(http::response::Parts, Vec<u8>), RequestError> {
+    let failed = |e: &dyn std::fmt::Display| RequestError::Failed(e.to_string());
+    let conn = open(&target.endpoint, timeout)
+        .await
+        .map_err(|e| RequestError::Connect {
+            addr: target.endpoint.addr.clone(),
+            source: Box::new(e),
+        })?;
+    if let Some(signer) = &target.signer {
+        let bearer = signer.bearer().map_err(|e| failed(&e))?;
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, bearer.header);
+    }
+    let Connection {
+        mut send, driver, ..
+    } = conn;
+    let exchange = async {
+        let (response, mut stream) = send
+            .send_request(req, body.is_empty())
+            .map_err(|e| failed(&e))?;
+        if !body.is_empty() {
+            stream.send_data(body, true).map_err(|e| failed(&e))?;
+        }
+        let (parts, mut incoming) = response.await.map_err(|e| failed(&e))?.into_parts();
+        let mut read = Vec::new();
+        while let Some(chunk) = incoming.data().await {
+            let chunk = chunk.map_err(|e| failed(&e))?;
+            let _ = incoming.flow_control().release_capacity(chunk.len());
+            if read.len() + chunk.len() > MAX_ONE_BODY {
+                return Err(RequestError::Failed("the answer is too long".into()));
+            }
+            read.extend_from_slice(&chunk);
+        }
+        Ok((parts, read))
+    };
+    let answer = tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(RequestError::Failed(format!(
+                "no answer within {timeout:?}"
+            )))
+        });
+    driver.abort();
+    answer
+}
+
+/// The `reason` of an APNs error body, or a stand-in when it has none.
+pub fn reason_of(body: &[u8]) -> String {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    json["reason"].as_str().unwrap_or("(no reason)").to_owned()
+}
+
+/// The device token of [`probe`]'s request: well-formed, and no device has it.
+pub const PROBE_TOKEN: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Why an HTTP/2 endpoint failed [`probe`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error("APNs refused the {what}: {status} {reason}")]
+    Refused {
+        what: &'static str,
+        status: u16,
+        reason: String,
+    },
+}
+
+/// Proves an app's HTTP/2 credentials without notifying anyone: the TLS
+/// handshake and a PING answered (the client certificate, if any, was
+/// taken), then one request to [`PROBE_TOKEN`]. APNs judges the credentials
+/// before the token, so `400 BadDeviceToken` means they are good, and a 403
+/// (`InvalidProviderToken`, `BadCertificate`, ...) names what is wrong.
+/// Returns what was proven, for `apnsd check --connect`.
+pub async fn probe(target: &Target, timeout: Duration) -> Result<String, ProbeError> {
+    let req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!(
+            "https://{}/3/device/{PROBE_TOKEN}",
+            target.endpoint.addr
+        ))
+        .header("apns-topic", target.topic.as_str())
+        .header("apns-push-type", "background")
+        .header("apns-priority", "5")
+        .body(())
+        .map_err(|e| RequestError::Failed(e.to_string()))?;
+    let body = Bytes::from_static(br#"{"aps":{"content-available":1}}"#);
+    let (parts, body) = send_one(target, req, body, timeout).await?;
+    let (status, reason) = (parts.status.as_u16(), reason_of(&body));
+    let what = if target.signer.is_some() {
+        "provider token"
+    } else {
+        "client certificate"
+    };
+    match (status, reason.as_str()) {
+        (400, "BadDeviceToken") | (200, _) => Ok(format!(
+            "TLS and HTTP/2 up, PING answered, {what} and topic accepted ({status} {reason} for a token no device has)"
+        )),
+        _ => Err(ProbeError::Refused {
+            what,
+            status,
+            reason,
+        }),
+    }
+}

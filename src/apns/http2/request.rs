@@ -92,6 +92,10 @@ reasons! {
     InternalServerError => "internal_server_error",
     ServiceUnavailable => "service_unavailable",
     Shutdown => "shutdown",
+    MissingChannelId => "missing_channel_id",
+    BadChannelId => "bad_channel_id",
+    ChannelNotRegistered => "channel_not_registered",
+    BadMessageStoragePolicy => "bad_message_storage_policy",
 }
 
 /// What to do with a notification after APNs answered.
