@@ -454,3 +454,83 @@ mod tests {
         assert_eq!(s.snapshot().failed, 1);
     }
 }
+
+#[cfg(test)]
+mod exposition {
+    use super::*;
+
+    /// Each series as `name type {label names} help`, sorted, with every
+    /// labelled family given one member so its labels show.
+    fn series(s: &Stats) -> Vec<String> {
+        s.lane("a", 0);
+        s.failed_with("r");
+        s.set_identity_refused("a", 0, true);
+        let text = s.render();
+        let mut help = std::collections::BTreeMap::new();
+        let mut kind = std::collections::BTreeMap::new();
+        let mut labels: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, h) = rest.split_once(' ').unwrap_or((rest, ""));
+                help.insert(name, h);
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, t) = rest.split_once(' ').unwrap_or((rest, ""));
+                kind.insert(name, t);
+            } else if let Some((name, rest)) = line.split_once('{') {
+                let family = kind
+                    .keys()
+                    .filter(|k| name.starts_with(**k))
+                    .max_by_key(|k| k.len())
+                    .copied()
+                    .unwrap_or(name);
+                let names: Vec<&str> = rest
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+                    .filter(|k| *k != "le")
+                    .collect();
+                labels.insert(family, names);
+            }
+        }
+        kind.iter()
+            .map(|(name, t)| {
+                let l = labels.get(name).map(|l| l.join(",")).unwrap_or_default();
+                format!("{name} {t} {{{l}}} {}", help.get(name).unwrap_or(&""))
+            })
+            .collect()
+    }
+
+    /// Pins every series' name, type, label names and help, so changing
+    /// how they are declared cannot change what a scraper sees.
+    #[test]
+    fn every_series_keeps_its_name_type_labels_and_help() {
+        let expected = [
+            "apnsd_connect_failures counter {app} Failed gateway connection attempts, by app.",
+            "apnsd_connection_stalls counter {app} Connections dropped because writes made no progress, by app.",
+            "apnsd_connections_opened counter {app} Gateway connections established, by app.",
+            "apnsd_connections_up gauge {app} Gateway connections open now, by app.",
+            "apnsd_consume_to_accepted_seconds histogram {} Time from consuming a job to APNs accepting its notification.",
+            "apnsd_feedback_tokens counter {} Tokens reported by the feedback service.",
+            "apnsd_identity_refused gauge {app} Connections whose gateway refuses the app's certificate, by app (not ready while any).",
+            "apnsd_job_bytes_held gauge {} Body bytes of the jobs in flight (bounded by amqp.prefetch_bytes).",
+            "apnsd_jobs_acked counter {} Jobs acknowledged after every outcome was final.",
+            "apnsd_jobs_consumed counter {} Jobs taken from the jobs queue.",
+            "apnsd_jobs_deferred counter {} Jobs republished to the retry queue because their app was unusable.",
+            "apnsd_jobs_in_flight gauge {} Jobs consumed by the current broker session and not yet final.",
+            "apnsd_jobs_redelivered counter {} Jobs the broker delivered again (an earlier try may have sent some notifications).",
+            "apnsd_jobs_rejected counter {} Jobs that were unusable (rejected results).",
+            "apnsd_notifications_accepted counter {} Notifications APNs accepted (settled or implied).",
+            "apnsd_notifications_accepted_after_session_loss counter {} Notifications accepted after their broker session ended (sent again on redelivery).",
+            "apnsd_notifications_dropped_for_redelivery counter {} Unwritten notifications dropped because their broker session ended.",
+            "apnsd_notifications_failed counter {} Notifications that failed for good.",
+            "apnsd_notifications_failed_by_reason counter {reason} Notifications that failed for good, by reason.",
+            "apnsd_notifications_resent_after_close counter {} Notifications resent because a connection closed silently (possible duplicates).",
+            "apnsd_notifications_resent_after_error counter {} Notifications resent because an earlier one on the connection failed.",
+            "apnsd_notifications_retried counter {} Retries after a transient status.",
+            "apnsd_notifications_written counter {} Notifications written to a gateway connection.",
+            "apnsd_prefetch gauge {} Prefetch of the current subscription, adapted under amqp.prefetch and amqp.prefetch_bytes.",
+            "apnsd_results_published counter {} Results confirmed by the broker.",
+            "apnsd_window_notifications gauge {app,lane} Notifications written and not yet settled, by app and connection.",
+        ];
+        assert_eq!(series(&Stats::new()), expected);
+    }
+}
