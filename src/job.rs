@@ -139,7 +139,7 @@ impl Job {
             },
         };
         fields
-            .into_job()
+            .into_job(text)
             .map(|mut job| {
                 job.id = id.as_deref().map(Arc::from);
                 job
@@ -206,13 +206,14 @@ struct Fields<'a> {
 }
 
 impl Fields<'_> {
-    fn into_job(self) -> Result<Job, JobError> {
+    /// `body` is the text the fields were read from, to place errors in it.
+    fn into_job(self, body: &str) -> Result<Job, JobError> {
         let app = self
             .app
             .map(|raw| string(raw).ok_or_else(|| wrong("app", "a string")))
             .transpose()?;
         let tokens = tokens(self.token, self.tokens)?;
-        let (payload, content_only) = payload(self.payload)?;
+        let (payload, content_only) = payload(self.payload, body)?;
         let expiry = match self.expiry {
             None => None,
             Some(raw) => {
@@ -367,7 +368,8 @@ fn hex_list(raw: &RawValue) -> Option<Vec<Cow<'_, str>>> {
 /// The compact payload, and whether its `aps` holds nothing but
 /// `content-available` (a silent, background push). The payload keeps the
 /// publisher's key order, numbers and escapes; only whitespace goes.
-fn payload(raw: Option<&RawValue>) -> Result<(Bytes, bool), JobError> {
+/// `body` holds `raw`, so a problem inside the payload is placed in the body.
+fn payload(raw: Option<&RawValue>, body: &str) -> Result<(Bytes, bool), JobError> {
     let raw = raw.ok_or(JobError::NoPayload)?;
     if !starts(Some(raw), b'{') {
         return Err(wrong("payload", "a JSON object"));
@@ -377,8 +379,8 @@ fn payload(raw: Option<&RawValue>) -> Result<(Bytes, bool), JobError> {
         #[serde(borrow)]
         aps: Option<&'a RawValue>,
     }
-    let head: Head =
-        serde_json::from_str(raw.get()).map_err(|e| JobError::NotJson(e.to_string()))?;
+    let head: Head = serde_json::from_str(raw.get())
+        .map_err(|e| JobError::NotJson(placed_in_body(&e, raw.get(), body)))?;
     let aps = head
         .aps
         .filter(|a| starts(Some(a), b'{'))
@@ -387,6 +389,27 @@ fn payload(raw: Option<&RawValue>) -> Result<(Bytes, bool), JobError> {
         serde_json::from_str(aps.get()).map_err(|e| JobError::NotJson(e.to_string()))?;
     let content_only = keys.len() == 1 && keys.contains_key("content-available");
     Ok((Bytes::from(compact(raw.get())), content_only))
+}
+
+/// `e`, met parsing `part` (a slice of `body`, as the payload is), with its
+/// position counted from the body the publisher wrote, then from the
+/// payload: serde_json counts from the text it was given, the payload alone.
+fn placed_in_body(e: &serde_json::Error, part: &str, body: &str) -> String {
+    let (line, column) = (e.line(), e.column());
+    let message = e.to_string();
+    let bare = message
+        .strip_suffix(&format!(" at line {line} column {column}"))
+        .unwrap_or(&message);
+    let start = (part.as_ptr() as usize).checked_sub(body.as_ptr() as usize);
+    let Some(before) = start.and_then(|at| body.get(..at)) else {
+        return format!("{bare} at line {line} column {column} of `payload`");
+    };
+    let body_line = before.matches('\n').count() + line;
+    let body_column = match line {
+        1 => before.len() - before.rfind('\n').map_or(0, |n| n + 1) + column,
+        _ => column,
+    };
+    format!("{bare} at line {body_line} column {body_column} (line {line} column {column} of `payload`)")
 }
 
 /// Valid JSON `text` without the whitespace between its tokens.
@@ -562,6 +585,25 @@ mod tests {
         assert_eq!(
             decode(&escaped).unwrap().tokens.get(0),
             DeviceToken::parse(HEX).ok()
+        );
+    }
+
+    #[test]
+    fn a_duplicate_key_in_the_payload_is_placed_in_the_body() {
+        let one_line = format!(r#"{{"token":"{HEX}","payload":{{"aps":{{}},"aps":{{}}}}}}"#);
+        let lines = format!(
+            "{{\"token\":\"{HEX}\",\n  \"payload\": {{\n    \"aps\": {{}},\n    \"aps\": {{}}\n  }}\n}}"
+        );
+        let error = |body: &str| decode(body).map(|_| ()).unwrap_err().error.to_string();
+        assert_eq!(
+            error(&one_line),
+            "body is not JSON: duplicate field `aps` at line 1 column 101 \
+             (line 1 column 15 of `payload`)"
+        );
+        assert_eq!(
+            error(&lines),
+            "body is not JSON: duplicate field `aps` at line 4 column 9 \
+             (line 3 column 9 of `payload`)"
         );
     }
 

@@ -101,11 +101,11 @@ async fn unusable_apps_retry_through_the_retry_queue_then_fail_without_blocking_
     // an identity problem.
     let stats = rig.stats();
     eventually(WAIT, "the refused certificate to be seen", || {
-        !stats.refused_apps().is_empty()
+        !stats.health.refused_apps().is_empty()
     })
     .await;
-    assert_eq!(stats.refused_apps(), ["expired"]);
-    assert!(!stats.is_ready());
+    assert_eq!(stats.health.refused_apps(), ["expired"]);
+    assert!(!stats.health.is_ready());
     let results = rig.broker.results(20, WAIT).await;
     let grouped = by_key(&results);
     for (key, app) in [

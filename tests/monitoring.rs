@@ -84,7 +84,7 @@ fn every_dashboard_query_parses() {
 fn served() -> BTreeSet<String> {
     let stats = apnsd::metrics::Stats::new();
     stats.lane("shop", 0);
-    stats.set_identity_refused("shop", 0, true);
+    stats.health.set_identity_refused("shop", 0, true);
     stats.failed_with("bad_device_token");
     stats.set_certificate_expiry("shop", Some(1_800_000_000));
     let text = stats.render();

@@ -186,6 +186,7 @@ impl Lane {
     async fn run_then_forget<T: Transport>(mut self, transport: T) {
         self.run(transport).await;
         self.stats
+            .health
             .set_identity_refused(&self.app, self.index, false);
     }
 

@@ -34,7 +34,7 @@ impl Reconnect {
     pub fn healthy(&mut self, stats: &Stats, app: &str, lane: usize) {
         self.backoff.reset();
         self.failing_since = None;
-        stats.set_identity_refused(app, lane, false);
+        stats.health.set_identity_refused(app, lane, false);
     }
 
     /// A connection broke for `why`, or could not be opened: the delay before
@@ -46,7 +46,9 @@ impl Reconnect {
         app: &str,
         lane: usize,
     ) -> (Duration, Option<Unusable>) {
-        stats.set_identity_refused(app, lane, why == Unusable::CertificateRejected);
+        stats
+            .health
+            .set_identity_refused(app, lane, why == Unusable::CertificateRejected);
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         let unusable = (since.elapsed() >= self.unusable_after).then_some(why);
         let delay = self.backoff.next_delay();

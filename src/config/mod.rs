@@ -36,6 +36,10 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
+    /// The environment could not be layered over the file (a variable that
+    /// is not Unicode); config-rs's message is not kept, as it quotes values.
+    #[error("{}: cannot apply the APNSD_* environment variables over it", file.display())]
+    Layer { file: PathBuf },
     #[error("{}: unknown key {key}", file.display())]
     Unknown { file: PathBuf, key: String },
     #[error("{}: {key}: {problem}", file.display())]
@@ -79,11 +83,10 @@ impl Config {
             file: file.clone(),
             source,
         })?;
-        let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| syntax_error(&file, &text, &e))?;
-        let env = env.unwrap_or_else(|| std::env::vars().collect());
-        overlay(&mut table, &env);
-        let typed = deserialize_all(toml::Value::Table(table));
+        // Parsed first for its syntax errors, which give a position and
+        // quote nothing.
+        toml::from_str::<toml::Table>(&text).map_err(|e| syntax_error(&file, &text, &e))?;
+        let typed = deserialize_all(layer(&file, &text, env)?);
         let mut problems = typed.wrong;
         if let Some(mut cfg) = typed.config {
             let base = path.parent().unwrap_or(Path::new("."));
@@ -174,37 +177,36 @@ fn syntax_error(file: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
     }
 }
 
-/// Applies `APNSD_<SECTION>__<KEY>` variables over the file's keys. A value
-/// that reads as a TOML value (`10`, `true`, `"x"`) takes that type; any
-/// other is a string.
-fn overlay(table: &mut toml::Table, env: &HashMap<String, String>) {
-    for (name, text) in env {
-        let Some(rest) = name.strip_prefix("APNSD_") else {
-            continue;
-        };
-        let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
-        let Some((leaf, sections)) = path.split_last() else {
-            continue;
-        };
-        let mut at = &mut *table;
-        for section in sections {
-            let entry = at
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if !entry.is_table() {
-                *entry = toml::Value::Table(toml::Table::new());
-            }
-            let toml::Value::Table(inner) = entry else {
-                unreachable!("made a table just above");
-            };
-            at = inner;
-        }
-        let value = toml::from_str::<toml::Table>(&format!("v = {text}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(text.clone()));
-        at.insert(leaf.clone(), value);
-    }
+/// Layers the `APNSD_<SECTION>__<KEY>` variables of `env` (the process
+/// environment when `None`) over the file with config-rs, and hands back the
+/// merged tree as TOML so the strict pass reads it as it reads the file. A
+/// variable's value that reads as a boolean, integer or float takes that
+/// kind; any other is a string. Each value keeps its kind on the way
+/// (config-rs's integer stays a TOML integer, its string a string), so the
+/// strict types still refuse `2.7` for a count or `"100"` from the file.
+///
+/// config-rs lowercases the variable's name (`APNSD_AMQP__URI` sets
+/// `amqp.uri`) but keeps the file's keys as written; every key apnsd knows is
+/// lowercase, so an override always meets the key it names.
+fn layer(
+    file: &Path,
+    text: &str,
+    env: Option<HashMap<String, String>>,
+) -> Result<toml::Value, ConfigError> {
+    let environment = ::config::Environment::with_prefix("APNSD")
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .source(env);
+    ::config::Config::builder()
+        .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
+        .add_source(environment)
+        .build()
+        .and_then(::config::Config::try_deserialize::<toml::Value>)
+        // config-rs's messages may quote a value: only the fact is kept.
+        .map_err(|_| ConfigError::Layer {
+            file: file.to_owned(),
+        })
 }
 
 /// Deserialises `value` strictly, reporting every unknown key and every
@@ -428,6 +430,25 @@ feedback_interval = "1h"
         let c = Config::load_with_env(&p, Some(env)).unwrap();
         assert_eq!((c.amqp.prefetch, c.log_level.as_str()), (10, "debug"));
         assert_eq!(c.amqp.uri, BrokerUris::single("amqp://other:5672/%2f"));
+    }
+
+    #[test]
+    fn an_environment_value_keeps_its_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "apnsd.toml", APP);
+        let env = HashMap::from([("APNSD_AMQP__PREFETCH".to_owned(), "2.7".to_owned())]);
+        let e = Config::load_with_env(&p, Some(env))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("amqp.prefetch: invalid type: floating point"),
+            "{e}"
+        );
+        let env = HashMap::from([("APNSD_LOG_LEVEL".to_owned(), "10".to_owned())]);
+        let e = Config::load_with_env(&p, Some(env))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log_level: invalid type: integer"), "{e}");
     }
 
     #[test]

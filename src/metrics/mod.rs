@@ -1,19 +1,26 @@
-//! What apnsd counts about itself; `server` shows it over HTTP. One
-//! registry per daemon instance, so several daemons in one test process
-//! stay apart.
+//! What apnsd counts about itself; `server` shows it over HTTP and
+//! `health` says whether the daemon is ready. One registry per daemon
+//! instance, so several daemons in one test process stay apart.
+//!
+//! Every series is declared once, in the `series!` table below: its entry
+//! gives the field, the registered name, help text and type, and (for an
+//! unlabelled counter) its place in [`StatsSnapshot`]. Adding a series is
+//! one entry in the right section: a counter or gauge is used as
+//! `stats.name.inc()` / `.set(n)`; a labelled one as
+//! `stats.name.with(&AppLabel { app }).inc()` (a new label set is a struct
+//! deriving `EncodeLabelSet`); a histogram of durations as
+//! `stats.name.observe(d)`.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+mod health;
 mod server;
 
+pub use health::Health;
 pub use server::{bind, metrics_change, serve, ListenError, MetricsChange, MetricsServer};
 
 type PCounter = prometheus_client::metrics::counter::Counter<u64>;
@@ -41,14 +48,77 @@ impl Gauge {
     pub fn add(&self, n: i64) {
         self.0.inc_by(n);
     }
+    pub fn set(&self, n: i64) {
+        self.0.set(n);
+    }
     pub fn get(&self) -> i64 {
         self.0.get()
     }
 }
 
-impl Gauge {
-    pub fn set(&self, n: i64) {
-        self.0.set(n);
+/// A series with one member per label set `L`; `M` is [`Counter`] or
+/// [`Gauge`], and `with` picks (creating on first use) the member.
+#[derive(Debug)]
+pub struct Labelled<L, M>(Family<L, M::Inner>)
+where
+    L: Clone + std::hash::Hash + Eq,
+    M: Member;
+
+/// A metric that can be a member of a [`Labelled`] series.
+pub trait Member {
+    type Inner: Default + Clone;
+    fn wrap(inner: &Self::Inner) -> Self;
+}
+
+impl Member for Counter {
+    type Inner = PCounter;
+    fn wrap(inner: &PCounter) -> Self {
+        Counter(inner.clone())
+    }
+}
+
+impl Member for Gauge {
+    type Inner = PGauge;
+    fn wrap(inner: &PGauge) -> Self {
+        Gauge(inner.clone())
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq, M: Member> Clone for Labelled<L, M> {
+    fn clone(&self) -> Self {
+        Labelled(self.0.clone())
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq, M: Member> Default for Labelled<L, M> {
+    fn default() -> Self {
+        Labelled(Family::default())
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq, M: Member> Labelled<L, M> {
+    pub fn with(&self, labels: &L) -> M {
+        M::wrap(&self.0.get_or_create(labels))
+    }
+
+    /// Drops the member for `labels`: its series disappears from `/metrics`.
+    pub fn remove(&self, labels: &L) {
+        self.0.remove(labels);
+    }
+}
+
+/// A distribution of durations, in seconds.
+#[derive(Debug, Clone)]
+pub struct Seconds(prometheus_client::metrics::histogram::Histogram);
+
+impl Seconds {
+    fn new(buckets: &[f64]) -> Seconds {
+        Seconds(prometheus_client::metrics::histogram::Histogram::new(
+            buckets.iter().copied(),
+        ))
+    }
+    pub fn observe(&self, d: Duration) {
+        self.0.observe(d.as_secs_f64());
     }
 }
 
@@ -58,19 +128,162 @@ pub struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct NodeLabel {
-    node: String,
+pub struct AppLabel {
+    pub app: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct AppLabel {
-    app: String,
+pub struct NodeLabel {
+    pub node: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct LaneLabel {
-    app: String,
-    lane: String,
+pub struct LaneLabel {
+    pub app: String,
+    pub lane: String,
+}
+
+/// Generates [`Stats`] (one public field per series plus `health` and the
+/// registry), `Stats::new` (which registers each series under its name
+/// and help, in table order), and [`StatsSnapshot`] (every unlabelled
+/// counter). `health` is given the gauges it keeps. The name is without the
+/// `apnsd_` prefix and, for counters, without the `_total` suffix the
+/// exposition adds.
+macro_rules! series {
+    (
+        counters { $( $(#[$cdoc:meta])* $c:ident = $cname:literal, $chelp:literal; )* }
+        labelled { $( $(#[$ldoc:meta])* $l:ident: $lty:ty = $lname:literal, $lhelp:literal; )* }
+        gauges { $( $(#[$gdoc:meta])* $g:ident = $gname:literal, $ghelp:literal; )* }
+        histograms {
+            $( $(#[$hdoc:meta])* $h:ident [$($b:literal),* $(,)?] = $hname:literal, $hhelp:literal; )*
+        }
+        health counts refusals in $refused:ident and readiness in $ready:ident;
+    ) => {
+        /// Everything apnsd counts.
+        pub struct Stats {
+            $( $(#[$cdoc])* pub $c: Counter, )*
+            $( $(#[$ldoc])* pub $l: $lty, )*
+            $( $(#[$gdoc])* pub $g: Gauge, )*
+            $( $(#[$hdoc])* pub $h: Seconds, )*
+            /// Whether the daemon is ready, and why not.
+            pub health: Health,
+            registry: Registry,
+        }
+
+        impl Stats {
+            pub fn new() -> Stats {
+                let mut registry = Registry::with_prefix("apnsd");
+                $( let $c = Counter::default();
+                   registry.register($cname, $chelp, $c.0.clone()); )*
+                $( let $l = <$lty>::default();
+                   registry.register($lname, $lhelp, $l.0.clone()); )*
+                $( let $g = Gauge::default();
+                   registry.register($gname, $ghelp, $g.0.clone()); )*
+                $( let $h = Seconds::new(&[$($b),*]);
+                   registry.register($hname, $hhelp, $h.0.clone()); )*
+                let health = Health::new($refused.clone(), $ready.clone());
+                Stats { $($c,)* $($l,)* $($g,)* $($h,)* health, registry }
+            }
+
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $( $c: self.$c.get(), )* }
+            }
+        }
+
+        /// A plain copy of the unlabelled counters, for tests and reports.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct StatsSnapshot {
+            $( pub $c: u64, )*
+        }
+    };
+}
+
+series! {
+    counters {
+        jobs_consumed = "jobs_consumed", "Jobs taken from the jobs queue";
+        jobs_rejected = "jobs_rejected", "Jobs that were unusable (rejected results)";
+        jobs_acked = "jobs_acked", "Jobs acknowledged after every outcome was final";
+        /// Deliveries the broker marked redelivered: their earlier try may have sent some.
+        jobs_redelivered = "jobs_redelivered",
+            "Jobs the broker delivered again (an earlier try may have sent some notifications)";
+        /// Jobs republished to the retry queue because their app was unusable.
+        jobs_deferred = "jobs_deferred",
+            "Jobs republished to the retry queue because their app was unusable";
+        /// Frames handed to a socket and flushed.
+        written = "notifications_written", "Notifications written to a gateway connection";
+        accepted = "notifications_accepted", "Notifications APNs accepted (settled or implied)";
+        /// Every failure; `failed_with` also counts it by reason.
+        failed = "notifications_failed", "Notifications that failed for good";
+        /// Retried after a transient status (1 or 255).
+        retried = "notifications_retried", "Retries after a transient status";
+        /// Resent because an earlier notification on the connection failed.
+        resent_after_error = "notifications_resent_after_error",
+            "Notifications resent because an earlier one on the connection failed";
+        /// Resent because a connection closed without saying what it processed:
+        /// these are the only possible duplicates.
+        resent_after_close = "notifications_resent_after_close",
+            "Notifications resent because a connection closed silently (possible duplicates)";
+        /// Accepted after the broker session of their job ended: the redelivered
+        /// job sends them again, so each is a duplicate.
+        accepted_after_session_loss = "notifications_accepted_after_session_loss",
+            "Notifications accepted after their broker session ended (sent again on redelivery)";
+        /// Not yet written when the broker session of their job ended: dropped, as
+        /// the redelivered job sends them.
+        dropped_for_redelivery = "notifications_dropped_for_redelivery",
+            "Unwritten notifications dropped because their broker session ended";
+        /// Not sent again on redelivery: their outcome was known from the lost session.
+        skipped_after_redelivery = "notifications_skipped_after_redelivery",
+            "Notifications of redelivered jobs not sent again: their outcome was known from the lost broker session";
+        results_published = "results_published", "Results confirmed by the broker";
+        feedback_tokens = "feedback_tokens", "Tokens reported by the feedback service";
+    }
+    labelled {
+        connections_opened: Labelled<AppLabel, Counter> = "connections_opened",
+            "Gateway connections established, by app";
+        connect_failures: Labelled<AppLabel, Counter> = "connect_failures",
+            "Failed gateway connection attempts, by app";
+        stalls: Labelled<AppLabel, Counter> = "connection_stalls",
+            "Connections dropped because writes made no progress, by app";
+        connections_up: Labelled<AppLabel, Gauge> = "connections_up",
+            "Gateway connections open now, by app";
+        /// Kept by [`Health`], which owns the refusals it counts.
+        identity_refused: Labelled<AppLabel, Gauge> = "identity_refused",
+            "Connections whose gateway refuses the app's certificate, by app (not ready while any)";
+        window: Labelled<LaneLabel, Gauge> = "window_notifications",
+            "Notifications written and not yet settled, by app and connection";
+        failed_by_reason: Labelled<ReasonLabel, Counter> = "notifications_failed_by_reason",
+            "Notifications that failed for good, by reason";
+        /// When each certificate-auth app's certificate ends (unix seconds), so an
+        /// alert fires weeks before APNs starts refusing it.
+        certificate_expiry: Labelled<AppLabel, Gauge> = "certificate_expiry_timestamp_seconds",
+            "When the app's client certificate expires (unix seconds), by app";
+        /// 1 for the broker node the session is on, 0 for nodes it was on.
+        broker_node: Labelled<NodeLabel, Gauge> = "amqp_session_node",
+            "1 for the broker node (host:port) the session is on, 0 for nodes it left";
+    }
+    gauges {
+        /// Jobs of the current broker session not yet final (0 between sessions).
+        jobs_in_flight = "jobs_in_flight",
+            "Jobs consumed by the current broker session and not yet final";
+        /// Body bytes of those jobs: what `amqp.prefetch_bytes` bounds.
+        job_bytes_held = "job_bytes_held",
+            "Body bytes of the jobs in flight (bounded by amqp.prefetch_bytes)";
+        /// The prefetch of the current subscription (0 between sessions).
+        prefetch = "prefetch",
+            "Prefetch of the current subscription, adapted under amqp.prefetch and amqp.prefetch_bytes";
+        /// Kept by [`Health`]: `is_ready` as a series, as Prometheus cannot scrape `/readyz`.
+        ready = "ready",
+            "1 while a broker session consumes and no gateway refuses an app's certificate (as /readyz)";
+    }
+    histograms {
+        accept_latency [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 60.0]
+            = "consume_to_accepted_seconds",
+            "Time from consuming a job to APNs accepting its notification";
+        ack_lag [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]
+            = "ack_lag_seconds",
+            "Time from a job becoming final (its last result confirmed) to its ack";
+    }
+    health counts refusals in identity_refused and readiness in ready;
 }
 
 /// The gateway connection metrics of one lane, labelled with its app (and
@@ -83,64 +296,6 @@ pub struct LaneStats {
     pub connections_up: Gauge,
     /// Notifications written on the connection and not yet settled.
     pub window: Gauge,
-}
-
-/// Everything apnsd counts.
-pub struct Stats {
-    pub jobs_consumed: Counter,
-    pub jobs_rejected: Counter,
-    pub jobs_acked: Counter,
-    /// Deliveries the broker marked redelivered: their earlier try may have sent some.
-    pub jobs_redelivered: Counter,
-    /// Jobs republished to the retry queue because their app was unusable.
-    pub jobs_deferred: Counter,
-    /// Jobs of the current broker session not yet final (0 between sessions).
-    pub jobs_in_flight: Gauge,
-    /// Body bytes of those jobs: what `amqp.prefetch_bytes` bounds.
-    pub job_bytes_held: Gauge,
-    /// The prefetch of the current subscription (0 between sessions).
-    pub prefetch: Gauge,
-    /// Frames handed to a socket and flushed.
-    pub written: Counter,
-    pub accepted: Counter,
-    pub failed: Counter,
-    failed_by_reason: Family<ReasonLabel, PCounter>,
-    /// Retried after a transient status (1 or 255).
-    pub retried: Counter,
-    /// Resent because an earlier notification on the connection failed.
-    pub resent_after_error: Counter,
-    /// Resent because a connection closed without saying what it processed:
-    /// these are the only possible duplicates.
-    pub resent_after_close: Counter,
-    /// Accepted after the broker session of their job ended: the redelivered
-    /// job sends them again, so each is a duplicate.
-    pub accepted_after_session_loss: Counter,
-    /// Not yet written when the broker session of their job ended: dropped, as
-    /// the redelivered job sends them.
-    pub dropped_for_redelivery: Counter,
-    /// Not sent again on redelivery: their outcome was known from the lost session.
-    pub skipped_after_redelivery: Counter,
-    pub results_published: Counter,
-    connections_opened: Family<AppLabel, PCounter>,
-    connect_failures: Family<AppLabel, PCounter>,
-    stalls: Family<AppLabel, PCounter>,
-    connections_up: Family<AppLabel, PGauge>,
-    window: Family<LaneLabel, PGauge>,
-    identity_refused: Family<AppLabel, PGauge>,
-    /// When each certificate-auth app's certificate ends (unix seconds), so an
-    /// alert fires weeks before APNs starts refusing it.
-    certificate_expiry: Family<AppLabel, PGauge>,
-    /// `is_ready` as a series: Prometheus cannot scrape `/readyz`.
-    ready_gauge: PGauge,
-    /// (app, lane) pairs whose gateway refuses the certificate now.
-    refused: Mutex<HashSet<(String, usize)>>,
-    pub feedback_tokens: Counter,
-    accept_latency: Histogram,
-    ack_lag: Histogram,
-    /// 1 for the broker node the session is on, 0 for nodes it was on.
-    broker_node: Family<NodeLabel, PGauge>,
-    ready: AtomicBool,
-    registry: Registry,
 }
 
 impl Default for Stats {
@@ -156,197 +311,10 @@ impl std::fmt::Debug for Stats {
 }
 
 impl Stats {
-    pub fn new() -> Stats {
-        let mut registry = Registry::with_prefix("apnsd");
-        let mut counter = |name: &str, help: &str| {
-            let c = Counter::default();
-            registry.register(name, help, c.0.clone());
-            c
-        };
-        let jobs_consumed = counter("jobs_consumed", "Jobs taken from the jobs queue");
-        let jobs_rejected = counter(
-            "jobs_rejected",
-            "Jobs that were unusable (rejected results)",
-        );
-        let jobs_acked = counter(
-            "jobs_acked",
-            "Jobs acknowledged after every outcome was final",
-        );
-        let jobs_redelivered = counter(
-            "jobs_redelivered",
-            "Jobs the broker delivered again (an earlier try may have sent some notifications)",
-        );
-        let jobs_deferred = counter(
-            "jobs_deferred",
-            "Jobs republished to the retry queue because their app was unusable",
-        );
-        let written = counter(
-            "notifications_written",
-            "Notifications written to a gateway connection",
-        );
-        let accepted = counter(
-            "notifications_accepted",
-            "Notifications APNs accepted (settled or implied)",
-        );
-        let failed = counter("notifications_failed", "Notifications that failed for good");
-        let retried = counter("notifications_retried", "Retries after a transient status");
-        let resent_after_error = counter(
-            "notifications_resent_after_error",
-            "Notifications resent because an earlier one on the connection failed",
-        );
-        let resent_after_close = counter(
-            "notifications_resent_after_close",
-            "Notifications resent because a connection closed silently (possible duplicates)",
-        );
-        let accepted_after_session_loss = counter(
-            "notifications_accepted_after_session_loss",
-            "Notifications accepted after their broker session ended (sent again on redelivery)",
-        );
-        let dropped_for_redelivery = counter(
-            "notifications_dropped_for_redelivery",
-            "Unwritten notifications dropped because their broker session ended",
-        );
-        let skipped_after_redelivery = counter(
-            "notifications_skipped_after_redelivery",
-            "Notifications of redelivered jobs not sent again: their outcome was known from the lost broker session",
-        );
-        let results_published = counter("results_published", "Results confirmed by the broker");
-        let feedback_tokens = counter("feedback_tokens", "Tokens reported by the feedback service");
-        let mut family = |name: &str, help: &str| {
-            let f = Family::<AppLabel, PCounter>::default();
-            registry.register(name, help, f.clone());
-            f
-        };
-        let connections_opened = family(
-            "connections_opened",
-            "Gateway connections established, by app",
-        );
-        let connect_failures = family(
-            "connect_failures",
-            "Failed gateway connection attempts, by app",
-        );
-        let stalls = family(
-            "connection_stalls",
-            "Connections dropped because writes made no progress, by app",
-        );
-        let jobs_in_flight = Gauge::default();
-        registry.register(
-            "jobs_in_flight",
-            "Jobs consumed by the current broker session and not yet final",
-            jobs_in_flight.0.clone(),
-        );
-        let job_bytes_held = Gauge::default();
-        registry.register(
-            "job_bytes_held",
-            "Body bytes of the jobs in flight (bounded by amqp.prefetch_bytes)",
-            job_bytes_held.0.clone(),
-        );
-        let prefetch = Gauge::default();
-        registry.register(
-            "prefetch",
-            "Prefetch of the current subscription, adapted under amqp.prefetch and amqp.prefetch_bytes",
-            prefetch.0.clone(),
-        );
-        let connections_up = Family::<AppLabel, PGauge>::default();
-        registry.register(
-            "connections_up",
-            "Gateway connections open now, by app",
-            connections_up.clone(),
-        );
-        let identity_refused = Family::<AppLabel, PGauge>::default();
-        registry.register(
-            "identity_refused",
-            "Connections whose gateway refuses the app's certificate, by app (not ready while any)",
-            identity_refused.clone(),
-        );
-        let certificate_expiry = Family::<AppLabel, PGauge>::default();
-        registry.register(
-            "certificate_expiry_timestamp_seconds",
-            "When the app's client certificate expires (unix seconds), by app",
-            certificate_expiry.clone(),
-        );
-        let ready_gauge = PGauge::default();
-        registry.register(
-            "ready",
-            "1 while a broker session consumes and no gateway refuses an app's certificate (as /readyz)",
-            ready_gauge.clone(),
-        );
-        let window = Family::<LaneLabel, PGauge>::default();
-        registry.register(
-            "window_notifications",
-            "Notifications written and not yet settled, by app and connection",
-            window.clone(),
-        );
-        let failed_by_reason = Family::<ReasonLabel, PCounter>::default();
-        registry.register(
-            "notifications_failed_by_reason",
-            "Notifications that failed for good, by reason",
-            failed_by_reason.clone(),
-        );
-        let accept_latency = Histogram::new([
-            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 60.0,
-        ]);
-        registry.register(
-            "consume_to_accepted_seconds",
-            "Time from consuming a job to APNs accepting its notification",
-            accept_latency.clone(),
-        );
-        let ack_lag = Histogram::new([
-            0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
-        ]);
-        registry.register(
-            "ack_lag_seconds",
-            "Time from a job becoming final (its last result confirmed) to its ack",
-            ack_lag.clone(),
-        );
-        let broker_node = Family::<NodeLabel, PGauge>::default();
-        registry.register(
-            "amqp_session_node",
-            "1 for the broker node (host:port) the session is on, 0 for nodes it left",
-            broker_node.clone(),
-        );
-        Stats {
-            jobs_consumed,
-            jobs_rejected,
-            jobs_acked,
-            jobs_redelivered,
-            jobs_deferred,
-            jobs_in_flight,
-            job_bytes_held,
-            prefetch,
-            written,
-            accepted,
-            failed,
-            failed_by_reason,
-            retried,
-            resent_after_error,
-            resent_after_close,
-            accepted_after_session_loss,
-            dropped_for_redelivery,
-            skipped_after_redelivery,
-            results_published,
-            connections_opened,
-            connect_failures,
-            stalls,
-            connections_up,
-            window,
-            identity_refused,
-            certificate_expiry,
-            ready_gauge,
-            refused: Mutex::new(HashSet::new()),
-            feedback_tokens,
-            accept_latency,
-            ack_lag,
-            broker_node,
-            ready: AtomicBool::new(false),
-            registry,
-        }
-    }
-
     pub fn failed_with(&self, reason: &str) {
         self.failed.inc();
         self.failed_by_reason
-            .get_or_create(&ReasonLabel {
+            .with(&ReasonLabel {
                 reason: reason.to_owned(),
             })
             .inc();
@@ -362,35 +330,31 @@ impl Stats {
             lane: lane.to_string(),
         };
         LaneStats {
-            connections_opened: Counter(self.connections_opened.get_or_create(&by_app).clone()),
-            connect_failures: Counter(self.connect_failures.get_or_create(&by_app).clone()),
-            stalls: Counter(self.stalls.get_or_create(&by_app).clone()),
-            connections_up: Gauge(self.connections_up.get_or_create(&by_app).clone()),
-            window: Gauge(self.window.get_or_create(&by_lane).clone()),
+            connections_opened: self.connections_opened.with(&by_app),
+            connect_failures: self.connect_failures.with(&by_app),
+            stalls: self.stalls.with(&by_app),
+            connections_up: self.connections_up.with(&by_app),
+            window: self.window.with(&by_lane),
         }
     }
 
     pub fn observe_accepted(&self, latency: Duration) {
-        self.accept_latency.observe(latency.as_secs_f64());
+        self.accept_latency.observe(latency);
     }
 
     pub fn observe_ack_lag(&self, lag: Duration) {
-        self.ack_lag.observe(lag.as_secs_f64());
+        self.ack_lag.observe(lag);
     }
 
     /// Marks `node` (a label without userinfo) as the one the session is on, or left.
     pub fn set_broker_node(&self, node: &str, on: bool) {
         self.broker_node
-            .get_or_create(&NodeLabel {
+            .with(&NodeLabel {
                 node: node.to_owned(),
             })
             .set(i64::from(on));
     }
 
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
-        self.ready_gauge.set(i64::from(self.is_ready()));
-    }
     /// Records when `app`'s certificate expires; `None` (token auth, the
     /// built-in simulator, a removed app) drops the series.
     pub fn set_certificate_expiry(&self, app: &str, not_after: Option<i64>) {
@@ -398,50 +362,9 @@ impl Stats {
             app: app.to_owned(),
         };
         match not_after {
-            Some(t) => {
-                self.certificate_expiry.get_or_create(&label).set(t);
-            }
-            None => {
-                self.certificate_expiry.remove(&label);
-            }
+            Some(t) => self.certificate_expiry.with(&label).set(t),
+            None => self.certificate_expiry.remove(&label),
         }
-    }
-
-    /// A broker session consumes, and no gateway refuses an app's certificate.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed) && self.refused_apps().is_empty()
-    }
-
-    /// Records whether the gateway refuses the certificate of `app`'s lane
-    /// `lane`: readiness is withheld while any lane is refused.
-    pub fn set_identity_refused(&self, app: &str, lane: usize, refused: bool) {
-        let mut set = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (app.to_owned(), lane);
-        let changed = if refused {
-            set.insert(key)
-        } else {
-            set.remove(&key)
-        };
-        if changed {
-            let by_app = AppLabel {
-                app: app.to_owned(),
-            };
-            let count = set.iter().filter(|(a, _)| a == app).count();
-            self.identity_refused
-                .get_or_create(&by_app)
-                .set(count as i64);
-            drop(set);
-            self.ready_gauge.set(i64::from(self.is_ready()));
-        }
-    }
-
-    /// Apps with a lane whose gateway refuses their certificate, sorted.
-    pub fn refused_apps(&self) -> Vec<String> {
-        let set = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut apps: Vec<String> = set.iter().map(|(a, _)| a.clone()).collect();
-        apps.sort();
-        apps.dedup();
-        apps
     }
 
     /// Prometheus text exposition.
@@ -451,48 +374,6 @@ impl Stats {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-
-    pub fn snapshot(&self) -> StatsSnapshot {
-        StatsSnapshot {
-            jobs_consumed: self.jobs_consumed.get(),
-            jobs_rejected: self.jobs_rejected.get(),
-            jobs_acked: self.jobs_acked.get(),
-            jobs_redelivered: self.jobs_redelivered.get(),
-            jobs_deferred: self.jobs_deferred.get(),
-            written: self.written.get(),
-            accepted: self.accepted.get(),
-            failed: self.failed.get(),
-            retried: self.retried.get(),
-            resent_after_error: self.resent_after_error.get(),
-            resent_after_close: self.resent_after_close.get(),
-            accepted_after_session_loss: self.accepted_after_session_loss.get(),
-            dropped_for_redelivery: self.dropped_for_redelivery.get(),
-            skipped_after_redelivery: self.skipped_after_redelivery.get(),
-            results_published: self.results_published.get(),
-            feedback_tokens: self.feedback_tokens.get(),
-        }
-    }
-}
-
-/// A plain copy of the counters, for tests and reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StatsSnapshot {
-    pub jobs_consumed: u64,
-    pub jobs_rejected: u64,
-    pub jobs_acked: u64,
-    pub jobs_redelivered: u64,
-    pub jobs_deferred: u64,
-    pub written: u64,
-    pub accepted: u64,
-    pub failed: u64,
-    pub retried: u64,
-    pub resent_after_error: u64,
-    pub resent_after_close: u64,
-    pub accepted_after_session_loss: u64,
-    pub dropped_for_redelivery: u64,
-    pub skipped_after_redelivery: u64,
-    pub results_published: u64,
-    pub feedback_tokens: u64,
 }
 
 #[cfg(test)]
@@ -502,31 +383,31 @@ mod tests {
     #[test]
     fn a_refused_identity_withholds_readiness_until_every_lane_recovers() {
         let s = Stats::new();
-        s.set_ready(true);
-        assert!(s.is_ready());
-        s.set_identity_refused("shop", 0, true);
-        s.set_identity_refused("shop", 1, true);
-        assert!(!s.is_ready());
-        assert_eq!(s.refused_apps(), ["shop"]);
+        s.health.set_ready(true);
+        assert!(s.health.is_ready());
+        s.health.set_identity_refused("shop", 0, true);
+        s.health.set_identity_refused("shop", 1, true);
+        assert!(!s.health.is_ready());
+        assert_eq!(s.health.refused_apps(), ["shop"]);
         assert!(s
             .render()
             .contains("apnsd_identity_refused{app=\"shop\"} 2"));
-        s.set_identity_refused("shop", 0, false);
-        assert!(!s.is_ready(), "lane 1 is still refused");
-        s.set_identity_refused("shop", 1, false);
-        assert!(s.is_ready());
-        assert!(s.refused_apps().is_empty());
+        s.health.set_identity_refused("shop", 0, false);
+        assert!(!s.health.is_ready(), "lane 1 is still refused");
+        s.health.set_identity_refused("shop", 1, false);
+        assert!(s.health.is_ready());
+        assert!(s.health.refused_apps().is_empty());
     }
 
     #[test]
     fn readiness_and_certificate_expiry_are_series() {
         let s = Stats::new();
         assert!(s.render().contains("apnsd_ready 0"));
-        s.set_ready(true);
+        s.health.set_ready(true);
         assert!(s.render().contains("apnsd_ready 1"));
-        s.set_identity_refused("shop", 0, true);
+        s.health.set_identity_refused("shop", 0, true);
         assert!(s.render().contains("apnsd_ready 0"));
-        s.set_identity_refused("shop", 0, false);
+        s.health.set_identity_refused("shop", 0, false);
         assert!(s.render().contains("apnsd_ready 1"));
 
         s.set_certificate_expiry("shop", Some(1_800_000_000));
@@ -553,5 +434,92 @@ mod tests {
             "{text}"
         );
         assert_eq!(s.snapshot().failed, 1);
+    }
+}
+
+#[cfg(test)]
+mod exposition {
+    use super::*;
+
+    /// Each series as `name type {label names} help`, sorted, with every
+    /// labelled family given one member so its labels show.
+    fn series(s: &Stats) -> Vec<String> {
+        s.lane("a", 0);
+        s.failed_with("r");
+        s.health.set_identity_refused("a", 0, true);
+        s.set_certificate_expiry("a", Some(1));
+        s.set_broker_node("n:1", true);
+        let text = s.render();
+        let mut help = std::collections::BTreeMap::new();
+        let mut kind = std::collections::BTreeMap::new();
+        let mut labels: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, h) = rest.split_once(' ').unwrap_or((rest, ""));
+                help.insert(name, h);
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, t) = rest.split_once(' ').unwrap_or((rest, ""));
+                kind.insert(name, t);
+            } else if let Some((name, rest)) = line.split_once('{') {
+                let family = kind
+                    .keys()
+                    .filter(|k| name.starts_with(**k))
+                    .max_by_key(|k| k.len())
+                    .copied()
+                    .unwrap_or(name);
+                let names: Vec<&str> = rest
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+                    .filter(|k| *k != "le")
+                    .collect();
+                labels.insert(family, names);
+            }
+        }
+        kind.iter()
+            .map(|(name, t)| {
+                let l = labels.get(name).map(|l| l.join(",")).unwrap_or_default();
+                format!("{name} {t} {{{l}}} {}", help.get(name).unwrap_or(&""))
+            })
+            .collect()
+    }
+
+    /// Pins every series' name, type, label names and help, so changing
+    /// how they are declared cannot change what a scraper sees.
+    #[test]
+    fn every_series_keeps_its_name_type_labels_and_help() {
+        let expected = [
+            "apnsd_ack_lag_seconds histogram {} Time from a job becoming final (its last result confirmed) to its ack.",
+            "apnsd_amqp_session_node gauge {node} 1 for the broker node (host:port) the session is on, 0 for nodes it left.",
+            "apnsd_certificate_expiry_timestamp_seconds gauge {app} When the app's client certificate expires (unix seconds), by app.",
+            "apnsd_connect_failures counter {app} Failed gateway connection attempts, by app.",
+            "apnsd_connection_stalls counter {app} Connections dropped because writes made no progress, by app.",
+            "apnsd_connections_opened counter {app} Gateway connections established, by app.",
+            "apnsd_connections_up gauge {app} Gateway connections open now, by app.",
+            "apnsd_consume_to_accepted_seconds histogram {} Time from consuming a job to APNs accepting its notification.",
+            "apnsd_feedback_tokens counter {} Tokens reported by the feedback service.",
+            "apnsd_identity_refused gauge {app} Connections whose gateway refuses the app's certificate, by app (not ready while any).",
+            "apnsd_job_bytes_held gauge {} Body bytes of the jobs in flight (bounded by amqp.prefetch_bytes).",
+            "apnsd_jobs_acked counter {} Jobs acknowledged after every outcome was final.",
+            "apnsd_jobs_consumed counter {} Jobs taken from the jobs queue.",
+            "apnsd_jobs_deferred counter {} Jobs republished to the retry queue because their app was unusable.",
+            "apnsd_jobs_in_flight gauge {} Jobs consumed by the current broker session and not yet final.",
+            "apnsd_jobs_redelivered counter {} Jobs the broker delivered again (an earlier try may have sent some notifications).",
+            "apnsd_jobs_rejected counter {} Jobs that were unusable (rejected results).",
+            "apnsd_notifications_accepted counter {} Notifications APNs accepted (settled or implied).",
+            "apnsd_notifications_accepted_after_session_loss counter {} Notifications accepted after their broker session ended (sent again on redelivery).",
+            "apnsd_notifications_dropped_for_redelivery counter {} Unwritten notifications dropped because their broker session ended.",
+            "apnsd_notifications_failed counter {} Notifications that failed for good.",
+            "apnsd_notifications_failed_by_reason counter {reason} Notifications that failed for good, by reason.",
+            "apnsd_notifications_resent_after_close counter {} Notifications resent because a connection closed silently (possible duplicates).",
+            "apnsd_notifications_resent_after_error counter {} Notifications resent because an earlier one on the connection failed.",
+            "apnsd_notifications_retried counter {} Retries after a transient status.",
+            "apnsd_notifications_skipped_after_redelivery counter {} Notifications of redelivered jobs not sent again: their outcome was known from the lost broker session.",
+            "apnsd_notifications_written counter {} Notifications written to a gateway connection.",
+            "apnsd_prefetch gauge {} Prefetch of the current subscription, adapted under amqp.prefetch and amqp.prefetch_bytes.",
+            "apnsd_ready gauge {} 1 while a broker session consumes and no gateway refuses an app's certificate (as /readyz).",
+            "apnsd_results_published counter {} Results confirmed by the broker.",
+            "apnsd_window_notifications gauge {app,lane} Notifications written and not yet settled, by app and connection.",
+        ];
+        assert_eq!(series(&Stats::new()), expected);
     }
 }

@@ -168,9 +168,9 @@ fn respond(request: &str, stats: &Stats) -> (&'static str, &'static str, String)
             stats.render(),
         ),
         "/healthz" => ("200 OK", "text/plain", "ok\n".into()),
-        "/readyz" if stats.is_ready() => ("200 OK", "text/plain", "ready\n".into()),
+        "/readyz" if stats.health.is_ready() => ("200 OK", "text/plain", "ready\n".into()),
         "/readyz" => {
-            let refused = stats.refused_apps();
+            let refused = stats.health.refused_apps();
             let why = if refused.is_empty() {
                 "not consuming: broker session not established\n".to_owned()
             } else {
@@ -251,7 +251,7 @@ mod tests {
         let s = Stats::new();
         assert!(respond("GET /healthz HTTP/1.1", &s).0.starts_with("200"));
         assert!(respond("GET /readyz HTTP/1.1", &s).0.starts_with("503"));
-        s.set_ready(true);
+        s.health.set_ready(true);
         assert!(respond("GET /readyz HTTP/1.1", &s).0.starts_with("200"));
         assert!(respond("GET /metrics HTTP/1.1", &s)
             .2

@@ -223,7 +223,7 @@ impl Pipeline {
         self.stats.prefetch.set(i64::from(prefetch.current()));
         tracing::info!(queue = %cfg.topology.queue, prefetch = prefetch.current(),
             max_prefetch = cfg.prefetch, prefetch_bytes = cfg.prefetch_bytes, "consuming jobs");
-        self.stats.set_ready(true);
+        self.stats.health.set_ready(true);
         ready();
 
         let mut settle = Settlement::new(
@@ -315,7 +315,7 @@ impl Pipeline {
             self.stats.jobs_in_flight.set(held.0 as i64);
             self.stats.job_bytes_held.set(held.1 as i64);
         };
-        self.stats.set_ready(false);
+        self.stats.health.set_ready(false);
         self.stats.jobs_in_flight.set(0);
         self.stats.job_bytes_held.set(0);
         self.stats.prefetch.set(0);
