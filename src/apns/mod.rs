@@ -104,6 +104,8 @@ pub struct Notification {
     /// An acceptance was reported already (it settled, then a late error made it
     /// travel again): later outcomes must not be counted against its job again.
     pub reported: bool,
+    /// HTTP/2: streams the server refused for it (see `http2::refused`).
+    pub refusals: u8,
 }
 
 impl Notification {
@@ -113,6 +115,7 @@ impl Notification {
             index,
             attempts: 0,
             reported: false,
+            refusals: 0,
         }
     }
 
@@ -155,6 +158,8 @@ pub enum Reason {
     Timeout,
     /// HTTP/2: the connection broke before the answer, on every attempt.
     ConnectionLost,
+    /// HTTP/2: the server refused the stream (`REFUSED_STREAM`) on every attempt.
+    RefusedStream,
     /// Its app could not be used for `unusable_after`, on every try of the job.
     Unusable(Unusable),
 }
@@ -179,6 +184,7 @@ impl Reason {
             Reason::Expired => "expired",
             Reason::Timeout => "timeout",
             Reason::ConnectionLost => "connection_lost",
+            Reason::RefusedStream => "refused_stream",
             Reason::Unusable(Unusable::GatewayUnreachable) => "gateway_unreachable",
             Reason::Unusable(Unusable::CertificateRejected) => "certificate_rejected",
         }
@@ -190,9 +196,11 @@ impl Reason {
             Reason::Apns(s) => Some(u16::from(s.code())),
             Reason::Http2 { status, .. } => Some(status),
             Reason::Unregistered { .. } => Some(410),
-            Reason::Expired | Reason::Timeout | Reason::ConnectionLost | Reason::Unusable(_) => {
-                None
-            }
+            Reason::Expired
+            | Reason::Timeout
+            | Reason::ConnectionLost
+            | Reason::RefusedStream
+            | Reason::Unusable(_) => None,
         }
     }
 }
