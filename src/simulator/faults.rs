@@ -108,6 +108,10 @@ pub struct Faults {
     /// HTTP/2: streams for tokens starting with one of these prefixes are
     /// reset with `REFUSED_STREAM` before anything is processed.
     pub refuse_streams: Vec<StreamRule>,
+    /// HTTP/2: the initial flow-control window of each stream for new
+    /// connections; `Some(0)` lets no request body through (a flow-control
+    /// stall: the connection answers PINGs but no request completes).
+    pub stream_window: Option<u32>,
 }
 
 /// HTTP/2: reset every stream for a token starting with `prefix` with

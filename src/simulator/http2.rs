@@ -2,9 +2,10 @@
 //! certificate or a provider token (ES256, checked against the simulator's
 //! key), Apple's request rules, an answer per stream, and the faults of
 //! [`Faults`](super::Faults): answers by token rule, GOAWAY after N,
-//! a low stream limit, stalls, expired tokens, refused streams; and
-//! Apple's round trip ([`SimulatorOptions::delay`](super::SimulatorOptions::delay)),
-//! waited out in each stream's own task so the connection carries on.
+//! a low stream limit, stalls (reads or flow control), expired tokens,
+//! refused streams; and Apple's round trip
+//! ([`SimulatorOptions::delay`](super::SimulatorOptions::delay)), waited out
+//! in each stream's own task so the connection carries on.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,8 +46,12 @@ pub(super) async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Ar
         .is_some_and(|c| !c.is_empty());
     let number = shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
     let mut builder = h2::server::Builder::new();
-    if let Some(n) = shared.faults().max_streams {
+    let faults = shared.faults();
+    if let Some(n) = faults.max_streams {
         builder.max_concurrent_streams(n);
+    }
+    if let Some(window) = faults.stream_window {
+        builder.initial_window_size(window);
     }
     let Ok(mut conn) = builder.handshake::<_, Bytes>(tls).await else {
         return;

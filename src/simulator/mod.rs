@@ -545,6 +545,7 @@ pub async fn run_cli(args: SimulateArgs, shutdown: impl Future<Output = ()>) -> 
             token_max_age: args.token_max_age,
             expire_tokens: args.expire_tokens,
             refuse_streams: args.refuse_stream,
+            stream_window: None,
         },
         sink: args.sink,
         stamps: false,
