@@ -188,6 +188,9 @@ pub struct AppConfig {
     pub key: Option<PathBuf>,
     #[serde(default = "defaults::connections")]
     pub connections: usize,
+    /// HTTP/2: the most connections the app grows to while every stream is
+    /// busy; see [`AppConfig::max_connections`].
+    pub max_connections: Option<usize>,
     pub gateway: Option<String>,
     pub feedback: Option<String>,
     pub ca: Option<PathBuf>,
@@ -241,6 +244,15 @@ impl AppConfig {
         self.key_file.is_some()
     }
 
+    /// HTTP/2: the most connections the app grows to while every stream is
+    /// busy and work waits; `connections` is where it starts (and the fewest
+    /// it keeps). Unset: [`DEFAULT_MAX_CONNECTIONS`], or `connections` if more.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+            .max(self.connections)
+    }
+
     /// Talks to a simulator started inside this process.
     pub fn uses_builtin_simulator(&self) -> bool {
         self.environment == Environment::Simulator
@@ -269,6 +281,15 @@ impl std::fmt::Debug for AppConfig {
 
 /// More threads than this only add contention: the work is I/O.
 pub const MAX_WORKER_THREADS: usize = 256;
+
+/// `max_connections` when unset: at Apple's round trip of tens of
+/// milliseconds, 16 connections of 1000 streams carry over 300,000
+/// notifications/s (at 50 ms), more than one app is expected to need.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
+
+/// Beyond this `max_connections` is surely a typo: each connection costs a
+/// TLS handshake and a task, and APNs limits a provider's connections too.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1000;
 
 mod defaults {
     use std::time::Duration;
@@ -515,6 +536,22 @@ impl Config {
             }
             if app.settle.is_zero() {
                 bad(at("settle"), "must be more than 0".into());
+            }
+            if let Some(max) = app.max_connections {
+                if app.protocol != Protocol::Http2 {
+                    bad(
+                        at("max_connections"),
+                        "applies to protocol = \"http2\" only".into(),
+                    );
+                } else if max < app.connections || max > MAX_CONNECTIONS_LIMIT {
+                    bad(
+                        at("max_connections"),
+                        format!(
+                            "must be between `connections` ({}) and {MAX_CONNECTIONS_LIMIT}, not {max}",
+                            app.connections
+                        ),
+                    );
+                }
             }
             if app.reconnect_min > app.reconnect_max {
                 bad(at("reconnect_min"), "must not exceed reconnect_max".into());
@@ -830,6 +867,29 @@ feedback_interval = "1h"
         assert!(m.contains("spdy"), "{m}");
         // The built-in simulator needs neither certificate nor key.
         assert!(load(&format!("{APP}protocol = \"http2\"\n")).is_ok());
+    }
+
+    #[test]
+    fn max_connections_defaults_above_connections_and_is_http2_only() {
+        let h2 = format!("{APP}protocol = \"http2\"\n");
+        let app = |extra: &str| load(&format!("{h2}{extra}")).unwrap().apps[0].max_connections();
+        assert_eq!(app(""), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(app("connections = 20\n"), 20);
+        assert_eq!(app("connections = 3\nmax_connections = 3\n"), 3);
+        assert_eq!(app("max_connections = 40\n"), 40);
+        let m = message(&format!("{h2}connections = 4\nmax_connections = 3\n"));
+        assert!(
+            m.contains(
+                "apps[0].max_connections: must be between `connections` (4) and 1000, not 3"
+            ),
+            "{m}"
+        );
+        assert!(message(&format!("{h2}max_connections = 5000\n")).contains("not 5000"));
+        let m = message(&format!("{APP}max_connections = 4\n"));
+        assert!(
+            m.contains("apps[0].max_connections: applies to protocol = \"http2\" only"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -130,6 +130,21 @@ ping_interval = "1s"
     Rig::start(broker, sim, dir, &toml).await
 }
 
+/// A token-auth app against a simulator that calls the first `expire`
+/// provider tokens expired.
+async fn token_rig(name: &str, expire: u32) -> Rig {
+    let faults = Faults {
+        expire_tokens: expire,
+        ..Default::default()
+    };
+    let setup = Setup {
+        faults,
+        token_auth: true,
+        ..Default::default()
+    };
+    rig(name, setup).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_refused_every_time_pauses_then_fails_as_refused_stream() {
     let faults = Faults {
@@ -171,16 +186,7 @@ async fn a_stream_refused_every_time_pauses_then_fails_as_refused_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_expiry_answers_mints_one_token_and_says_so_once() {
     let app = "edge-burst";
-    let faults = Faults {
-        expire_tokens: 1,
-        ..Default::default()
-    };
-    let setup = Setup {
-        faults,
-        token_auth: true,
-        ..Default::default()
-    };
-    let mut rig = rig(app, setup).await;
+    let mut rig = token_rig(app, 1).await;
     // All sent with the first token at once: a burst of 403s comes back.
     let tokens = rig.burst(300, |i| token(0x0c, i)).await;
     let results = rig.broker.results(300, WAIT).await;
@@ -205,16 +211,7 @@ async fn a_burst_of_expiry_answers_mints_one_token_and_says_so_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clock_apns_calls_off_mints_one_replacement_then_waits_and_says_so_once() {
     let app = "edge-skew";
-    let faults = Faults {
-        expire_tokens: u32::MAX,
-        ..Default::default()
-    };
-    let setup = Setup {
-        faults,
-        token_auth: true,
-        ..Default::default()
-    };
-    let mut rig = rig(app, setup).await;
+    let mut rig = token_rig(app, u32::MAX).await;
     let tokens = rig.burst(20, |i| token(0x0d, i)).await;
     let results = rig.broker.results(20, WAIT).await;
     for r in &results {

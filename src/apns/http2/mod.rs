@@ -7,6 +7,7 @@
 //! connection to find out it died, and retries what a GOAWAY or a broken
 //! connection left unanswered. [`request`] and [`jwt`] hold the pure parts.
 
+pub mod growth;
 pub mod jwt;
 pub mod refused;
 pub mod request;
