@@ -297,9 +297,7 @@ impl Lane {
                                 Exchange::Lost => unanswered.1 += 1,
                                 _ => {}
                             }
-                            if matches!(exchange, Exchange::Lost | Exchange::TimedOut) {
-                                usable = false;
-                            }
+                            usable &= unanswered == (0, 0);
                             self.finish(n, bearer.as_ref(), exchange, target, work, &mut outcomes);
                         }
                         next = streams.try_join_next();
