@@ -1,7 +1,8 @@
 //! HTTP/2 edge cases found by probing (issue 17, item 4), in-process against
 //! the real RabbitMQ and the simulator: streams the server always refuses,
 //! provider tokens called expired in a burst or always, a connection whose
-//! streams never complete, and the simulator's response delay.
+//! streams never complete, the simulator's response delay, and an app's
+//! connections growing under load and shrinking when idle (item 2).
 //!
 //! Log lines are part of what is checked: each test names its app after
 //! itself and counts only the lines of that app in the binary's capture.
@@ -19,6 +20,8 @@ const MINTING: &str = "APNs says the provider token expired: minting a new one";
 const CLOCK_OFF: &str = "APNs says a fresh provider token expired: the system clock may be off; \
                          the next token waits for the floor between mints";
 const RETIRED: &str = "retired an HTTP/2 connection whose streams went unanswered";
+const GROWN: &str = "every HTTP/2 stream is busy and work waits: opening another connection";
+const SHRUNK: &str = "the load fits in fewer HTTP/2 connections: closing one";
 
 /// The captured lines of app `app` with `message`.
 fn log_lines(app: &str, message: &str) -> Vec<Line> {
@@ -224,5 +227,61 @@ async fn a_response_delay_leaves_the_connection_carrying_other_streams() {
     assert!(took >= delay, "{took:?}");
     assert!(took < delay * 30, "{took:?}");
     assert_eq!(rig.sim.connections(), 2);
+    rig.finish().await;
+}
+
+/// The value of gauge `name` for app `app`, from the Prometheus text.
+fn gauge(stats: &apnsd::metrics::Stats, name: &str, app: &str) -> Option<u64> {
+    let text = stats.render();
+    let prefix = format!("{name}{{app=\"{app}\"}} ");
+    let line = text.lines().find_map(|l| l.strip_prefix(&prefix))?;
+    line.trim().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_grow_while_every_stream_is_busy_and_shrink_when_idle() {
+    let app = "edge-grow";
+    capture();
+    // One connection of 10 streams at 100 ms a round trip carries 100/s.
+    let mut rig = Rig::builder(app, Protocol::Http2)
+        .name(app)
+        .delay(Duration::from_millis(100))
+        .delivered()
+        .keys(
+            "connections = 1\nmax_connections = 4\nmax_concurrent_streams = 10\n\
+             shrink_after = \"200ms\"",
+        )
+        .start()
+        .await;
+    let stats = rig.stats();
+    assert_eq!(gauge(&stats, "apnsd_connections_max", app), Some(4));
+    let tokens = rig.burst(400, |i| token(0x10, i)).await;
+    let up = || gauge(&stats, "apnsd_connections_up", app).unwrap_or(0);
+    let mut peak = 0;
+    eventually(WAIT, "connections grown beyond `connections`", || {
+        peak = peak.max(up());
+        peak > 1
+    })
+    .await;
+    let results = rig.broker.results(400, WAIT).await;
+    assert!(
+        results.iter().all(|r| r.routing_key == "delivered"),
+        "{results:?}"
+    );
+    rig.wait_acked(400).await;
+    rig.assert_once(&tokens);
+    assert!(up() <= 4, "never beyond max_connections");
+    assert!(rig.sim.connections() > 1);
+    // Idle: back to `connections`, one at a time.
+    eventually(WAIT, "connections shrunk back to one", || up() == 1).await;
+    assert_eq!(
+        log_lines(app, GROWN).len() as u64,
+        rig.sim.connections() - 1
+    );
+    assert_eq!(
+        log_lines(app, SHRUNK).len(),
+        log_lines(app, GROWN).len(),
+        "every connection grown was closed again"
+    );
     rig.finish().await;
 }

@@ -199,6 +199,10 @@ pub struct AppConfig {
     /// HTTP/2: how often a connection is PINGed to find out it died.
     #[serde(default = "defaults::ping_interval", deserialize_with = "duration")]
     pub ping_interval: Duration,
+    /// HTTP/2: how long the load must fit in one connection fewer before
+    /// one of those grown beyond `connections` is closed.
+    #[serde(default = "defaults::shrink_after", deserialize_with = "duration")]
+    pub shrink_after: Duration,
     /// HTTP/2: most streams open per connection, below the server's own limit.
     #[serde(default = "defaults::max_concurrent_streams")]
     pub max_concurrent_streams: usize,
@@ -217,10 +221,15 @@ impl AppConfig {
     /// HTTP/2: the most connections the app grows to while every stream is
     /// busy and work waits; `connections` is where it starts (and the fewest
     /// it keeps). Unset: [`DEFAULT_MAX_CONNECTIONS`], or `connections` if more.
+    /// A binary app keeps `connections`.
     pub fn max_connections(&self) -> usize {
-        self.max_connections
-            .unwrap_or(DEFAULT_MAX_CONNECTIONS)
-            .max(self.connections)
+        match self.protocol {
+            Protocol::Binary => self.connections,
+            Protocol::Http2 => self
+                .max_connections
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+                .max(self.connections),
+        }
     }
 
     /// Talks to a simulator started inside this process.
@@ -303,6 +312,9 @@ mod defaults {
     }
     pub fn ping_interval() -> Duration {
         Duration::from_secs(30)
+    }
+    pub fn shrink_after() -> Duration {
+        crate::apns::http2::growth::SHRINK_AFTER
     }
     pub fn max_concurrent_streams() -> usize {
         1000

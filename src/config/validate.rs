@@ -247,6 +247,12 @@ fn app(app: &AppConfig, at: &str, p: &mut Problems) {
             "no answer comes back sooner",
         ),
         (
+            "shrink_after",
+            app.shrink_after,
+            ms(100),
+            "a shorter lull closes connections the next burst needs again",
+        ),
+        (
             "ping_interval",
             app.ping_interval,
             ms(1000),

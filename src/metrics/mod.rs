@@ -120,6 +120,7 @@ pub struct Stats {
     connections_up: Family<AppLabel, PGauge>,
     window: Family<LaneLabel, PGauge>,
     identity_refused: Family<AppLabel, PGauge>,
+    connections_max: Family<AppLabel, PGauge>,
     /// (app, lane) pairs whose gateway refuses the certificate now.
     refused: Mutex<HashSet<(String, usize)>>,
     pub feedback_tokens: Counter,
@@ -240,6 +241,12 @@ impl Stats {
             "Connections whose gateway refuses the app's certificate, by app (not ready while any)",
             identity_refused.clone(),
         );
+        let connections_max = Family::<AppLabel, PGauge>::default();
+        registry.register(
+            "connections_max",
+            "The most gateway connections an app opens (HTTP/2 apps grow to it while every stream is busy), by app",
+            connections_max.clone(),
+        );
         let window = Family::<LaneLabel, PGauge>::default();
         registry.register(
             "window_notifications",
@@ -285,6 +292,7 @@ impl Stats {
             connections_up,
             window,
             identity_refused,
+            connections_max,
             refused: Mutex::new(HashSet::new()),
             feedback_tokens,
             accept_latency,
@@ -335,6 +343,15 @@ impl Stats {
 
     /// Records whether the gateway refuses the certificate of `app`'s lane
     /// `lane`: readiness is withheld while any lane is refused.
+    /// The most connections `app` opens: `connections`, or an HTTP/2 app's
+    /// `max_connections`.
+    pub fn set_connections_max(&self, app: &str, max: usize) {
+        let by_app = AppLabel {
+            app: app.to_owned(),
+        };
+        self.connections_max.get_or_create(&by_app).set(max as i64);
+    }
+
     pub fn set_identity_refused(&self, app: &str, lane: usize, refused: bool) {
         let mut set = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
         let key = (app.to_owned(), lane);

@@ -113,6 +113,21 @@ impl Growth {
         }
     }
 
+    /// The fewest connections it keeps.
+    pub fn min(&self) -> usize {
+        self.min
+    }
+
+    /// The most connections it grows to.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// How long saturation must last before a connection is added.
+    pub fn grow_after(&self) -> Duration {
+        self.grow_after
+    }
+
     /// The change `load` calls for at `now`.
     pub fn observe(&mut self, load: Load, now: Instant) -> Change {
         let total = load.open + load.opening;

@@ -157,6 +157,10 @@ impl Streams<'_> {
             }
             let room = usable && streams.len() < s.max_streams;
             self.lane.lane_stats.window.set(streams.len() as i64);
+            let limit = s.max_streams.min(send.current_max_send_streams());
+            self.lane
+                .occupancy
+                .set(streams.len(), limit, work.queue.len());
             let due = work.next_due();
             tokio::select! {
                 biased;
