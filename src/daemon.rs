@@ -335,10 +335,10 @@ impl Wiring {
             // 410 answers replace the feedback service: no poller.
             Prepared::Http2(target) => {
                 let (target, settings) = (Arc::new(target), app.http2());
-                Pool::spawn(
+                Pool::spawn_growing(
                     name.clone(),
-                    app.connections,
-                    || Http2::new(target.clone(), settings),
+                    app.growth(),
+                    move || Http2::new(target.clone(), settings),
                     self.outcomes.clone(),
                     self.stats.clone(),
                 )

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,6 +140,54 @@ impl Work {
     }
 }
 
+/// What a lane's connection carries now, written by the lane and its
+/// transport, read by the pool's growth policy (HTTP/2 apps).
+#[derive(Debug, Default)]
+pub struct Occupancy {
+    connected: AtomicBool,
+    streams: AtomicUsize,
+    limit: AtomicUsize,
+    queued: AtomicUsize,
+}
+
+/// One reading of an [`Occupancy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occupied {
+    pub connected: bool,
+    /// Streams (notifications) in flight on the connection.
+    pub streams: usize,
+    /// The most the connection allows in flight now.
+    pub limit: usize,
+    /// Notifications the lane holds that wait for room.
+    pub queued: usize,
+}
+
+impl Occupancy {
+    pub fn read(&self) -> Occupied {
+        Occupied {
+            connected: self.connected.load(Ordering::Relaxed),
+            streams: self.streams.load(Ordering::Relaxed),
+            limit: self.limit.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+        }
+    }
+
+    /// What the transport carries at this turn of its loop.
+    pub fn set(&self, streams: usize, limit: usize, queued: usize) {
+        self.streams.store(streams, Ordering::Relaxed);
+        self.limit.store(limit, Ordering::Relaxed);
+        self.queued.store(queued, Ordering::Relaxed);
+    }
+
+    /// Whether the lane has a connection now.
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
+        if !up {
+            self.set(0, 0, 0);
+        }
+    }
+}
+
 /// What a lane shares with the transport driving its connection: who it is,
 /// where work comes from and outcomes go, and its counters.
 pub struct Lane {
@@ -149,6 +198,8 @@ pub struct Lane {
     pub stats: Arc<Stats>,
     /// Connection metrics labelled with the app and lane.
     pub lane_stats: LaneStats,
+    /// What its connection carries, for the pool.
+    pub occupancy: Arc<Occupancy>,
 }
 
 impl Lane {
@@ -158,6 +209,7 @@ impl Lane {
         app: Arc<str>,
         index: usize,
         transport: T,
+        occupancy: Arc<Occupancy>,
         outcomes: Outcomes,
         stats: Arc<Stats>,
     ) -> (mpsc::Sender<Vec<Notification>>, JoinHandle<()>) {
@@ -169,6 +221,7 @@ impl Lane {
             rx,
             outcomes,
             stats,
+            occupancy,
         };
         (tx, tokio::spawn(lane.run_then_forget(transport)))
     }
@@ -216,7 +269,9 @@ impl Lane {
                         "connected to {}", T::PEER);
                     self.lane_stats.connections_opened.inc();
                     self.lane_stats.connections_up.add(1);
+                    self.occupancy.set_connected(true);
                     let end = transport.drive(connection, self, &mut work).await;
+                    self.occupancy.set_connected(false);
                     self.lane_stats.connections_up.add(-1);
                     self.lane_stats.window.set(0);
                     end

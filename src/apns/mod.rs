@@ -126,6 +126,8 @@ pub struct Notification {
     /// error response made it travel again): what is said of it from now on is
     /// an [`Outcome::correction`].
     pub reported: bool,
+    /// HTTP/2: streams the server refused for it (see `http2::refused`).
+    pub refusals: u8,
 }
 
 impl Notification {
@@ -135,6 +137,7 @@ impl Notification {
             index,
             attempts: 0,
             reported: false,
+            refusals: 0,
         }
     }
 
@@ -194,6 +197,8 @@ pub enum Reason {
     Timeout,
     /// HTTP/2: the connection broke before the answer, on every attempt.
     ConnectionLost,
+    /// HTTP/2: the server refused the stream (`REFUSED_STREAM`) on every attempt.
+    RefusedStream,
     /// Its app could not be used for `unusable_after`, on every try of the job.
     Unusable(Unusable),
 }
@@ -231,6 +236,7 @@ impl Reason {
             Reason::Expired => "expired",
             Reason::Timeout => "timeout",
             Reason::ConnectionLost => "connection_lost",
+            Reason::RefusedStream => "refused_stream",
             Reason::Unusable(Unusable::GatewayUnreachable) => "gateway_unreachable",
             Reason::Unusable(Unusable::CertificateRejected) => "certificate_rejected",
         }
@@ -242,9 +248,11 @@ impl Reason {
             Reason::Binary(s) => Some(u16::from(s.code())),
             Reason::Http2 { status, .. } => Some(status),
             Reason::Unregistered { .. } => Some(410),
-            Reason::Expired | Reason::Timeout | Reason::ConnectionLost | Reason::Unusable(_) => {
-                None
-            }
+            Reason::Expired
+            | Reason::Timeout
+            | Reason::ConnectionLost
+            | Reason::RefusedStream
+            | Reason::Unusable(_) => None,
         }
     }
 }

@@ -1,18 +1,24 @@
-//! The lanes of one app. A device's notifications always take the same lane,
-//! so they reach APNs in the order they were published.
+//! The lanes of one app. A device's notifications take the lane its token
+//! hashes to, so while an app's lanes stay the same they reach APNs in the
+//! order they were published. An HTTP/2 app's lanes may grow while every
+//! stream is busy and shrink once idle ([`Growth`]): a device may then move
+//! to another lane, which HTTP/2's concurrent streams never ordered anyway.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
-use super::lane::{Lane, Transport};
+use super::http2::growth::{Change, Growth, Load};
+use super::lane::{Lane, Occupancy, Transport};
 use super::{Notification, Outcomes};
 use crate::metrics::Stats;
 
 pub struct Pool {
-    lanes: Vec<mpsc::Sender<Vec<Notification>>>,
-    tasks: Vec<JoinHandle<()>>,
+    lanes: Arc<Mutex<Lanes>>,
+    /// Grows and shrinks the lanes (HTTP/2 apps only).
+    grower: Option<AbortHandle>,
 }
 
 /// Every lane has stopped: the daemon is shutting down.
@@ -20,37 +26,133 @@ pub struct Pool {
 #[error("the app's connections are closed")]
 pub struct Closed;
 
+/// One lane as the pool sees it: where its work goes, what it carries.
+struct Member {
+    tx: mpsc::Sender<Vec<Notification>>,
+    occupancy: Arc<Occupancy>,
+}
+
+/// The lanes taking work and every lane task started, changed under one
+/// lock so that a lane grown while the pool closes is closed with it.
+struct Lanes {
+    members: Vec<Member>,
+    /// Every lane task with its index, those shrunk away included, until they end.
+    tasks: Vec<(usize, JoinHandle<()>)>,
+    closed: bool,
+}
+
+/// What a pool needs to start lanes: shared by the grower.
+struct Spawner<F> {
+    app: Arc<str>,
+    transport: F,
+    outcomes: Outcomes,
+    stats: Arc<Stats>,
+}
+
+impl<T: Transport, F: FnMut() -> T> Spawner<F> {
+    /// Starts lane number `index` and adds it to `lanes`.
+    fn spawn(&mut self, lanes: &mut Lanes, index: usize) {
+        let occupancy = Arc::new(Occupancy::default());
+        let (tx, task) = Lane::spawn(
+            self.app.clone(),
+            index,
+            (self.transport)(),
+            occupancy.clone(),
+            self.outcomes.clone(),
+            self.stats.clone(),
+        );
+        lanes.members.push(Member { tx, occupancy });
+        lanes.tasks.push((index, task));
+    }
+}
+
 impl Pool {
     /// Starts `connections` lanes (at least one), each over a transport from
     /// `transport`, reporting on `outcomes`.
     pub fn spawn<T: Transport>(
         app: Arc<str>,
         connections: usize,
-        mut transport: impl FnMut() -> T,
+        transport: impl FnMut() -> T,
         outcomes: Outcomes,
         stats: Arc<Stats>,
     ) -> Pool {
-        let (lanes, tasks) = (0..connections.max(1))
-            .map(|i| Lane::spawn(app.clone(), i, transport(), outcomes.clone(), stats.clone()))
-            .unzip();
-        Pool { lanes, tasks }
+        let connections = connections.max(1);
+        stats.set_connections_max(&app, connections);
+        let mut spawner = Spawner {
+            app,
+            transport,
+            outcomes,
+            stats,
+        };
+        let lanes = Pool::start(&mut spawner, connections);
+        Pool {
+            lanes,
+            grower: None,
+        }
+    }
+
+    /// Starts the fewest lanes `growth` keeps, and a task that adds a lane
+    /// while every stream is busy and work waits, and removes one once the
+    /// load fits in fewer (see [`Growth`]).
+    pub fn spawn_growing<T: Transport>(
+        app: Arc<str>,
+        growth: Growth,
+        transport: impl FnMut() -> T + Send + 'static,
+        outcomes: Outcomes,
+        stats: Arc<Stats>,
+    ) -> Pool {
+        stats.set_connections_max(&app, growth.max());
+        let mut spawner = Spawner {
+            app,
+            transport,
+            outcomes,
+            stats,
+        };
+        let lanes = Pool::start(&mut spawner, growth.min());
+        let grower = tokio::spawn(grow(lanes.clone(), growth, spawner));
+        Pool {
+            lanes,
+            grower: Some(grower.abort_handle()),
+        }
+    }
+
+    fn start<T: Transport>(
+        spawner: &mut Spawner<impl FnMut() -> T>,
+        connections: usize,
+    ) -> Arc<Mutex<Lanes>> {
+        let mut lanes = Lanes {
+            members: Vec::with_capacity(connections),
+            tasks: Vec::with_capacity(connections),
+            closed: false,
+        };
+        for index in 0..connections {
+            spawner.spawn(&mut lanes, index);
+        }
+        Arc::new(Mutex::new(lanes))
     }
 
     /// Routes notifications to their lanes, waiting while a lane is full: this
     /// is the back-pressure that keeps memory bounded.
     pub async fn submit(&self, notifications: Vec<Notification>) -> Result<(), Closed> {
-        if self.lanes.len() == 1 {
-            return self.lanes[0].send(notifications).await.map_err(|_| Closed);
+        let lanes: Vec<_> = lock(&self.lanes)
+            .members
+            .iter()
+            .map(|m| m.tx.clone())
+            .collect();
+        match lanes.len() {
+            0 => return Err(Closed),
+            1 => return lanes[0].send(notifications).await.map_err(|_| Closed),
+            _ => {}
         }
-        let n = self.lanes.len() as u64;
-        let share = notifications.len() / self.lanes.len() + 1;
-        let mut split: Vec<Vec<Notification>> = (0..self.lanes.len())
+        let n = lanes.len() as u64;
+        let share = notifications.len() / lanes.len() + 1;
+        let mut split: Vec<Vec<Notification>> = (0..lanes.len())
             .map(|_| Vec::with_capacity(share + share / 4))
             .collect();
         for item in notifications {
             split[(item.route_hash() % n) as usize].push(item);
         }
-        for (lane, batch) in self.lanes.iter().zip(split) {
+        for (lane, batch) in lanes.iter().zip(split) {
             if !batch.is_empty() {
                 lane.send(batch).await.map_err(|_| Closed)?;
             }
@@ -61,6 +163,128 @@ impl Pool {
     /// Stops taking work; the returned tasks end once every notification they
     /// hold has an outcome.
     pub fn close(self) -> Vec<JoinHandle<()>> {
-        self.tasks
+        if let Some(grower) = &self.grower {
+            grower.abort();
+        }
+        let mut lanes = lock(&self.lanes);
+        lanes.closed = true;
+        lanes.members.clear();
+        lanes.tasks.drain(..).map(|(_, task)| task).collect()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Some(grower) = &self.grower {
+            grower.abort();
+        }
+    }
+}
+
+fn lock(lanes: &Mutex<Lanes>) -> MutexGuard<'_, Lanes> {
+    // Nothing panics under the lock; a poisoned one still holds valid lanes.
+    lanes.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Looks at the lanes' load several times per [`Growth`]'s grow delay and
+/// acts on its verdict, until the pool closes.
+async fn grow<T: Transport>(
+    lanes: Arc<Mutex<Lanes>>,
+    mut growth: Growth,
+    mut spawner: Spawner<impl FnMut() -> T>,
+) {
+    let period = (growth.grow_after() / 5).max(Duration::from_millis(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut lanes = lock(&lanes);
+        if lanes.closed {
+            return;
+        }
+        lanes.tasks.retain(|(_, task)| !task.is_finished());
+        let load = lanes.load();
+        match growth.observe(load, Instant::now()) {
+            Change::Hold => {}
+            Change::Grow => {
+                let index = lanes.members.len();
+                tracing::info!(app = %spawner.app, lane = index, connections = index + 1,
+                    "every HTTP/2 stream is busy and work waits: opening another connection");
+                spawner.spawn(&mut lanes, index);
+            }
+            Change::Shrink => {
+                // Its lane drains what it holds, then closes the connection.
+                lanes.members.pop();
+                tracing::info!(app = %spawner.app, connections = lanes.members.len(),
+                    "the load fits in fewer HTTP/2 connections: closing one");
+            }
+        }
+    }
+}
+
+impl Lanes {
+    /// The load of the lanes taking work. A lane not connected counts as
+    /// opening, and so does one shrunk away and still draining: the policy
+    /// holds until both settle.
+    fn load(&self) -> Load {
+        let mut load = Load::default();
+        for m in &self.members {
+            let o = m.occupancy.read();
+            if o.connected {
+                load.open += 1;
+                load.busy += o.streams;
+                load.capacity += o.limit;
+            } else {
+                load.opening += 1;
+            }
+            // Batches sent and not yet taken wait too.
+            load.waiting += o.queued + (m.tx.max_capacity() - m.tx.capacity());
+        }
+        let taking = self.members.len();
+        let draining = self.tasks.iter().filter(|(i, _)| *i >= taking).count();
+        load.opening += draining;
+        load
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(connected: bool, streams: usize, queued: usize) -> Member {
+        let (tx, _) = mpsc::channel(4);
+        let occupancy = Arc::new(Occupancy::default());
+        occupancy.set_connected(connected);
+        if connected {
+            occupancy.set(streams, 10, queued);
+        }
+        Member { tx, occupancy }
+    }
+
+    #[tokio::test]
+    async fn load_counts_lanes_without_a_connection_and_draining_ones_as_opening() {
+        let (tx, _rx) = mpsc::channel(4);
+        tx.send(Vec::new()).await.unwrap();
+        let full = Member {
+            tx,
+            ..member(true, 10, 3)
+        };
+        let draining = tokio::spawn(std::future::pending());
+        let lanes = Lanes {
+            members: vec![full, member(true, 4, 0), member(false, 0, 0)],
+            tasks: vec![(3, draining)],
+            closed: false,
+        };
+        assert_eq!(
+            lanes.load(),
+            Load {
+                open: 2,
+                opening: 2,
+                busy: 14,
+                capacity: 20,
+                // Three queued in the lane, one batch in its channel.
+                waiting: 4,
+            }
+        );
     }
 }

@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 pub use descriptors::ensure_descriptors;
 pub use schema::{
     AmqpConfig, AppConfig, Config, Environment, LogFormat, MetricsConfig, Protocol, ResultsConfig,
+    DEFAULT_MAX_CONNECTIONS,
 };
-pub use validate::{check_amqp_uri, MAX_WORKER_THREADS};
+pub use validate::{check_amqp_uri, MAX_CONNECTIONS_LIMIT, MAX_WORKER_THREADS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -609,6 +610,27 @@ feedback_interval = "1h"
         }
         let m = message(&format!("{APP}channel_endpoint = \"nowhere\"\n"));
         assert!(m.contains("apps[0].channel_endpoint"), "{m}");
+    }
+
+    #[test]
+    fn max_connections_defaults_above_connections_and_is_http2_only() {
+        let h2 = format!("{APP}protocol = \"http2\"\n");
+        let app = |extra: &str| load(&format!("{h2}{extra}")).unwrap().apps[0].max_connections();
+        assert_eq!(app(""), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(app("connections = 20\n"), 20);
+        assert_eq!(app("connections = 3\nmax_connections = 3\n"), 3);
+        assert_eq!(app("max_connections = 40\n"), 40);
+        let m = message(&format!("{h2}connections = 4\nmax_connections = 3\n"));
+        assert!(
+            m.contains("apps[0].max_connections: must be 4 to 1000, not 3"),
+            "{m}"
+        );
+        assert!(message(&format!("{h2}max_connections = 5000\n")).contains("not 5000"));
+        let m = message(&format!("{APP}max_connections = 4\n"));
+        assert!(
+            m.contains("apps[0].max_connections: applies to protocol = \"http2\" only"),
+            "{m}"
+        );
     }
 
     #[test]

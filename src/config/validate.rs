@@ -12,6 +12,10 @@ use super::schema::{AppConfig, Config, Environment, Protocol};
 /// More threads than this only add contention: the work is I/O.
 pub const MAX_WORKER_THREADS: usize = 256;
 
+/// Beyond this `max_connections` is surely a typo: each connection costs a
+/// TLS handshake and a task, and APNs limits a provider's connections too.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1000;
+
 /// One broken rule: the key's full path and what is wrong with it.
 pub(super) type Problem = (String, String);
 
@@ -164,6 +168,21 @@ fn app(app: &AppConfig, at: &str, p: &mut Problems) {
         1..=100,
         "each is a TLS connection and a file descriptor; Apple throttles providers that open many",
     );
+    if let Some(max) = app.max_connections {
+        if app.protocol != Protocol::Http2 {
+            p.bad(
+                key("max_connections"),
+                "applies to protocol = \"http2\" only",
+            );
+        } else {
+            p.within(
+                key("max_connections"),
+                max,
+                app.connections..=MAX_CONNECTIONS_LIMIT,
+                "the app starts with `connections`; each more is a TLS connection and a file descriptor",
+            );
+        }
+    }
     p.within(
         key("window"),
         app.window,
@@ -231,6 +250,12 @@ fn app(app: &AppConfig, at: &str, p: &mut Problems) {
             app.request_timeout,
             ms(100),
             "no answer comes back sooner",
+        ),
+        (
+            "shrink_after",
+            app.shrink_after,
+            ms(100),
+            "a shorter lull closes connections the next burst needs again",
         ),
         (
             "ping_interval",

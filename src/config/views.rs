@@ -3,6 +3,7 @@
 
 use crate::amqp::Topology;
 use crate::apns::binary::BinarySettings;
+use crate::apns::http2::growth::{Growth, GROW_AFTER};
 use crate::apns::http2::Http2Settings;
 use crate::apns::lane::Policy;
 use crate::pipeline::{BrokerSettings, LiveSettings};
@@ -31,6 +32,16 @@ impl AppConfig {
             ping_interval: self.ping_interval,
             policy: self.lane_policy(),
         }
+    }
+
+    /// When an HTTP/2 app's connections grow and shrink.
+    pub fn growth(&self) -> Growth {
+        Growth::with_timing(
+            self.connections,
+            self.max_connections(),
+            GROW_AFTER,
+            self.shrink_after,
+        )
     }
 
     /// What lanes of either transport share: connecting, reconnecting, and

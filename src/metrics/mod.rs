@@ -253,6 +253,8 @@ series! {
             "Notifications written and not yet settled, by app and connection";
         failed_by_reason: Labelled<ReasonLabel, Counter> = "notifications_failed_by_reason",
             "Notifications that failed for good, by reason";
+        connections_max: Labelled<AppLabel, Gauge> = "connections_max",
+            "The most gateway connections an app opens (HTTP/2 apps grow to it while every stream is busy), by app";
         /// When each certificate-auth app's certificate ends (unix seconds), so an
         /// alert fires weeks before APNs starts refusing it.
         certificate_expiry: Labelled<AppLabel, Gauge> = "certificate_expiry_timestamp_seconds",
@@ -355,6 +357,15 @@ impl Stats {
             .set(i64::from(on));
     }
 
+    /// The most connections `app` opens: `connections`, or an HTTP/2 app's
+    /// `max_connections`.
+    pub fn set_connections_max(&self, app: &str, max: usize) {
+        let by_app = AppLabel {
+            app: app.to_owned(),
+        };
+        self.connections_max.with(&by_app).set(max as i64);
+    }
+
     /// Records when `app`'s certificate expires; `None` (token auth, the
     /// built-in simulator, a removed app) drops the series.
     pub fn set_certificate_expiry(&self, app: &str, not_after: Option<i64>) {
@@ -449,6 +460,7 @@ mod exposition {
         s.health.set_identity_refused("a", 0, true);
         s.set_certificate_expiry("a", Some(1));
         s.set_broker_node("n:1", true);
+        s.set_connections_max("a", 1);
         let text = s.render();
         let mut help = std::collections::BTreeMap::new();
         let mut kind = std::collections::BTreeMap::new();
@@ -493,6 +505,7 @@ mod exposition {
             "apnsd_certificate_expiry_timestamp_seconds gauge {app} When the app's client certificate expires (unix seconds), by app.",
             "apnsd_connect_failures counter {app} Failed gateway connection attempts, by app.",
             "apnsd_connection_stalls counter {app} Connections dropped because writes made no progress, by app.",
+            "apnsd_connections_max gauge {app} The most gateway connections an app opens (HTTP/2 apps grow to it while every stream is busy), by app.",
             "apnsd_connections_opened counter {app} Gateway connections established, by app.",
             "apnsd_connections_up gauge {app} Gateway connections open now, by app.",
             "apnsd_consume_to_accepted_seconds histogram {} Time from consuming a job to APNs accepting its notification.",

@@ -101,6 +101,35 @@ pub struct Faults {
     /// HTTP/2: provider tokens older than this are answered 403
     /// `ExpiredProviderToken` (Apple: one hour).
     pub token_max_age: Option<Duration>,
+    /// HTTP/2: the first N distinct provider tokens presented are answered
+    /// 403 `ExpiredProviderToken` however young they are, as a server whose
+    /// clock runs ahead would (`u32::MAX`: every token).
+    pub expire_tokens: u32,
+    /// HTTP/2: streams for tokens starting with one of these prefixes are
+    /// reset with `REFUSED_STREAM` before anything is processed.
+    pub refuse_streams: Vec<StreamRule>,
+    /// HTTP/2: the initial flow-control window of each stream for new
+    /// connections; `Some(0)` lets no request body through (a flow-control
+    /// stall: the connection answers PINGs but no request completes).
+    pub stream_window: Option<u32>,
+}
+
+/// HTTP/2: reset every stream for a token starting with `prefix` with
+/// `REFUSED_STREAM`, as a server shedding load does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamRule {
+    pub prefix: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("stream rule {0:?}: expected HEXPREFIX, an even number of hex digits")]
+pub struct BadStreamRule(String);
+
+impl StreamRule {
+    pub fn parse(text: &str) -> Result<StreamRule, BadStreamRule> {
+        let prefix = parse_prefix(text.trim()).ok_or_else(|| BadStreamRule(text.to_owned()))?;
+        Ok(StreamRule { prefix })
+    }
 }
 
 impl Faults {
@@ -109,6 +138,12 @@ impl Faults {
             .iter()
             .find(|r| r.matches(token))
             .map(|r| r.status)
+    }
+
+    pub fn refuses_stream(&self, token: &DeviceToken) -> bool {
+        self.refuse_streams
+            .iter()
+            .any(|r| token.as_bytes().starts_with(&r.prefix))
     }
 
     pub fn answer_for(&self, token: &DeviceToken) -> Option<(u16, ApnsReason)> {
@@ -161,6 +196,13 @@ mod tests {
             faults.answer_for(&DeviceToken::from_bytes(t)),
             Some((410, ApnsReason::Unregistered))
         );
+        let streams = Faults {
+            refuse_streams: vec![StreamRule::parse("0410").unwrap()],
+            ..Default::default()
+        };
+        assert!(streams.refuses_stream(&DeviceToken::from_bytes(t)));
+        assert!(!streams.refuses_stream(&DeviceToken::from_bytes([0; 32])));
+        assert!(StreamRule::parse("041").is_err());
         for bad in [
             "ff=400",
             "ff=400:NoSuchReason",

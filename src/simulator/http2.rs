@@ -2,7 +2,10 @@
 //! certificate or a provider token (ES256, checked against the simulator's
 //! key), Apple's request rules, an answer per stream, and the faults of
 //! [`Faults`](super::Faults): answers by token rule, GOAWAY after N,
-//! a low stream limit, stalls, expired tokens.
+//! a low stream limit, stalls (reads or flow control), expired tokens,
+//! refused streams; and Apple's round trip
+//! ([`SimulatorOptions::delay`](super::SimulatorOptions::delay)), waited out
+//! in each stream's own task so the connection carries on.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -43,8 +46,12 @@ pub(super) async fn connection(tcp: TcpStream, acceptor: TlsAcceptor, shared: Ar
         .is_some_and(|c| !c.is_empty());
     let number = shared.connections.fetch_add(1, Ordering::Relaxed) + 1;
     let mut builder = h2::server::Builder::new();
-    if let Some(n) = shared.faults().max_streams {
+    let faults = shared.faults();
+    if let Some(n) = faults.max_streams {
         builder.max_concurrent_streams(n);
+    }
+    if let Some(window) = faults.stream_window {
+        builder.initial_window_size(window);
     }
     let Ok(mut conn) = builder.handshake::<_, Bytes>(tls).await else {
         return;
@@ -100,6 +107,18 @@ struct Stream {
 impl Stream {
     async fn handle(self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         let (parts, mut body) = req.into_parts();
+        let faults = self.shared.faults();
+        if !faults.refuse_streams.is_empty() {
+            let token = parts.uri.path().strip_prefix("/3/device/");
+            if token
+                .and_then(|hex| DeviceToken::parse(hex).ok())
+                .is_some_and(|t| faults.refuses_stream(&t))
+            {
+                self.shared.streams_refused.fetch_add(1, Ordering::Relaxed);
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                return;
+            }
+        }
         let mut payload = Vec::new();
         while let Some(chunk) = body.data().await {
             let Ok(chunk) = chunk else { return };
@@ -108,7 +127,16 @@ impl Stream {
                 payload.extend_from_slice(&chunk);
             }
         }
-        let faults = self.shared.faults();
+        let delay = self.shared.delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let token_rank = match parts.headers.get("authorization") {
+            Some(v) if !self.certified => {
+                v.to_str().ok().map(|t| self.shared.provider_token_rank(t))
+            }
+            _ => None,
+        };
         let now = SystemTime::now();
         let path = parts.uri.path();
         if path.starts_with(channels::PATH) || path.starts_with(channels::BROADCAST_PATH) {
@@ -116,6 +144,7 @@ impl Stream {
                 &parts.headers,
                 self.certified,
                 &faults,
+                token_rank,
                 self.shared.token_public_key.as_slice(),
                 now,
             );
@@ -142,6 +171,7 @@ impl Stream {
             &payload,
             self.certified,
             &faults,
+            token_rank,
             self.shared.token_public_key.as_slice(),
             now,
         );
@@ -225,6 +255,7 @@ fn judge(
     payload: &[u8],
     certified: bool,
     faults: &Faults,
+    token_rank: Option<usize>,
     public_key: &[u8],
     now: SystemTime,
 ) -> Result<Valid, Refusal> {
@@ -248,7 +279,7 @@ fn judge(
     let some = Some(token);
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let token_auth = !certified;
-    authorize(headers, certified, faults, public_key, now)
+    authorize(headers, certified, faults, token_rank, public_key, now)
         .map_err(|(status, reason)| refuse(some, status, reason))?;
     let Some(topic) = header("apns-topic").filter(|t| !t.is_empty()) else {
         return Err(refuse(some, 400, ApnsReason::MissingTopic));
@@ -314,6 +345,7 @@ fn authorize(
     headers: &HeaderMap,
     certified: bool,
     faults: &Faults,
+    token_rank: Option<usize>,
     public_key: &[u8],
     now: SystemTime,
 ) -> Result<(), (u16, ApnsReason)> {
@@ -333,7 +365,10 @@ fn authorize(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         .saturating_sub(iat);
-    if age > faults.token_max_age.unwrap_or(TOKEN_MAX_AGE).as_secs() {
+    // The first `expire_tokens` distinct tokens are called expired however
+    // young: a server whose clock runs ahead.
+    let skewed = token_rank.is_some_and(|r| r < faults.expire_tokens as usize);
+    if skewed || age > faults.token_max_age.unwrap_or(TOKEN_MAX_AGE).as_secs() {
         return Err((403, ApnsReason::ExpiredProviderToken));
     }
     Ok(())
@@ -373,6 +408,7 @@ mod tests {
             payload,
             true,
             &Faults::default(),
+            None,
             &[],
             SystemTime::now(),
         )
@@ -425,6 +461,7 @@ mod tests {
             b"{}",
             false,
             &Faults::default(),
+            None,
             &[],
             SystemTime::now(),
         );

@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 pub use certs::{
     write_identity, CertError, ClientSpec, SimCerts, P12_PASSWORD, SIM_KEY_ID, SIM_TEAM_ID,
 };
-pub use faults::{AnswerRule, BadAnswerRule, BadRule, Faults, RefuseRule};
+pub use faults::{
+    AnswerRule, BadAnswerRule, BadRule, BadStreamRule, Faults, RefuseRule, StreamRule,
+};
 pub use meter::{stamped_token, Meter, Reading};
 
 use crate::apns::frame::{FeedbackTuple, Status};
@@ -75,6 +77,10 @@ pub struct SimulatorOptions {
     pub stamps: bool,
     /// Append each accepted token (hex, one per line) to this file.
     pub record: Option<PathBuf>,
+    /// HTTP/2: how long each answer takes, as Apple's round trip does; other
+    /// streams go on meanwhile, so a connection carries up to
+    /// `max_streams ÷ delay` notifications per second.
+    pub delay: Duration,
 }
 
 impl SimulatorOptions {
@@ -90,6 +96,7 @@ impl SimulatorOptions {
             sink: false,
             stamps: false,
             record: None,
+            delay: Duration::ZERO,
         }
     }
 }
@@ -120,6 +127,12 @@ pub(crate) struct Shared {
     accepted_count: AtomicU64,
     refused: Mutex<Vec<(DeviceToken, Status, u32)>>,
     http2_refused: Mutex<Vec<(DeviceToken, u16, ApnsReason)>>,
+    /// HTTP/2 streams reset with `REFUSED_STREAM`.
+    streams_refused: AtomicU64,
+    /// Distinct provider tokens, in the order first presented.
+    provider_tokens: Mutex<Vec<Arc<str>>>,
+    /// The HTTP/2 answer delay, in microseconds (changeable while running).
+    delay_micros: AtomicU64,
     /// Provider tokens must verify against this (the `.p8` key's public half).
     token_public_key: Vec<u8>,
     /// Broadcast channels, created and deleted through channel management.
@@ -204,6 +217,21 @@ impl Shared {
         lock(&self.http2_refused).push((token, status, reason));
     }
 
+    /// Where `token` stands among the distinct provider tokens presented so
+    /// far (0: the first), remembering it if new.
+    fn provider_token_rank(&self, token: &str) -> usize {
+        let mut seen = lock(&self.provider_tokens);
+        if let Some(i) = seen.iter().rposition(|t| &**t == token) {
+            return i;
+        }
+        seen.push(Arc::from(token));
+        seen.len() - 1
+    }
+
+    fn delay(&self) -> Duration {
+        Duration::from_micros(self.delay_micros.load(Ordering::Relaxed))
+    }
+
     fn take_feedback(&self) -> Vec<FeedbackTuple> {
         std::mem::take(&mut *lock(&self.feedback))
     }
@@ -254,6 +282,9 @@ impl Simulator {
             accepted_count: AtomicU64::new(0),
             refused: Mutex::new(Vec::new()),
             http2_refused: Mutex::new(Vec::new()),
+            streams_refused: AtomicU64::new(0),
+            provider_tokens: Mutex::new(Vec::new()),
+            delay_micros: AtomicU64::new(micros(opts.delay)),
             token_public_key: opts.certs.token_public_key().to_vec(),
             channels: channels::Channels::default(),
             connections: AtomicU64::new(0),
@@ -308,6 +339,23 @@ impl Simulator {
     /// Broadcast pushes accepted (`/4/broadcasts/apps/<bundle-id>`), oldest first.
     pub fn broadcasts(&self) -> Vec<Broadcast> {
         self.shared.channels.broadcasts()
+    }
+
+    /// HTTP/2 streams reset with `REFUSED_STREAM` (see [`Faults::refuse_streams`]).
+    pub fn streams_refused(&self) -> u64 {
+        self.shared.streams_refused.load(Ordering::Relaxed)
+    }
+
+    /// The distinct provider tokens presented so far, in order: one per mint.
+    pub fn provider_tokens(&self) -> Vec<Arc<str>> {
+        lock(&self.shared.provider_tokens).clone()
+    }
+
+    /// Changes the HTTP/2 answer delay (see [`SimulatorOptions::delay`]).
+    pub fn set_delay(&self, delay: Duration) {
+        self.shared
+            .delay_micros
+            .store(micros(delay), Ordering::Relaxed);
     }
 
     /// HTTP/2 requests answered with an error: token, status, reason.
@@ -372,6 +420,10 @@ impl Simulator {
             let _ = t.await;
         }
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Logs what the simulator accepted, every two seconds while it changes:
@@ -439,6 +491,18 @@ pub struct SimulateArgs {
     /// HTTP/2: answer provider tokens older than this with ExpiredProviderToken.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub token_max_age: Option<Duration>,
+    /// HTTP/2: answer the first N distinct provider tokens with
+    /// ExpiredProviderToken, as a server whose clock runs ahead (0: none).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub expire_tokens: u32,
+    /// HTTP/2: reset streams for tokens starting with HEXPREFIX with
+    /// REFUSED_STREAM (repeatable).
+    #[arg(long, value_name = "HEXPREFIX", value_parser = StreamRule::parse)]
+    pub refuse_stream: Vec<StreamRule>,
+    /// HTTP/2: answer each request after this long (e.g. 50ms, Apple's round
+    /// trip); other streams go on meanwhile.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "0ms")]
+    pub delay: Duration,
     /// Count accepted notifications only (throughput mode).
     #[arg(long)]
     pub sink: bool,
@@ -489,10 +553,14 @@ pub async fn run_cli(args: SimulateArgs, shutdown: impl Future<Output = ()>) -> 
             goaway_every: args.goaway_every,
             max_streams: args.max_streams,
             token_max_age: args.token_max_age,
+            expire_tokens: args.expire_tokens,
+            refuse_streams: args.refuse_stream,
+            stream_window: None,
         },
         sink: args.sink,
         stamps: false,
         record: args.record,
+        delay: args.delay,
     };
     let sim = Simulator::start(opts).await?;
     for t in args.feedback_token {

@@ -229,6 +229,7 @@ pub struct RigBuilder {
     test: String,
     app: App,
     faults: Faults,
+    delay: std::time::Duration,
     delivered: bool,
     prefetch: u32,
     uri: Option<String>,
@@ -243,6 +244,18 @@ impl RigBuilder {
     /// The simulator's faults from the start.
     pub fn faults(mut self, faults: Faults) -> Self {
         self.faults = faults;
+        self
+    }
+
+    /// The simulator answers each HTTP/2 stream this late.
+    pub fn delay(mut self, delay: std::time::Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Names the `example` app `name` instead (to tell its log lines apart).
+    pub fn name(mut self, name: &str) -> Self {
+        self.app.name = name.to_owned();
         self
     }
 
@@ -313,6 +326,7 @@ impl RigBuilder {
             simulator.mint(&name, spec);
         }
         let SimDir { sim, dir } = simulator;
+        sim.set_delay(self.delay);
         for (token, timestamp) in self.feedback {
             sim.add_feedback(token, timestamp);
         }
@@ -370,6 +384,7 @@ impl Rig {
             test: test.to_owned(),
             app: App::new("example", protocol),
             faults: Faults::default(),
+            delay: std::time::Duration::ZERO,
             delivered: false,
             prefetch: 5000,
             uri: None,

@@ -9,7 +9,9 @@
 //! connecting, reconnecting and waiting without a connection are the lane's
 //! ([`super::lane`]).
 
+pub mod growth;
 pub mod jwt;
+pub mod refused;
 pub mod request;
 
 use std::io;
@@ -26,7 +28,8 @@ use super::lane::{End, Lane, Policy, Transport, Work};
 use super::{is_expired, Notification, Outcome, Reason, Unusable};
 use crate::backoff::Backoff;
 use crate::clock::{sleep_until, unix_now};
-use jwt::{Bearer, Signer};
+use jwt::{Bearer, Renewal, Signer};
+use refused::{RefusedStreams, Step};
 use request::Answer;
 pub use request::{ApnsReason, MAX_PAYLOAD, MAX_VOIP_PAYLOAD};
 
@@ -61,8 +64,11 @@ enum Exchange {
         status: u16,
         body: Vec<u8>,
     },
-    /// Refused before processing (GOAWAY, REFUSED_STREAM): safe to send again.
+    /// Left unprocessed by a GOAWAY: safe to send again, elsewhere.
     Refused,
+    /// Reset with REFUSED_STREAM: safe to send again, but the server may
+    /// refuse it every time (see [`refused`]).
+    RefusedStream,
     /// The connection broke first: APNs may or may not have it.
     Lost,
     TimedOut,
@@ -136,6 +142,8 @@ impl Streams<'_> {
         let mut streams: JoinSet<Finished> = JoinSet::new();
         let mut answered = false;
         let mut usable = true;
+        // Streams that made this connection suspect: (timed out, lost).
+        let mut unanswered = (0u64, 0u64);
         let end = loop {
             if work.is_done() && streams.is_empty() {
                 break End::Drained;
@@ -149,6 +157,10 @@ impl Streams<'_> {
             }
             let room = usable && streams.len() < s.max_streams;
             self.lane.lane_stats.window.set(streams.len() as i64);
+            let limit = s.max_streams.min(send.current_max_send_streams());
+            self.lane
+                .occupancy
+                .set(streams.len(), limit, work.queue.len());
             let due = work.next_due();
             tokio::select! {
                 biased;
@@ -161,9 +173,12 @@ impl Streams<'_> {
                             // A broken or unanswered stream makes the connection
                             // suspect: retries go out on a fresh one, not into a
                             // connection PING has yet to find dead.
-                            if matches!(exchange, Exchange::Lost | Exchange::TimedOut) {
-                                usable = false;
+                            match exchange {
+                                Exchange::TimedOut => unanswered.0 += 1,
+                                Exchange::Lost => unanswered.1 += 1,
+                                _ => {}
                             }
+                            usable &= unanswered == (0, 0);
                             self.finish(n, bearer.as_ref(), exchange, work, &mut outcomes);
                         }
                         next = streams.try_join_next();
@@ -198,6 +213,10 @@ impl Streams<'_> {
         };
         keepalive.abort();
         driver.abort();
+        if unanswered != (0, 0) {
+            tracing::warn!(app = %self.lane.app, lane = self.lane.index, timed_out = unanswered.0,
+                lost = unanswered.1, "retired an HTTP/2 connection whose streams went unanswered");
+        }
         end
     }
 
@@ -318,16 +337,28 @@ impl Streams<'_> {
                         (retry(n, reason, work, true), Some(&self.lane.stats.retried))
                     }
                     Answer::TokenExpired => {
-                        if let (Some(signer), Some(used)) = (&target.signer, bearer) {
-                            tracing::info!(app = %self.lane.app, "APNs says the provider token expired: minting a new one");
-                            signer.expired(used);
+                        let renewal = match (&target.signer, bearer) {
+                            (Some(signer), Some(used)) => signer.expired(used),
+                            _ => Renewal::Replaced,
+                        };
+                        match renewal {
+                            Renewal::Retired { minted } => tracing::info!(app = %self.lane.app,
+                                tokens_minted = minted,
+                                "APNs says the provider token expired: minting a new one"),
+                            Renewal::Held { first: true } => tracing::warn!(app = %self.lane.app,
+                                floor = ?jwt::MINT_FLOOR,
+                                "APNs says a fresh provider token expired: the system clock may be off; \
+                                 the next token waits for the floor between mints"),
+                            Renewal::Held { first: false } | Renewal::Replaced => {}
                         }
                         let reason = Reason::Http2 {
                             status: 403,
                             reason: ApnsReason::ExpiredProviderToken,
                         };
+                        // A held token would be refused again at once: pause.
+                        let pause = matches!(renewal, Renewal::Held { .. });
                         (
-                            retry(n, reason, work, false),
+                            retry(n, reason, work, pause),
                             Some(&self.lane.stats.retried),
                         )
                     }
@@ -336,6 +367,23 @@ impl Streams<'_> {
             Exchange::Refused => {
                 work.queue.push_front(n);
                 (None, Some(&self.lane.stats.resent_after_error))
+            }
+            Exchange::RefusedStream => {
+                n.refusals = n.refusals.saturating_add(1);
+                let policy = RefusedStreams {
+                    min: s.policy.reconnect_min,
+                    max: s.policy.reconnect_max,
+                };
+                match policy.step(n.refusals) {
+                    Step::Resend { after } => {
+                        work.later.push((Instant::now() + after, n));
+                        (None, Some(&self.lane.stats.resent_after_error))
+                    }
+                    Step::CountTry => (
+                        retry(n, Reason::RefusedStream, work, true),
+                        Some(&self.lane.stats.retried),
+                    ),
+                }
             }
             Exchange::Lost => (
                 retry(n, Reason::ConnectionLost, work, false),
@@ -371,9 +419,10 @@ async fn exchange(response: ResponseFuture, timeout: Duration) -> Exchange {
     };
     match tokio::time::timeout(timeout, answer).await {
         Ok(Ok((status, body))) => Exchange::Answered { status, body },
-        Ok(Err(e)) if e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
-            Exchange::Refused
+        Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) && !e.is_go_away() => {
+            Exchange::RefusedStream
         }
+        Ok(Err(e)) if e.is_go_away() => Exchange::Refused,
         Ok(Err(_)) => Exchange::Lost,
         Err(_) => Exchange::TimedOut,
     }
