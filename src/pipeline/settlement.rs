@@ -247,11 +247,12 @@ impl Settlement {
             };
             // HTTP/2's 410 also says since when the token is gone, as the
             // feedback service did: the job owes an `unregistered` result too.
+            // A channel is no device token: its end is the `failed` result alone.
             let unregistered = match o.result {
                 Err(Failure {
                     reason: Reason::Unregistered { since },
                     ..
-                }) => Some(Event::Unregistered {
+                }) if env.job.channel.is_none() => Some(Event::Unregistered {
                     app: env.app.clone(),
                     token: n.token(),
                     timestamp: since,
