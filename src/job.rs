@@ -53,6 +53,11 @@ pub struct Job {
     pub push_type: Option<Box<str>>,
     /// `apns-collapse-id` (HTTP/2 only).
     pub collapse_id: Option<Box<str>>,
+    /// A broadcast (Live Activity) channel id, base64 as APNs issued it:
+    /// the job goes to the channel, not to devices. `tokens` then holds the
+    /// id's decoded bytes as its one entry, so the ledger, the retry queue
+    /// and redelivery count one notification without knowing of channels.
+    pub channel: Option<Arc<str>>,
 }
 
 /// Apple's limit on `apns-collapse-id`.
@@ -103,6 +108,14 @@ pub enum JobError {
     BadPushType(String),
     #[error("`collapse_id` must be at most 64 bytes of printable text")]
     BadCollapseId,
+    #[error("job has both `channel` and `token`/`tokens`; a push goes to a channel or to devices")]
+    ChannelAndTokens,
+    #[error("`channel` {0} is not a base64 broadcast channel id")]
+    BadChannel(String),
+    #[error("a broadcast's `push_type` is \"liveactivity\", not {0:?}")]
+    ChannelPushType(String),
+    #[error("`channel` needs an HTTP/2 app: the binary interface has no broadcast channels")]
+    ChannelOnBinary,
 }
 
 /// An unusable job: the reason, and the id when it could still be read.
@@ -158,7 +171,11 @@ impl Job {
         let body = Body {
             id: self.id.as_deref(),
             app: self.app.as_deref(),
-            tokens: self.tokens.iter().map(|t| t.to_hex()).collect(),
+            tokens: match self.channel {
+                Some(_) => None,
+                None => Some(self.tokens.iter().map(|t| t.to_hex()).collect()),
+            },
+            channel: self.channel.as_deref(),
             payload,
             expiry: self.expiry,
             priority: self.priority.map(Priority::code),
@@ -203,6 +220,8 @@ struct Fields<'a> {
     push_type: Option<&'a RawValue>,
     #[serde(borrow)]
     collapse_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    channel: Option<&'a RawValue>,
 }
 
 impl Fields<'_> {
@@ -212,7 +231,14 @@ impl Fields<'_> {
             .app
             .map(|raw| string(raw).ok_or_else(|| wrong("app", "a string")))
             .transpose()?;
-        let tokens = tokens(self.token, self.tokens)?;
+        let channel = self.channel.map(channel).transpose()?;
+        let tokens = match &channel {
+            None => tokens(self.token, self.tokens)?,
+            Some(_) if self.token.is_some() || self.tokens.is_some() => {
+                return Err(JobError::ChannelAndTokens)
+            }
+            Some((_, key)) => Tokens::from_iter([*key]),
+        };
         let (payload, content_only) = payload(self.payload, body)?;
         let expiry = match self.expiry {
             None => None,
@@ -236,6 +262,13 @@ impl Fields<'_> {
             Some(None) => return Err(wrong("push_type", "a string")),
         }
         .or_else(|| content_only.then(|| "background".into()));
+        let push_type = match (&channel, push_type) {
+            (None, push_type) => push_type,
+            (Some(_), Some(p)) if &*p != LIVE_ACTIVITY && self.push_type.is_some() => {
+                return Err(JobError::ChannelPushType(p.into()))
+            }
+            (Some(_), _) => Some(LIVE_ACTIVITY.into()),
+        };
         let collapse_id = match self.collapse_id.map(string) {
             None => None,
             Some(Some(s)) if is_collapse_id(&s) => Some(s.into_boxed_str()),
@@ -251,8 +284,25 @@ impl Fields<'_> {
             priority,
             push_type,
             collapse_id,
+            channel: channel.map(|(id, _)| id),
         })
     }
+}
+
+/// The push type of every broadcast: Apple's channels carry Live Activities.
+pub const LIVE_ACTIVITY: &str = "liveactivity";
+
+/// A `channel` field: its text, and its decoded bytes as the job's one
+/// routing key (see [`Job::channel`]).
+fn channel(raw: &RawValue) -> Result<(Arc<str>, DeviceToken), JobError> {
+    use base64::Engine;
+    let text = borrowed(raw).ok_or_else(|| wrong("channel", "a base64 string"))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text.as_bytes())
+        .ok()
+        .and_then(|bytes| DeviceToken::from_slice(&bytes))
+        .map(|key| (Arc::from(&*text), key))
+        .ok_or_else(|| JobError::BadChannel(quote_token(&text)))
 }
 
 /// What [`Job::encode`] writes.
@@ -262,7 +312,10 @@ struct Body<'a> {
     id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     app: Option<&'a str>,
-    tokens: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
     payload: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     expiry: Option<u32>,
@@ -647,6 +700,58 @@ mod tests {
                 .error,
             JobError::BadCollapseId
         );
+    }
+
+    #[test]
+    fn a_channel_job_goes_to_its_channel_alone() {
+        let p = r#""payload":{"aps":{"event":"update","content-state":{}}}"#;
+        let job = decode(&format!(
+            r#"{{"id":"b-1","channel":"dHdlbnR5LWNoYXJzLWlk",{p},"priority":5}}"#
+        ))
+        .unwrap();
+        assert_eq!(job.channel.as_deref(), Some("dHdlbnR5LWNoYXJzLWlk"));
+        assert_eq!(job.push_type.as_deref(), Some(LIVE_ACTIVITY));
+        assert_eq!(
+            job.tokens.len(),
+            1,
+            "one notification, keyed by the channel"
+        );
+        assert_eq!(job.tokens.bytes(0), b"twenty-chars-id");
+        assert_eq!(Job::decode(&job.encode(), None).unwrap(), job);
+        let silent = decode(r#"{"channel":"AAAA","payload":{"aps":{"content-available":1}}}"#);
+        assert_eq!(silent.unwrap().push_type.as_deref(), Some(LIVE_ACTIVITY));
+
+        let c = r#""channel":"dHdlbnR5LWNoYXJzLWlk""#;
+        let errors = [
+            (
+                format!(r#"{c},"token":"{HEX}""#),
+                JobError::ChannelAndTokens,
+            ),
+            (
+                format!(r#"{c},"tokens":["{HEX}"]"#),
+                JobError::ChannelAndTokens,
+            ),
+            (format!(r#"{c},"tokens":[]"#), JobError::ChannelAndTokens),
+            (
+                r#""channel":"not base64!""#.into(),
+                JobError::BadChannel(r#""not base64!""#.into()),
+            ),
+            (
+                r#""channel":"""#.into(),
+                JobError::BadChannel(r#""""#.into()),
+            ),
+            (r#""channel":7"#.into(), wrong("channel", "a base64 string")),
+            (
+                format!(r#"{c},"push_type":"alert""#),
+                JobError::ChannelPushType("alert".into()),
+            ),
+        ];
+        for (fields, want) in errors {
+            let body = format!("{{{fields},{p}}}");
+            assert_eq!(decode(&body).unwrap_err().error, want, "{body}");
+        }
+        let explicit = format!(r#"{{{c},"push_type":"liveactivity",{p}}}"#);
+        assert!(decode(&explicit).is_ok());
     }
 
     #[test]

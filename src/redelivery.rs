@@ -260,7 +260,7 @@ mod tests {
         Event::Failed {
             app: Arc::from("app"),
             id: Some(Arc::from("job-1")),
-            token: tok(n),
+            to: crate::apns::Recipient::Device(tok(n)),
             reason: Reason::Binary(crate::apns::frame::Status::InvalidToken),
             attempts: 1,
         }

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use serde_json::{json, Value};
 
-use crate::apns::Reason;
+use crate::apns::{Reason, Recipient};
 use crate::token::DeviceToken;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -14,12 +14,12 @@ pub enum Event {
     Delivered {
         app: Arc<str>,
         id: Option<Arc<str>>,
-        token: DeviceToken,
+        to: Recipient,
     },
     Failed {
         app: Arc<str>,
         id: Option<Arc<str>>,
-        token: DeviceToken,
+        to: Recipient,
         reason: Reason,
         attempts: u8,
     },
@@ -49,18 +49,18 @@ impl Event {
     pub fn body(&self, at: SystemTime) -> Vec<u8> {
         // `2026-11-24T02:33:10.123Z`: RFC 3339 in UTC, millisecond precision.
         let at = humantime::format_rfc3339_millis(at).to_string();
-        let value = match self {
-            Event::Delivered { app, id, token } => json!({
-                "app": &**app, "id": id.as_deref(), "token": token.to_hex(), "at": at,
+        let mut value = match self {
+            Event::Delivered { app, id, .. } => json!({
+                "app": &**app, "id": id.as_deref(), "at": at,
             }),
             Event::Failed {
                 app,
                 id,
-                token,
                 reason,
                 attempts,
+                ..
             } => json!({
-                "app": &**app, "id": id.as_deref(), "token": token.to_hex(),
+                "app": &**app, "id": id.as_deref(),
                 "status": reason.status(), "reason": reason.name(), "attempts": attempts, "at": at,
             }),
             Event::Unregistered {
@@ -80,6 +80,15 @@ impl Event {
                 v
             }
         };
+        if let (Event::Delivered { to, .. } | Event::Failed { to, .. }, Value::Object(map)) =
+            (self, &mut value)
+        {
+            let (key, text) = match to {
+                Recipient::Device(token) => ("token", token.to_hex()),
+                Recipient::Channel(channel) => ("channel", channel.to_string()),
+            };
+            map.insert(key.into(), Value::String(text));
+        }
         // Serialising a Value built above cannot fail.
         serde_json::to_vec(&value).unwrap_or_default()
     }
@@ -119,7 +128,7 @@ mod tests {
         let failed = Event::Failed {
             app: "example".into(),
             id: Some("order-1".into()),
-            token,
+            to: Recipient::Device(token),
             reason: Reason::Binary(Status::InvalidToken),
             attempts: 1,
         };
@@ -136,7 +145,7 @@ mod tests {
         let expired = Event::Failed {
             app: "a".into(),
             id: None,
-            token,
+            to: Recipient::Device(token),
             reason: Reason::Expired,
             attempts: 0,
         };
@@ -165,9 +174,36 @@ mod tests {
         let delivered = Event::Delivered {
             app: "a".into(),
             id: None,
-            token,
+            to: Recipient::Device(token),
         };
         assert_eq!(delivered.routing_key(), "delivered");
         assert_eq!(parse(&delivered)["token"], "ab".repeat(32));
+    }
+
+    #[test]
+    fn a_broadcast_result_names_its_channel_instead_of_a_token() {
+        let channel = Recipient::Channel("dHdlbnR5LWNoYXJzLWlk".into());
+        let delivered = Event::Delivered {
+            app: "a".into(),
+            id: Some("b-1".into()),
+            to: channel.clone(),
+        };
+        let v = parse(&delivered);
+        assert_eq!(v["channel"], "dHdlbnR5LWNoYXJzLWlk");
+        assert_eq!(v.get("token"), None);
+        let failed = Event::Failed {
+            app: "a".into(),
+            id: None,
+            to: channel,
+            reason: Reason::Http2 {
+                status: 400,
+                reason: crate::apns::http2::ApnsReason::ChannelNotRegistered,
+            },
+            attempts: 1,
+        };
+        assert_eq!(failed.routing_key(), "failed.channel_not_registered");
+        let v = parse(&failed);
+        assert_eq!(v["channel"], "dHdlbnR5LWNoYXJzLWlk");
+        assert_eq!((v["status"].as_u64(), v.get("token")), (Some(400), None));
     }
 }

@@ -59,6 +59,18 @@ impl Protocol {
     /// Weighs a job against this protocol's limits (token length, payload
     /// size); checked once the job is routed to an app, since they differ.
     pub fn check(self, job: &Job) -> Result<(), JobError> {
+        if job.channel.is_some() {
+            return match self {
+                Protocol::Binary => Err(JobError::ChannelOnBinary),
+                Protocol::Http2 if job.payload.len() > http2::MAX_BROADCAST_PAYLOAD => {
+                    Err(JobError::PayloadTooLarge {
+                        size: job.payload.len(),
+                        limit: http2::MAX_BROADCAST_PAYLOAD,
+                    })
+                }
+                Protocol::Http2 => Ok(()),
+            };
+        }
         if let Some((index, len)) = (0..job.tokens.len())
             .map(|i| (i, job.tokens.bytes(i).len()))
             .find(|&(_, len)| !self.accepts_token_len(len))
@@ -156,12 +168,30 @@ impl Notification {
             .unwrap_or(DeviceToken::from_bytes([0; DeviceToken::BINARY_LEN]))
     }
 
+    /// Who it goes to, for results and logs: the device, or the broadcast
+    /// channel of a channel job.
+    pub fn recipient(&self) -> Recipient {
+        match &self.envelope.job.channel {
+            Some(channel) => Recipient::Channel(channel.clone()),
+            None => Recipient::Device(self.token()),
+        }
+    }
+
     /// A stable hash of the whole token, routing one device's notifications
     /// to one lane. Every byte counts: tokens that share a prefix (issued
     /// together, or made up by a test) still spread over every lane.
     pub fn route_hash(&self) -> u64 {
         route_hash(self.token_bytes())
     }
+}
+
+/// Where a notification goes: one device, or every device subscribed to a
+/// broadcast channel (results name it `token` or `channel`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipient {
+    Device(DeviceToken),
+    /// The channel id as the job gave it (base64).
+    Channel(Arc<str>),
 }
 
 /// FNV-1a over 8-byte words, then MurmurHash3's finalizer: a handful of
@@ -329,6 +359,30 @@ mod tests {
     }
 
     #[test]
+    fn a_channel_job_needs_http2_and_fits_apples_broadcast_limit() {
+        let job = |size: usize| {
+            let body = format!(
+                r#"{{"channel":"AAAA","payload":{{"aps":{{}},"x":"{}"}}}}"#,
+                "x".repeat(size - r#"{"aps":{},"x":""}"#.len())
+            );
+            Job::decode(body.as_bytes(), None).unwrap()
+        };
+        let fits = job(http2::MAX_BROADCAST_PAYLOAD);
+        assert_eq!(Protocol::Http2.check(&fits), Ok(()));
+        assert_eq!(
+            Protocol::Binary.check(&fits),
+            Err(JobError::ChannelOnBinary)
+        );
+        assert_eq!(
+            Protocol::Http2.check(&job(http2::MAX_BROADCAST_PAYLOAD + 1)),
+            Err(JobError::PayloadTooLarge {
+                size: http2::MAX_BROADCAST_PAYLOAD + 1,
+                limit: http2::MAX_BROADCAST_PAYLOAD
+            })
+        );
+    }
+
+    #[test]
     fn payload_limit_is_measured_on_compact_json_per_protocol() {
         use super::frame::MAX_PAYLOAD;
         let fits = "x".repeat(MAX_PAYLOAD - r#"{"aps":{"alert":""}}"#.len());
@@ -401,6 +455,7 @@ mod tests {
                 priority: None,
                 push_type: None,
                 collapse_id: None,
+                channel: None,
             },
             app: Arc::from("app"),
             consumed_at: Instant::now(),

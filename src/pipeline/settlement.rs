@@ -11,7 +11,7 @@ use lapin::options::BasicAckOptions;
 use tokio::sync::oneshot;
 
 use crate::amqp::{AmqpError, Owner, Publisher};
-use crate::apns::{Envelope, Failure, Notification, Outcome, Reason, Withdrawal};
+use crate::apns::{Envelope, Failure, Notification, Outcome, Reason, Recipient, Withdrawal};
 use crate::job::{Job, JobError, JobKey};
 use crate::ledger::{Ack, AckPlanner, Ledger, Progress};
 use crate::metrics::Stats;
@@ -240,18 +240,19 @@ impl Settlement {
                 Ok(()) if self.live.delivered_results => Some(Event::Delivered {
                     app: env.app.clone(),
                     id: env.job.id.clone(),
-                    token: n.token(),
+                    to: n.recipient(),
                 }),
                 Ok(()) => None,
                 Err(f) => Some(failed(env, n, f)),
             };
             // HTTP/2's 410 also says since when the token is gone, as the
             // feedback service did: the job owes an `unregistered` result too.
+            // A channel is no device token: its end is the `failed` result alone.
             let unregistered = match o.result {
                 Err(Failure {
                     reason: Reason::Unregistered { since },
                     ..
-                }) => Some(Event::Unregistered {
+                }) if env.job.channel.is_none() => Some(Event::Unregistered {
                     app: env.app.clone(),
                     token: n.token(),
                     timestamp: since,
@@ -374,6 +375,7 @@ impl Settlement {
             priority: job.priority,
             push_type: job.push_type.clone(),
             collapse_id: job.collapse_id.clone(),
+            channel: job.channel.clone(),
         }
         .encode();
         let owner = Owner::Job(env.key);
@@ -437,12 +439,19 @@ fn failed(env: &Envelope, n: &Notification, f: Failure) -> Event {
         Reason::Unusable(_) => u8::try_from(env.retries + 1).unwrap_or(u8::MAX),
         _ => f.attempts,
     };
-    tracing::info!(app = %env.app, id = env.job.id.as_deref().unwrap_or(""), token = %n.token(),
-        reason = f.reason.name(), attempts, "notification failed");
+    let to = n.recipient();
+    let id = env.job.id.as_deref().unwrap_or("");
+    let reason = f.reason.name();
+    match &to {
+        Recipient::Device(token) => tracing::info!(app = %env.app, id, token = %token,
+            reason, attempts, "notification failed"),
+        Recipient::Channel(channel) => tracing::info!(app = %env.app, id, channel = %channel,
+            reason, attempts, "broadcast failed"),
+    }
     Event::Failed {
         app: env.app.clone(),
         id: env.job.id.clone(),
-        token: n.token(),
+        to,
         reason: f.reason,
         attempts,
     }

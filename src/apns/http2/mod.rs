@@ -31,7 +31,7 @@ use crate::clock::{sleep_until, unix_now};
 use jwt::{Bearer, Renewal, Signer};
 use refused::{RefusedStreams, Step};
 use request::Answer;
-pub use request::{ApnsReason, MAX_PAYLOAD, MAX_VOIP_PAYLOAD};
+pub use request::{ApnsReason, MAX_BROADCAST_PAYLOAD, MAX_PAYLOAD, MAX_VOIP_PAYLOAD};
 
 /// Longest error body read from APNs (they are a few dozen bytes).
 const MAX_BODY: usize = 4096;

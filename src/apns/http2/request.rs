@@ -16,6 +16,8 @@ use crate::token::Hex;
 pub const MAX_PAYLOAD: usize = 4096;
 /// Largest VoIP payload.
 pub const MAX_VOIP_PAYLOAD: usize = 5120;
+/// Largest broadcast (channel) payload: a Live Activity update.
+pub const MAX_BROADCAST_PAYLOAD: usize = 5120;
 
 /// Generates [`ApnsReason`] from the `reason` strings Apple documents, each
 /// with the snake_case name that becomes the `failed.<reason>` routing key.
@@ -144,6 +146,7 @@ static APNS_PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
 static APNS_EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
 static APNS_ID: HeaderName = HeaderName::from_static("apns-id");
 static APNS_COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
+static APNS_CHANNEL_ID: HeaderName = HeaderName::from_static("apns-channel-id");
 
 /// The push type a job gets when it names none: `background` for a payload
 /// whose `aps` holds nothing but `content-available` (decided at decode
@@ -161,6 +164,9 @@ pub fn build(
     bearer: Option<&HeaderValue>,
 ) -> Result<Request<()>, http::Error> {
     let env = &n.envelope.job;
+    if let Some(channel) = env.channel.as_deref() {
+        return broadcast(n, channel, authority, topic, bearer);
+    }
     let push_type = env.push_type.as_deref().unwrap_or(DEFAULT_PUSH_TYPE);
     let mut req = Request::builder()
         .method(Method::POST)
@@ -181,6 +187,33 @@ pub fn build(
     if let Some(id) = env.collapse_id.as_deref() {
         req = req.header(&APNS_COLLAPSE_ID, id);
     }
+    if let Some(bearer) = bearer {
+        req = req.header(AUTHORIZATION, bearer);
+    }
+    req.body(())
+}
+
+/// Builds the `POST /4/broadcasts/apps/<topic>` request of a channel job.
+/// Apple requires priority and expiration on a broadcast: a job without a
+/// priority goes at 10 (Apple's default elsewhere), one without an `expiry`
+/// at 0 (deliver once, store nothing), which every channel accepts, whereas a
+/// later expiration is refused on a channel that stores no message.
+fn broadcast(
+    n: &Notification,
+    channel: &str,
+    authority: &str,
+    topic: &str,
+    bearer: Option<&HeaderValue>,
+) -> Result<Request<()>, http::Error> {
+    let env = &n.envelope.job;
+    let priority = env.priority.map_or(10, |p| p.code());
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("https://{authority}/4/broadcasts/apps/{topic}"))
+        .header(&APNS_CHANNEL_ID, channel)
+        .header(&APNS_PUSH_TYPE, crate::job::LIVE_ACTIVITY)
+        .header(&APNS_PRIORITY, u32::from(priority))
+        .header(&APNS_EXPIRATION, env.expiry.unwrap_or(0));
     if let Some(bearer) = bearer {
         req = req.header(AUTHORIZATION, bearer);
     }
@@ -331,6 +364,7 @@ mod tests {
                 priority: None,
                 push_type: push_type.map(Into::into),
                 collapse_id: Some("score".into()),
+                channel: None,
             },
             app: "example".into(),
             consumed_at: Instant::now(),
@@ -374,6 +408,41 @@ mod tests {
         assert_eq!(req.headers()["apns-topic"], "com.example.voip");
         let req = build(&voip, "h:443", "com.example.voip", None).unwrap();
         assert_eq!(req.headers()["apns-topic"], "com.example.voip");
+    }
+
+    #[test]
+    fn a_channel_job_is_one_broadcast_with_apples_required_headers() {
+        let mut n = notification(Some("b-1"), Some("liveactivity"));
+        let job = &mut Arc::get_mut(&mut n.envelope).unwrap().job;
+        job.channel = Some("dHdlbnR5LWNoYXJzLWlk".into());
+        job.expiry = None;
+        let bearer = HeaderValue::from_static("bearer x.y.z");
+        let req = build(&n, "h:443", "com.example", Some(&bearer)).unwrap();
+        assert_eq!(
+            req.uri().to_string(),
+            "https://h:443/4/broadcasts/apps/com.example"
+        );
+        let h = req.headers();
+        assert_eq!(h["apns-channel-id"], "dHdlbnR5LWNoYXJzLWlk");
+        assert_eq!(h["apns-push-type"], "liveactivity");
+        assert_eq!(
+            h["apns-priority"], "10",
+            "Apple requires one: 10 by default"
+        );
+        assert_eq!(
+            h["apns-expiration"], "0",
+            "Apple requires one: 0 by default"
+        );
+        assert_eq!(h["authorization"], "bearer x.y.z");
+        assert!(h.get("apns-topic").is_none() && h.get("apns-collapse-id").is_none());
+
+        let job = &mut Arc::get_mut(&mut n.envelope).unwrap().job;
+        job.priority = Some(Priority::PowerConsiderate);
+        job.expiry = Some(1_900_000_000);
+        let req = build(&n, "h:443", "com.example", None).unwrap();
+        let h = req.headers();
+        assert_eq!(h["apns-priority"], "5");
+        assert_eq!(h["apns-expiration"], "1900000000");
     }
 
     #[test]
