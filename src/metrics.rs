@@ -59,6 +59,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoutingKeyLabel {
+    routing_key: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AppLabel {
     app: String,
 }
@@ -115,6 +120,12 @@ pub struct Stats {
     /// the redelivered job sends them.
     pub dropped_for_redelivery: Counter,
     pub results_published: Counter,
+    /// Results the broker returned because no queue was bound for them.
+    results_unroutable: Family<RoutingKeyLabel, PCounter>,
+    /// The same over every routing key, for snapshots (not exported).
+    unroutable_total: Counter,
+    /// Results published and not yet confirmed: what the settlement bounds.
+    pub results_unconfirmed: Gauge,
     connections_opened: Family<AppLabel, PCounter>,
     connect_failures: Family<AppLabel, PCounter>,
     stalls: Family<AppLabel, PCounter>,
@@ -194,6 +205,18 @@ impl Stats {
         );
         let results_published = counter("results_published", "Results confirmed by the broker");
         let feedback_tokens = counter("feedback_tokens", "Tokens reported by the feedback service");
+        let results_unroutable = Family::<RoutingKeyLabel, PCounter>::default();
+        registry.register(
+            "results_unroutable",
+            "Results the broker returned unrouted (no queue bound for their routing key), by routing key",
+            results_unroutable.clone(),
+        );
+        let results_unconfirmed = Gauge::default();
+        registry.register(
+            "results_unconfirmed",
+            "Results published and awaiting the broker's confirm",
+            results_unconfirmed.0.clone(),
+        );
         let mut family = |name: &str, help: &str| {
             let f = Family::<AppLabel, PCounter>::default();
             registry.register(name, help, f.clone());
@@ -280,6 +303,9 @@ impl Stats {
             accepted_after_session_loss,
             dropped_for_redelivery,
             results_published,
+            results_unroutable,
+            unroutable_total: Counter::default(),
+            results_unconfirmed,
             connections_opened,
             connect_failures,
             stalls,
@@ -301,6 +327,18 @@ impl Stats {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// The broker returned a result with `routing_key` unrouted; returns how
+    /// many it returned with that key so far.
+    pub fn result_unroutable(&self, routing_key: &str) -> u64 {
+        let label = RoutingKeyLabel {
+            routing_key: routing_key.to_owned(),
+        };
+        self.unroutable_total.inc();
+        let counter = self.results_unroutable.get_or_create(&label);
+        counter.inc();
+        counter.get()
     }
 
     /// The connection metrics of `app`'s lane number `lane`.
@@ -388,6 +426,7 @@ impl Stats {
             accepted_after_session_loss: self.accepted_after_session_loss.get(),
             dropped_for_redelivery: self.dropped_for_redelivery.get(),
             results_published: self.results_published.get(),
+            results_unroutable: self.unroutable_total.get(),
             feedback_tokens: self.feedback_tokens.get(),
         }
     }
@@ -410,6 +449,8 @@ pub struct StatsSnapshot {
     pub accepted_after_session_loss: u64,
     pub dropped_for_redelivery: u64,
     pub results_published: u64,
+    /// Over every routing key.
+    pub results_unroutable: u64,
     pub feedback_tokens: u64,
 }
 

@@ -3,6 +3,7 @@
 //! a job is acked only once its results are confirmed, and a job whose app
 //! is unusable is parked in the retry queue. One task owns it: no lock per job.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,12 +11,24 @@ use lapin::options::BasicAckOptions;
 
 use tokio::sync::oneshot;
 
-use crate::amqp::{AmqpError, Owner, Publisher};
+use crate::amqp::{AmqpError, Confirmed, Owner, Publisher};
 use crate::apns::{Envelope, Failure, Outcome, Reason, SessionEnded};
 use crate::job::{Job, JobError, Tokens};
 use crate::ledger::{Ack, AckPlanner, JobKey, Ledger, Progress};
 use crate::metrics::Stats;
 use crate::results::Event;
+
+/// Most results awaiting the broker's confirm before the settlement stops
+/// taking outcomes and the intake stops handing notifications to the lanes.
+/// Without it one fan-out job's results all wait at once (a 100,000-token job
+/// with `delivered` results held 150 MB); with it memory follows this bound,
+/// and the broker still has results enough in flight to confirm in batches.
+/// Outcomes taken in one go may overshoot it by a few lane windows.
+pub const MAX_UNCONFIRMED: usize = 10_000;
+
+/// How often a warning about unroutable results is logged at most: a results
+/// exchange with no queue bound returns every result.
+const UNROUTABLE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Settings that apply at once, without a new broker session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +57,11 @@ pub struct Settlement {
     retry_queue: String,
     live: LiveSettings,
     stats: Arc<Stats>,
+    /// Outcomes taken from the lanes while over [`MAX_UNCONFIRMED`].
+    parked: VecDeque<Outcome>,
+    /// When an unroutable result was last logged, and how many came since.
+    unroutable_logged: Option<Instant>,
+    unroutable_quiet: u64,
 }
 
 impl Drop for Settlement {
@@ -74,6 +92,9 @@ impl Settlement {
             retry_queue,
             live,
             stats,
+            parked: VecDeque::new(),
+            unroutable_logged: None,
+            unroutable_quiet: 0,
         }
     }
 
@@ -111,10 +132,65 @@ impl Settlement {
     /// `waiter` hears once the broker confirmed it.
     pub async fn publish_for(
         &mut self,
-        event: &Event,
+        event: Event,
         waiter: oneshot::Sender<()>,
     ) -> Result<(), lapin::Error> {
-        self.publisher.publish(event, Owner::Waiter(waiter)).await
+        self.publish(event, Owner::Waiter(waiter)).await
+    }
+
+    async fn publish(&mut self, event: Event, owner: Owner) -> Result<(), lapin::Error> {
+        self.publisher.publish(event, owner).await?;
+        self.stats
+            .results_unconfirmed
+            .set(self.publisher.unconfirmed() as i64);
+        Ok(())
+    }
+
+    /// Too many results await their confirm: take no more outcomes (and hand
+    /// the lanes no more work) until confirms come in.
+    pub fn backlogged(&self) -> bool {
+        !self.parked.is_empty() || self.publisher.unconfirmed() >= MAX_UNCONFIRMED
+    }
+
+    /// Waits for the next confirm and settles whom it concerns; once half
+    /// the bound is free, parked outcomes go on.
+    pub async fn settle_next_confirm(&mut self) -> Result<(), AmqpError> {
+        if let Some(confirmed) = self.publisher.confirmed().await? {
+            self.confirmed(confirmed);
+        }
+        if !self.parked.is_empty() && self.publisher.unconfirmed() <= MAX_UNCONFIRMED / 2 {
+            self.resume().await?;
+        }
+        self.stats
+            .results_unconfirmed
+            .set(self.publisher.unconfirmed() as i64);
+        Ok(())
+    }
+
+    /// Settles the outcomes of `batch` while the bound of unconfirmed results
+    /// allows; the rest wait, as outcomes (far smaller than their results),
+    /// for confirms. A lane reports a whole settled window at once, so a
+    /// batch alone can be a fan-out job's every token.
+    pub async fn on_outcome_batch(&mut self, batch: Vec<Outcome>) -> Result<(), lapin::Error> {
+        if self.parked.is_empty() && self.room() >= batch.len() {
+            return self.settle_outcomes(batch).await;
+        }
+        self.parked.extend(batch);
+        self.resume().await
+    }
+
+    /// Results that may still be published before the bound.
+    fn room(&self) -> usize {
+        MAX_UNCONFIRMED.saturating_sub(self.publisher.unconfirmed())
+    }
+
+    async fn resume(&mut self) -> Result<(), lapin::Error> {
+        while !self.parked.is_empty() && self.room() > 0 {
+            let n = self.room().min(self.parked.len());
+            let chunk: Vec<Outcome> = self.parked.drain(..n).collect();
+            self.settle_outcomes(chunk).await?;
+        }
+        Ok(())
     }
 
     /// Whether results await the broker's confirm.
@@ -122,17 +198,12 @@ impl Settlement {
         !self.publisher.is_idle()
     }
 
-    /// The next confirm: whom it settles, if anyone.
-    pub async fn next_confirm(&mut self) -> Result<Option<Owner>, AmqpError> {
-        self.publisher.confirmed().await
-    }
-
     /// Nothing left to settle: every job final, every result confirmed.
     pub fn is_settled(&self) -> bool {
-        self.ledger.is_empty() && self.publisher.is_idle()
+        self.ledger.is_empty() && self.publisher.is_idle() && self.parked.is_empty()
     }
 
-    pub async fn on_outcome_batch(&mut self, batch: Vec<Outcome>) -> Result<(), lapin::Error> {
+    async fn settle_outcomes(&mut self, batch: Vec<Outcome>) -> Result<(), lapin::Error> {
         let now = Instant::now();
         let mut accepted = 0;
         // Consecutive silent acceptances of one job (a fan-out job's tokens
@@ -201,9 +272,9 @@ impl Settlement {
                 (true, Some(event)) => {
                     let results = 1 + u32::from(unregistered.is_some());
                     let progress = self.ledger.token_done(env.key, results);
-                    self.publisher.publish(&event, Owner::Job(env.key)).await?;
+                    self.publish(event, Owner::Job(env.key)).await?;
                     if let Some(event) = unregistered {
-                        self.publisher.publish(&event, Owner::Job(env.key)).await?;
+                        self.publish(event, Owner::Job(env.key)).await?;
                     }
                     self.progress(env, progress).await?;
                 }
@@ -216,7 +287,7 @@ impl Settlement {
                 },
                 // A late failure of a notification whose job is final already.
                 (false, Some(event @ Event::Failed { .. })) if n.reported => {
-                    self.publisher.publish(&event, Owner::Nobody).await?;
+                    self.publish(event, Owner::Nobody).await?;
                 }
                 // From a broken session: the job comes back by redelivery and
                 // sends this one again.
@@ -248,7 +319,7 @@ impl Settlement {
             body,
             id,
         };
-        self.publisher.publish(&event, Owner::Job(key)).await
+        self.publish(event, Owner::Job(key)).await
     }
 
     /// `run` counts tokens of one job that ended without a result to publish.
@@ -306,9 +377,14 @@ impl Settlement {
         self.acks.done(tag);
     }
 
-    /// The broker confirmed a result: the job it settles may be final.
-    pub fn confirmed(&mut self, owner: Owner) {
-        self.stats.results_published.inc();
+    /// The broker confirmed a result: the job it settles may be final. A
+    /// result it returned unrouted is final too: it is counted and logged, not
+    /// published again (no queue would take it).
+    fn confirmed(&mut self, Confirmed { owner, unroutable }: Confirmed) {
+        match unroutable {
+            Some(routing_key) => self.unroutable(&routing_key),
+            None => self.stats.results_published.inc(),
+        }
         match owner {
             Owner::Job(key) => {
                 if let Some(tag) = self.ledger.result_confirmed(key) {
@@ -320,6 +396,32 @@ impl Settlement {
             }
             Owner::Nobody => {}
         }
+    }
+
+    fn unroutable(&mut self, routing_key: &str) {
+        let count = self.stats.result_unroutable(routing_key);
+        let now = Instant::now();
+        if self
+            .unroutable_logged
+            .is_some_and(|at| now.duration_since(at) < UNROUTABLE_LOG_EVERY)
+        {
+            self.unroutable_quiet += 1;
+            return;
+        }
+        tracing::warn!(
+            exchange = self.publisher.exchange(),
+            routing_key,
+            count,
+            unlogged_since_last = self.unroutable_quiet,
+            "results dropped: no queue is bound to the results exchange for this routing key"
+        );
+        self.unroutable_logged = Some(now);
+        self.unroutable_quiet = 0;
+    }
+
+    /// Ends the session's publishing (its acks go on the consume channel).
+    pub async fn close(&self) {
+        self.publisher.close().await;
     }
 
     pub async fn flush_acks(&mut self) -> Result<(), lapin::Error> {

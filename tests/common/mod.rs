@@ -251,6 +251,18 @@ impl Broker {
             .unwrap();
     }
 
+    /// Deletes the results exchange under a running daemon, as an operator
+    /// might (its binding to the results queue goes with it).
+    pub async fn delete_results_exchange(&self) {
+        self.ch
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+
     async fn depth(&self, queue: &str) -> u32 {
         self.ch
             .queue_declare(

@@ -89,6 +89,14 @@ impl Rig {
         tokens
     }
 
+    /// Publishes a one-token job for each of `tokens`, with ids `<prefix><i>`.
+    pub async fn publish_tokens(&self, prefix: &str, tokens: &[String]) {
+        let jobs = tokens.iter().enumerate();
+        self.broker
+            .publish_all(jobs.map(|(i, t)| job(&format!("{prefix}{i}"), t)))
+            .await;
+    }
+
     pub async fn wait_acked(&self, jobs: u64) {
         let deadline = std::time::Instant::now() + WAIT;
         while self.daemon.stats.jobs_acked.get() < jobs {
