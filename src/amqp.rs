@@ -2,7 +2,10 @@
 //! publisher that tracks every confirm so a job is acked only after the broker
 //! has its results.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::future::Future;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use lapin::options::{
@@ -291,21 +294,47 @@ impl Publisher {
     /// Publishes `message`; if the channel is closed, it waits in order for
     /// the next one, which [`Publisher::confirmed`] opens.
     async fn send(&mut self, message: Message, owner: Owner) -> Result<(), lapin::Error> {
-        let confirm = if self.channel.status().connected() {
-            match publish(&self.channel, &self.exchange, &message).await {
-                Ok(confirm) => Some(confirm),
-                Err(_) if self.connection.status().connected() => None,
-                Err(e) => return Err(e),
-            }
+        self.send_all(vec![(message, owner)]).await
+    }
+
+    /// Publishes results together (see [`publish_all`]), in order.
+    pub async fn publish_all(&mut self, results: Vec<(Event, Owner)>) -> Result<(), lapin::Error> {
+        let at = SystemTime::now();
+        let messages = results
+            .into_iter()
+            .map(|(event, owner)| (Message::Result { event, at }, owner))
+            .collect();
+        self.send_all(messages).await
+    }
+
+    /// Publishes `messages`; those the channel is closed for wait in order
+    /// for the next one, which [`Publisher::confirmed`] opens.
+    async fn send_all(&mut self, messages: Vec<(Message, Owner)>) -> Result<(), lapin::Error> {
+        let mut confirms = if self.channel.status().connected() {
+            publish_all(
+                &self.channel,
+                &self.exchange,
+                messages.iter().map(|(m, _)| m),
+            )
+            .await
         } else {
-            None
-        };
-        self.inflight.push_back(InFlight {
-            confirm,
-            sent: Instant::now(),
-            message,
-            owner,
-        });
+            Vec::new()
+        }
+        .into_iter();
+        let sent = Instant::now();
+        for (message, owner) in messages {
+            let confirm = match confirms.next() {
+                Some(Ok(confirm)) => Some(confirm),
+                Some(Err(e)) if !self.connection.status().connected() => return Err(e),
+                Some(Err(_)) | None => None,
+            };
+            self.inflight.push_back(InFlight {
+                confirm,
+                sent,
+                message,
+                owner,
+            });
+        }
         Ok(())
     }
 
@@ -366,8 +395,10 @@ impl Publisher {
         }
         self.channel = results_channel(&self.connection, self.exchange.as_str()).await?;
         let now = Instant::now();
-        for entry in &mut self.inflight {
-            entry.confirm = Some(publish(&self.channel, &self.exchange, &entry.message).await?);
+        let messages = self.inflight.iter().map(|e| &e.message);
+        let confirms = publish_all(&self.channel, &self.exchange, messages).await;
+        for (entry, confirm) in self.inflight.iter_mut().zip(confirms) {
+            entry.confirm = Some(confirm?);
             entry.sent = now;
         }
         Ok(())
@@ -396,42 +427,89 @@ async fn results_channel(conn: &Connection, exchange: &str) -> Result<Channel, l
 
 /// Both kinds are mandatory: the broker confirms an unroutable message as
 /// well, and only a mandatory one comes back to say it was dropped.
-async fn publish(
-    channel: &Channel,
-    exchange: &ShortString,
-    message: &Message,
-) -> Result<PublisherConfirm, lapin::Error> {
-    let mandatory = BasicPublishOptions {
-        mandatory: true,
-        ..Default::default()
-    };
-    match message {
-        Message::Result { event, at } => {
-            let body = event.body(*at);
-            channel
-                .basic_publish(
-                    exchange.clone(),
-                    event.routing_key().into(),
-                    mandatory,
-                    &body,
-                    json_props(),
-                )
-                .await
-        }
-        Message::Retry {
-            queue,
-            body,
-            attempts,
-            delay,
-        } => {
-            let mut headers = FieldTable::default();
-            headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(*attempts));
-            let props = json_props()
-                .with_headers(headers)
-                .with_expiration(delay.as_millis().to_string().into());
-            channel
-                .basic_publish("".into(), queue.clone(), mandatory, body, props)
-                .await
+const MANDATORY: BasicPublishOptions = BasicPublishOptions {
+    mandatory: true,
+    immediate: false,
+};
+
+/// A message as it goes on the wire.
+struct Wire<'a> {
+    exchange: ShortString,
+    routing_key: ShortString,
+    body: Cow<'a, [u8]>,
+    props: BasicProperties,
+}
+
+impl Message {
+    fn wire(&self, exchange: &ShortString) -> Wire<'_> {
+        match self {
+            Message::Result { event, at } => Wire {
+                exchange: exchange.clone(),
+                routing_key: event.routing_key().into(),
+                body: Cow::Owned(event.body(*at)),
+                props: json_props(),
+            },
+            Message::Retry {
+                queue,
+                body,
+                attempts,
+                delay,
+            } => {
+                let mut headers = FieldTable::default();
+                headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(*attempts));
+                Wire {
+                    exchange: "".into(),
+                    routing_key: queue.clone(),
+                    body: Cow::Borrowed(body),
+                    props: json_props()
+                        .with_headers(headers)
+                        .with_expiration(delay.as_millis().to_string().into()),
+                }
+            }
         }
     }
+}
+
+/// Publishes `messages` on `channel` together: each publish hands its frames
+/// over when first polled, in order, so they leave in one write instead of
+/// one wake-up of the connection per message (a third of the time a result
+/// cost when published one by one).
+async fn publish_all<'a>(
+    channel: &Channel,
+    exchange: &ShortString,
+    messages: impl Iterator<Item = &'a Message>,
+) -> Vec<Result<PublisherConfirm, lapin::Error>> {
+    let wires: Vec<Wire<'_>> = messages.map(|m| m.wire(exchange)).collect();
+    let mut publishes: Vec<_> = wires
+        .iter()
+        .map(|w| {
+            Box::pin(channel.basic_publish(
+                w.exchange.clone(),
+                w.routing_key.clone(),
+                MANDATORY,
+                &w.body,
+                w.props.clone(),
+            ))
+        })
+        .collect();
+    let mut done: Vec<Option<Result<PublisherConfirm, lapin::Error>>> =
+        publishes.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (publish, slot) in publishes.iter_mut().zip(done.iter_mut()) {
+            if slot.is_none() {
+                match publish.as_mut().poll(cx) {
+                    Poll::Ready(result) => *slot = Some(result),
+                    Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
 }

@@ -209,6 +209,8 @@ impl Settlement {
         // Consecutive silent acceptances of one job (a fan-out job's tokens
         // settle together) are counted in the ledger with one lookup.
         let mut run: Option<(Arc<Envelope>, u32)> = None;
+        // The batch's results, published together once it is settled.
+        let mut outbox = Vec::new();
         for o in batch {
             let n = &o.notification;
             let env = &n.envelope;
@@ -272,9 +274,9 @@ impl Settlement {
                 (true, Some(event)) => {
                     let results = 1 + u32::from(unregistered.is_some());
                     let progress = self.ledger.token_done(env.key, results);
-                    self.publish(event, Owner::Job(env.key)).await?;
+                    outbox.push((event, Owner::Job(env.key)));
                     if let Some(event) = unregistered {
-                        self.publish(event, Owner::Job(env.key)).await?;
+                        outbox.push((event, Owner::Job(env.key)));
                     }
                     self.progress(env, progress).await?;
                 }
@@ -287,7 +289,7 @@ impl Settlement {
                 },
                 // A late failure of a notification whose job is final already.
                 (false, Some(event @ Event::Failed { .. })) if n.reported => {
-                    self.publish(event, Owner::Nobody).await?;
+                    outbox.push((event, Owner::Nobody));
                 }
                 // From a broken session: the job comes back by redelivery and
                 // sends this one again.
@@ -299,6 +301,10 @@ impl Settlement {
         }
         self.accepted_run(run).await?;
         self.stats.accepted.add(accepted);
+        self.publisher.publish_all(outbox).await?;
+        self.stats
+            .results_unconfirmed
+            .set(self.publisher.unconfirmed() as i64);
         Ok(())
     }
 
