@@ -283,6 +283,12 @@ impl Bench<'_> {
 fan-out with delivered results, 1 job × {tokens} tokens"
         );
         let collected = self.broker.collect_results().await?;
+        let span = self.broker.publish_results(tokens).await?;
+        println!(
+            "  RabbitMQ ceiling (a plain publisher, {PUBLISH_WINDOW} confirms in flight, result-sized bodies): {} results confirmed/s",
+            thousands(tokens as f64 / span.as_secs_f64())
+        );
+        self.broker.purge(&collected).await?;
         self.broker.publish(fan_out_jobs(1, tokens)).await?;
         let mut daemon = self.start_daemon("fan-out-delivered", Transport::Binary, true)?;
         let name = "apnsd_results_published_total";
@@ -722,6 +728,46 @@ impl Broker {
             )
             .await?;
         Ok(queue)
+    }
+
+    /// Publishes `n` persistent `delivered`-sized results to the results
+    /// exchange with pipelined confirms; returns how long that took.
+    async fn publish_results(&self, n: u64) -> anyhow::Result<Duration> {
+        let token = "ab".repeat(32);
+        let body = format!(
+            r#"{{"app":"bench","id":"fan-0","token":"{token}","at":"2026-12-02T00:00:00.000Z"}}"#
+        );
+        let start = Instant::now();
+        let mut pending = VecDeque::with_capacity(PUBLISH_WINDOW);
+        for _ in 0..n {
+            if pending.len() == PUBLISH_WINDOW {
+                confirmed(pending.pop_front()).await?;
+            }
+            let confirm = self
+                .ch
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    "delivered".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into()),
+                )
+                .await?;
+            pending.push_back(confirm);
+        }
+        for c in pending {
+            confirmed(Some(c)).await?;
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn purge(&self, queue: &str) -> anyhow::Result<()> {
+        self.ch
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await?;
+        Ok(())
     }
 
     async fn drop_results(&self, queue: &str) {

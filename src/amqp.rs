@@ -472,8 +472,7 @@ impl Message {
 
 /// Publishes `messages` on `channel` together: each publish hands its frames
 /// over when first polled, in order, so they leave in one write instead of
-/// one wake-up of the connection per message (a third of the time a result
-/// cost when published one by one).
+/// one wake-up of the connection's I/O loop per message.
 async fn publish_all<'a>(
     channel: &Channel,
     exchange: &ShortString,
