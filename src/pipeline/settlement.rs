@@ -117,6 +117,29 @@ impl Settlement {
     /// what is known of its unfinished jobs goes back for their redelivery.
     pub fn end(mut self) -> Recall {
         let mut recall = std::mem::take(&mut self.recall);
+        // Outcomes parked behind the bound of unconfirmed results are final
+        // all the same: the redelivered jobs must not send them again.
+        for o in std::mem::take(&mut self.parked) {
+            let env = &o.notification.envelope;
+            let deferred = matches!(&o.result, Err(f) if matches!(f.reason, Reason::Unusable(_)))
+                && env.retries + 1 < self.live.max_job_attempts;
+            if o.correction || deferred {
+                continue;
+            }
+            let over = !self.ledger.contains(env.key);
+            let token = o.notification.token();
+            let (event, unregistered) = results_of(&o, self.live.delivered_results);
+            // As when settled: a result of a job already final is not news.
+            if over && event.is_some() && !env.withdrawal.is_withdrawn() {
+                continue;
+            }
+            if event.is_none() {
+                recall.outcome(env.key, over, || identity(env), token, None);
+            }
+            for e in event.into_iter().chain(unregistered) {
+                recall.outcome(env.key, over, || identity(env), token, Some(e));
+            }
+        }
         recall.session_lost();
         recall
     }
