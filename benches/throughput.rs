@@ -13,6 +13,8 @@
 //! 4. the same over HTTP/2: one-token jobs against the same ceiling, fan-out
 //!    at once and with the simulator answering after Apple's round trip
 //!    (`--delay`), each figure next to its target from issue 17.
+//! 5. fan-out with `delivered` results: one job of many tokens, a result per
+//!    token, timed from the first result confirmed to the last.
 //!
 //! apnsd runs as the real release binary (`apnsd run`), a fresh process per
 //! case, so its peak RSS (VmHWM) is its own.
@@ -61,6 +63,9 @@ struct Args {
     /// Tokens per fan-out job.
     #[arg(long, default_value_t = 10_000)]
     fanout_tokens: u64,
+    /// Tokens of the one job in the fan-out case with `delivered` results.
+    #[arg(long, default_value_t = 100_000)]
+    delivered_tokens: u64,
     /// `amqp.prefetch` for apnsd and the plain consumer (default: apnsd's).
     #[arg(long)]
     prefetch: Option<u16>,
@@ -89,6 +94,8 @@ enum Case {
     OneToken,
     Latency,
     FanOut,
+    /// One fan-out job with `results.delivered = true`.
+    FanOutDelivered,
     /// One-token jobs again, with the app on the HTTP/2 transport.
     Http2,
     /// Fan-out over HTTP/2, at once and at `--delay`.
@@ -164,6 +171,9 @@ impl Bench<'_> {
         if run(Case::FanOut) {
             self.fan_out(Transport::Binary, Duration::ZERO).await?;
         }
+        if run(Case::FanOutDelivered) {
+            self.fan_out_delivered().await?;
+        }
         if run(Case::Http2) {
             self.one_token(Transport::Http2).await?;
         }
@@ -196,7 +206,7 @@ impl Bench<'_> {
                     .await?
                     .as_secs_f64();
             self.broker.publish(one_token_jobs(n, n)).await?;
-            let mut daemon = self.start_daemon(case, transport)?;
+            let mut daemon = self.start_daemon(case, transport, false)?;
             let rate = n as f64 / self.frames(n, &mut daemon).await?.as_secs_f64();
             let cpu = daemon.cpu()?;
             daemon.wait_acked(n).await?;
@@ -241,7 +251,7 @@ impl Bench<'_> {
             q(0.99),
             q(1.0)
         );
-        let mut daemon = self.start_daemon("latency", Transport::Binary)?;
+        let mut daemon = self.start_daemon("latency", Transport::Binary, false)?;
         daemon.wait_ready().await?;
         self.sim.meter().reset();
         let before = self.sim.accepted_count();
@@ -299,7 +309,7 @@ impl Bench<'_> {
         println!("\nfan-out{over}, {jobs} jobs × {tokens} tokens{answers}");
         self.broker.publish(fan_out_jobs(jobs, tokens)).await?;
         self.sim.set_delay(delay);
-        let mut daemon = self.start_daemon(case, transport)?;
+        let mut daemon = self.start_daemon(case, transport, false)?;
         let span = self.frames(n, &mut daemon).await;
         self.sim.set_delay(Duration::ZERO);
         let span = span?;
@@ -315,7 +325,68 @@ impl Bench<'_> {
         Ok(rate)
     }
 
-    fn start_daemon(&self, case: &str, transport: Transport) -> anyhow::Result<Daemon> {
+    /// One job of `delivered_tokens` tokens, each owing a `delivered` result,
+    /// routed to a queue: how fast results are confirmed, and what waiting for
+    /// their confirms costs in memory.
+    async fn fan_out_delivered(&self) -> anyhow::Result<()> {
+        let tokens = self.args.delivered_tokens;
+        println!(
+            "
+fan-out with delivered results, 1 job × {tokens} tokens"
+        );
+        let collected = self.broker.collect_results().await?;
+        let span = self.broker.publish_results(tokens).await?;
+        println!(
+            "  RabbitMQ ceiling (a plain publisher, {PUBLISH_WINDOW} confirms in flight, result-sized bodies): {} results confirmed/s",
+            thousands(tokens as f64 / span.as_secs_f64())
+        );
+        self.broker.purge(&collected).await?;
+        self.broker.publish(fan_out_jobs(1, tokens)).await?;
+        let mut daemon = self.start_daemon("fan-out-delivered", Transport::Binary, true)?;
+        let name = "apnsd_results_published_total";
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut first = None;
+        loop {
+            let confirmed = daemon.counter(name).await.unwrap_or(0);
+            if confirmed > 0 && first.is_none() {
+                first = Some((Instant::now(), confirmed));
+            }
+            if confirmed >= tokens {
+                break;
+            }
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("apnsd exited with {status}; see {}", daemon.log.display());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "only {confirmed} of {tokens} results confirmed"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (since, at_first) = first.context("no result was confirmed")?;
+        let span = since.elapsed();
+        println!(
+            "  apnsd: {} results confirmed/s ({span:.2?} for {}, {})",
+            thousands((tokens - at_first) as f64 / span.as_secs_f64()),
+            tokens - at_first,
+            cpu_per(daemon.cpu()?, tokens, "notification with its result")
+        );
+        daemon.wait_acked(1).await?;
+        let rss = daemon.stop(self.broker).await?;
+        println!(
+            "  apnsd peak RSS: {:.1} MB (target < 64 MB; results awaiting confirms are bounded)",
+            mb(rss)
+        );
+        self.broker.drop_results(&collected).await;
+        Ok(())
+    }
+
+    fn start_daemon(
+        &self,
+        case: &str,
+        transport: Transport,
+        delivered: bool,
+    ) -> anyhow::Result<Daemon> {
         let config = self.dir.join(format!("{case}.toml"));
         let certs = self.dir.display();
         let gateway = self.sim.gateway_addr();
@@ -331,6 +402,9 @@ prefetch = {prefetch}
 
 [metrics]
 listen = "{metrics}"
+
+[results]
+delivered = {delivered}
 
 [[apps]]
 name = "bench"
@@ -351,6 +425,7 @@ ca = "{certs}/ca.pem"
             queue = self.broker.queue,
             exchange = self.broker.exchange,
             prefetch = self.prefetch,
+            delivered = delivered,
         );
         for line in &self.args.app_settings {
             text.push_str(line);
@@ -671,6 +746,87 @@ impl Broker {
             )
             .await?;
         Ok(q.message_count())
+    }
+
+    /// Declares the results exchange as apnsd does and binds a queue that
+    /// takes every result; returns the queue's name.
+    async fn collect_results(&self) -> anyhow::Result<String> {
+        let queue = format!("{}.collected", self.exchange);
+        self.ch
+            .exchange_declare(
+                self.exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        self.ch
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        self.ch
+            .queue_bind(
+                queue.as_str().into(),
+                self.exchange.as_str().into(),
+                "#".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue)
+    }
+
+    /// Publishes `n` persistent `delivered`-sized results to the results
+    /// exchange with pipelined confirms; returns how long that took.
+    async fn publish_results(&self, n: u64) -> anyhow::Result<Duration> {
+        let token = "ab".repeat(32);
+        let body = format!(
+            r#"{{"app":"bench","id":"fan-0","token":"{token}","at":"2026-12-02T00:00:00.000Z"}}"#
+        );
+        let start = Instant::now();
+        let mut pending = VecDeque::with_capacity(PUBLISH_WINDOW);
+        for _ in 0..n {
+            if pending.len() == PUBLISH_WINDOW {
+                confirmed(pending.pop_front()).await?;
+            }
+            let confirm = self
+                .ch
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    "delivered".into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    BasicProperties::default()
+                        .with_delivery_mode(2)
+                        .with_content_type("application/json".into()),
+                )
+                .await?;
+            pending.push_back(confirm);
+        }
+        for c in pending {
+            confirmed(Some(c)).await?;
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn purge(&self, queue: &str) -> anyhow::Result<()> {
+        self.ch
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    async fn drop_results(&self, queue: &str) {
+        let _ = self
+            .ch
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
     }
 
     async fn cleanup(&self) {

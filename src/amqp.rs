@@ -2,7 +2,10 @@
 //! publisher that tracks every confirm so a job is acked only after the broker
 //! has its results.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::future::Future;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use lapin::options::{
@@ -32,6 +35,10 @@ pub enum AmqpError {
     /// unacked and the next session declares the queue again.
     #[error("RabbitMQ could not route a retry to queue {0} (deleted?)")]
     Unroutable(String),
+    /// The broker closed a fresh results channel each time (the exchange
+    /// cannot be declared?): the session ends and the jobs are redelivered.
+    #[error("RabbitMQ closed the results channel {MAX_REOPENS} times in a row")]
+    ResultsChannel,
 }
 
 /// Where the jobs come from and the results go.
@@ -176,58 +183,83 @@ pub enum Owner {
     Nobody,
 }
 
+/// A confirmed publish: whom it settles, and whether the broker routed it.
+#[derive(Debug)]
+pub struct Confirmed {
+    pub owner: Owner,
+    /// Returned unrouted: no queue is bound for this routing key. The result
+    /// is final all the same (a dropped result is not worth a resend).
+    pub unroutable: Option<String>,
+}
+
 struct InFlight {
-    confirm: PublisherConfirm,
+    /// `None` while the message waits for a channel: the one it was
+    /// published on closed before taking it.
+    confirm: Option<PublisherConfirm>,
     sent: Instant,
     message: Message,
     owner: Owner,
 }
 
-/// What is needed to publish a message again after a nack.
-struct Message {
-    exchange: ShortString,
-    routing_key: ShortString,
-    body: Vec<u8>,
-    props: BasicProperties,
-    /// Set for retries: the broker confirms an unroutable message as well, and
-    /// only a mandatory one comes back to say it was dropped.
-    mandatory: bool,
+/// What is kept of a message until its confirm: enough to publish it again
+/// (after a nack or on a fresh channel), and no more. A result keeps its
+/// event, not its JSON, so a fan-out job's unconfirmed results stay small.
+enum Message {
+    /// A result for the results exchange, stamped `at`.
+    Result { event: Event, at: SystemTime },
+    /// A job parked in a retry queue for `delay`.
+    Retry {
+        queue: ShortString,
+        body: Vec<u8>,
+        attempts: u32,
+        delay: Duration,
+    },
 }
 
-/// Publishes results with confirms, pipelined: many in flight, resolved in order.
+impl Message {
+    fn routing_key(&self) -> String {
+        match self {
+            Message::Result { event, .. } => event.routing_key(),
+            Message::Retry { queue, .. } => queue.to_string(),
+        }
+    }
+}
+
+/// Results channels opened in a row, with no confirm between them, before
+/// the session gives up (and its jobs are redelivered).
+const MAX_REOPENS: u32 = 5;
+
+/// Publishes results with confirms, pipelined: many in flight, resolved in
+/// order. Results are mandatory, so one that no queue takes comes back and is
+/// counted rather than dropped unseen. When the broker closes the channel (a
+/// 404 because the results exchange was deleted), a fresh channel declares
+/// the exchange again and takes every unconfirmed message: a result whose
+/// notification was sent is never the reason to send it again.
 pub struct Publisher {
+    connection: Connection,
     channel: Channel,
     exchange: ShortString,
     inflight: VecDeque<InFlight>,
     confirm_timeout: Duration,
+    /// Channels opened since the last confirm.
+    reopens: u32,
 }
 
 impl Publisher {
+    /// Publishes on `connection`, its own: it opens channels on it as they
+    /// close.
     pub async fn open(
-        conn: &Connection,
+        connection: Connection,
         exchange: &str,
         confirm_timeout: Duration,
     ) -> Result<Publisher, lapin::Error> {
-        let channel = conn.create_channel().await?;
-        channel
-            .exchange_declare(
-                exchange.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
         Ok(Publisher {
-            channel,
+            channel: results_channel(&connection, exchange).await?,
+            connection,
             exchange: exchange.into(),
             inflight: VecDeque::new(),
             confirm_timeout,
+            reopens: 0,
         })
     }
 
@@ -235,13 +267,25 @@ impl Publisher {
         self.inflight.is_empty()
     }
 
-    pub async fn publish(&mut self, event: &Event, owner: Owner) -> Result<(), lapin::Error> {
-        let message = Message {
-            exchange: self.exchange.clone(),
-            routing_key: event.routing_key().into(),
-            body: event.body(SystemTime::now()),
-            props: json_props(),
-            mandatory: false,
+    /// Closes the connection: whatever is unconfirmed is left to redelivery.
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "bye".into()).await;
+    }
+
+    /// The results exchange.
+    pub fn exchange(&self) -> &str {
+        self.exchange.as_str()
+    }
+
+    /// Messages published and not yet confirmed.
+    pub fn unconfirmed(&self) -> usize {
+        self.inflight.len()
+    }
+
+    pub async fn publish(&mut self, event: Event, owner: Owner) -> Result<(), lapin::Error> {
+        let message = Message::Result {
+            event,
+            at: SystemTime::now(),
         };
         self.send(message, owner).await
     }
@@ -256,69 +300,233 @@ impl Publisher {
         delay: Duration,
         owner: Owner,
     ) -> Result<(), lapin::Error> {
-        let mut headers = FieldTable::default();
-        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(attempts));
-        let message = Message {
-            exchange: "".into(),
-            routing_key: queue.into(),
+        let message = Message::Retry {
+            queue: queue.into(),
             body,
-            props: json_props()
-                .with_headers(headers)
-                .with_expiration(delay.as_millis().to_string().into()),
-            mandatory: true,
+            attempts,
+            delay,
         };
         self.send(message, owner).await
     }
 
+    /// Publishes `message`; if the channel is closed, it waits in order for
+    /// the next one, which [`Publisher::confirmed`] opens.
     async fn send(&mut self, message: Message, owner: Owner) -> Result<(), lapin::Error> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                message.exchange.clone(),
-                message.routing_key.clone(),
-                BasicPublishOptions {
-                    mandatory: message.mandatory,
-                    ..Default::default()
-                },
-                &message.body,
-                message.props.clone(),
+        self.send_all(vec![(message, owner)]).await
+    }
+
+    /// Publishes results together (see [`publish_all`]), in order.
+    pub async fn publish_all(&mut self, results: Vec<(Event, Owner)>) -> Result<(), lapin::Error> {
+        let at = SystemTime::now();
+        let messages = results
+            .into_iter()
+            .map(|(event, owner)| (Message::Result { event, at }, owner))
+            .collect();
+        self.send_all(messages).await
+    }
+
+    /// Publishes `messages`; those the channel is closed for wait in order
+    /// for the next one, which [`Publisher::confirmed`] opens.
+    async fn send_all(&mut self, messages: Vec<(Message, Owner)>) -> Result<(), lapin::Error> {
+        let mut confirms = if self.channel.status().connected() {
+            publish_all(
+                &self.channel,
+                &self.exchange,
+                messages.iter().map(|(m, _)| m),
             )
-            .await?;
-        self.inflight.push_back(InFlight {
-            confirm,
-            sent: Instant::now(),
-            message,
-            owner,
-        });
+            .await
+        } else {
+            Vec::new()
+        }
+        .into_iter();
+        let sent = Instant::now();
+        for (message, owner) in messages {
+            let confirm = match confirms.next() {
+                Some(Ok(confirm)) => Some(confirm),
+                Some(Err(e)) if !self.connection.status().connected() => return Err(e),
+                Some(Err(_)) | None => None,
+            };
+            self.inflight.push_back(InFlight {
+                confirm,
+                sent,
+                message,
+                owner,
+            });
+        }
         Ok(())
     }
 
-    /// Waits for the oldest unconfirmed result. A nack republishes it and
+    /// Waits for the oldest unconfirmed message. A nack republishes it and
     /// yields nothing; a returned retry is an error, since its job must not be
-    /// acked. Cancel-safe: the pending confirm stays in place.
-    pub async fn confirmed(&mut self) -> Result<Option<Owner>, AmqpError> {
+    /// acked; a closed channel is replaced (see [`Publisher`]). Cancel-safe:
+    /// the pending confirm stays in place.
+    pub async fn confirmed(&mut self) -> Result<Option<Confirmed>, AmqpError> {
         let Some(front) = self.inflight.front_mut() else {
             return std::future::pending().await;
         };
         let deadline = front.sent + self.confirm_timeout;
-        let confirmation = match tokio::time::timeout_at(deadline.into(), &mut front.confirm).await
-        {
+        let Some(confirm) = front.confirm.as_mut() else {
+            self.reopen().await?;
+            return Ok(None);
+        };
+        let confirmation = match tokio::time::timeout_at(deadline.into(), confirm).await {
             Err(_) => return Err(AmqpError::ConfirmTimeout(self.confirm_timeout)),
+            Ok(Err(e)) if self.connection.status().connected() => {
+                tracing::warn!(exchange = %self.exchange, error = %e,
+                    "results channel closed: publishing unconfirmed results again on a new one");
+                self.reopen().await?;
+                return Ok(None);
+            }
             Ok(result) => result?,
         };
+        self.reopens = 0;
         let Some(done) = self.inflight.pop_front() else {
             return Ok(None);
         };
-        match confirmation {
-            Confirmation::Nack(_) => {
-                tracing::warn!(routing_key = %done.message.routing_key, "broker refused a message: publishing it again");
+        let routing_key = done.message.routing_key();
+        match (confirmation, &done.message) {
+            (Confirmation::Nack(_), _) => {
+                tracing::warn!(%routing_key, "broker refused a message: publishing it again");
                 self.send(done.message, done.owner).await?;
                 Ok(None)
             }
-            Confirmation::Ack(Some(_)) => {
-                Err(AmqpError::Unroutable(done.message.routing_key.to_string()))
+            (Confirmation::Ack(Some(_)), Message::Retry { .. }) => {
+                Err(AmqpError::Unroutable(routing_key))
             }
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Some(done.owner)),
+            (Confirmation::Ack(Some(_)), Message::Result { .. }) => Ok(Some(Confirmed {
+                owner: done.owner,
+                unroutable: Some(routing_key),
+            })),
+            (Confirmation::Ack(None) | Confirmation::NotRequested, _) => Ok(Some(Confirmed {
+                owner: done.owner,
+                unroutable: None,
+            })),
         }
     }
+
+    /// Opens a new channel (declaring the exchange again) and publishes every
+    /// unconfirmed message on it, in order.
+    async fn reopen(&mut self) -> Result<(), AmqpError> {
+        self.reopens += 1;
+        if self.reopens > MAX_REOPENS {
+            return Err(AmqpError::ResultsChannel);
+        }
+        self.channel = results_channel(&self.connection, self.exchange.as_str()).await?;
+        let now = Instant::now();
+        let messages = self.inflight.iter().map(|e| &e.message);
+        let confirms = publish_all(&self.channel, &self.exchange, messages).await;
+        for (entry, confirm) in self.inflight.iter_mut().zip(confirms) {
+            entry.confirm = Some(confirm?);
+            entry.sent = now;
+        }
+        Ok(())
+    }
+}
+
+/// A channel in confirm mode, the results exchange declared on it.
+async fn results_channel(conn: &Connection, exchange: &str) -> Result<Channel, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// Both kinds are mandatory: the broker confirms an unroutable message as
+/// well, and only a mandatory one comes back to say it was dropped.
+const MANDATORY: BasicPublishOptions = BasicPublishOptions {
+    mandatory: true,
+    immediate: false,
+};
+
+/// A message as it goes on the wire.
+struct Wire<'a> {
+    exchange: ShortString,
+    routing_key: ShortString,
+    body: Cow<'a, [u8]>,
+    props: BasicProperties,
+}
+
+impl Message {
+    fn wire(&self, exchange: &ShortString) -> Wire<'_> {
+        match self {
+            Message::Result { event, at } => Wire {
+                exchange: exchange.clone(),
+                routing_key: event.routing_key().into(),
+                body: Cow::Owned(event.body(*at)),
+                props: json_props(),
+            },
+            Message::Retry {
+                queue,
+                body,
+                attempts,
+                delay,
+            } => {
+                let mut headers = FieldTable::default();
+                headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(*attempts));
+                Wire {
+                    exchange: "".into(),
+                    routing_key: queue.clone(),
+                    body: Cow::Borrowed(body),
+                    props: json_props()
+                        .with_headers(headers)
+                        .with_expiration(delay.as_millis().to_string().into()),
+                }
+            }
+        }
+    }
+}
+
+/// Publishes `messages` on `channel` together: each publish hands its frames
+/// over when first polled, in order, so they leave in one write instead of
+/// one wake-up of the connection's I/O loop per message.
+async fn publish_all<'a>(
+    channel: &Channel,
+    exchange: &ShortString,
+    messages: impl Iterator<Item = &'a Message>,
+) -> Vec<Result<PublisherConfirm, lapin::Error>> {
+    let wires: Vec<Wire<'_>> = messages.map(|m| m.wire(exchange)).collect();
+    let mut publishes: Vec<_> = wires
+        .iter()
+        .map(|w| {
+            Box::pin(channel.basic_publish(
+                w.exchange.clone(),
+                w.routing_key.clone(),
+                MANDATORY,
+                &w.body,
+                w.props.clone(),
+            ))
+        })
+        .collect();
+    let mut done: Vec<Option<Result<PublisherConfirm, lapin::Error>>> =
+        publishes.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (publish, slot) in publishes.iter_mut().zip(done.iter_mut()) {
+            if slot.is_none() {
+                match publish.as_mut().poll(cx) {
+                    Poll::Ready(result) => *slot = Some(result),
+                    Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
 }

@@ -20,7 +20,7 @@ use lapin::types::FieldTable;
 use lapin::Consumer;
 use tokio::sync::mpsc;
 
-use crate::amqp;
+use crate::amqp::{self, AmqpError};
 use crate::apns::{Envelope, Notification, Outcome};
 use crate::job::JobKey;
 use crate::job::{Job, JobError};
@@ -58,7 +58,7 @@ impl Intake {
         settle: &mut Settlement,
         outcomes: &mut mpsc::UnboundedReceiver<Vec<Outcome>>,
         batch: Vec<Delivery>,
-    ) -> Result<(), lapin::Error> {
+    ) -> Result<(), AmqpError> {
         // Decode the whole batch first: a job's compact tokens cost far less
         // than its JSON body, which is freed as soon as it is read.
         let mut jobs = Vec::with_capacity(batch.len());
@@ -144,19 +144,27 @@ async fn submit(
     settle: &mut Settlement,
     outcomes: &mut mpsc::UnboundedReceiver<Vec<Outcome>>,
     routed: &mut HashMap<Arc<str>, Vec<Notification>>,
-) -> Result<(), lapin::Error> {
+) -> Result<(), AmqpError> {
     for (app, notifications) in routed.drain() {
         let Some(route) = routes.get(Some(&*app)) else {
             continue;
         };
         let mut send = std::pin::pin!(route.pool.submit(notifications));
         loop {
+            // Over the bound of unconfirmed results the lanes get no more
+            // work, and their outcomes wait, until confirms come in: a fan-out
+            // job's results never all wait for their confirms at once.
+            let open = !settle.backlogged();
             tokio::select! {
                 biased;
                 // Lanes close only when the daemon tears down; the jobs then come back.
-                _ = &mut send => break,
-                Some(batch) = outcomes.recv() => {
+                _ = &mut send, if open => break,
+                Some(batch) = outcomes.recv(), if open => {
                     settle.on_outcome_batch(batch).await?;
+                    settle.flush_acks().await?;
+                }
+                confirmed = settle.settle_next_confirm(), if settle.confirming() => {
+                    confirmed?;
                     settle.flush_acks().await?;
                 }
             }

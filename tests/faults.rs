@@ -244,7 +244,7 @@ async fn refused_connections_back_off_until_the_gateway_comes_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retry_queue_dead_letters_back_to_the_jobs_queue_classic_and_quorum() {
-    use apnsd::amqp::{self, Owner, Publisher, Topology};
+    use apnsd::amqp::{self, Confirmed, Owner, Publisher, Topology};
     use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 
     let conn = amqp::connect(AMQP_URI, "apnsd-test").await.unwrap();
@@ -260,7 +260,8 @@ async fn the_retry_queue_dead_letters_back_to_the_jobs_queue_classic_and_quorum(
         for _ in 0..2 {
             amqp::declare_queue(&ch, &topology).await.unwrap();
         }
-        let mut publisher = Publisher::open(&conn, &topology.results_exchange, WAIT)
+        let publish_conn = amqp::connect(AMQP_URI, "apnsd-test-publish").await.unwrap();
+        let mut publisher = Publisher::open(publish_conn, &topology.results_exchange, WAIT)
             .await
             .unwrap();
         let body = br#"{"token":"00","payload":{"aps":{}}}"#.to_vec();
@@ -277,8 +278,12 @@ async fn the_retry_queue_dead_letters_back_to_the_jobs_queue_classic_and_quorum(
             .unwrap();
         assert!(matches!(
             publisher.confirmed().await,
-            Ok(Some(Owner::Nobody))
+            Ok(Some(Confirmed {
+                owner: Owner::Nobody,
+                unroutable: None
+            }))
         ));
+        publisher.close().await;
         let deadline = std::time::Instant::now() + WAIT;
         let back = loop {
             let got = ch

@@ -138,6 +138,11 @@ pub struct NodeLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoutingKeyLabel {
+    pub routing_key: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LaneLabel {
     pub app: String,
     pub lane: String,
@@ -262,6 +267,10 @@ series! {
         /// 1 for the broker node the session is on, 0 for nodes it was on.
         broker_node: Labelled<NodeLabel, Gauge> = "amqp_session_node",
             "1 for the broker node (host:port) the session is on, 0 for nodes it left";
+        /// Results the broker returned because no queue was bound for them:
+        /// final, not published again.
+        results_unroutable: Labelled<RoutingKeyLabel, Counter> = "results_unroutable",
+            "Results the broker returned unrouted (no queue bound for their routing key), by routing key";
     }
     gauges {
         /// Jobs of the current broker session not yet final (0 between sessions).
@@ -276,6 +285,9 @@ series! {
         /// Kept by [`Health`]: `is_ready` as a series, as Prometheus cannot scrape `/readyz`.
         ready = "ready",
             "1 while a broker session consumes and no gateway refuses an app's certificate (as /readyz)";
+        /// Results published and not yet confirmed: what the settlement bounds.
+        results_unconfirmed = "results_unconfirmed",
+            "Results published and awaiting the broker's confirm";
     }
     histograms {
         accept_latency [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 60.0]
@@ -320,6 +332,16 @@ impl Stats {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// The broker returned a result with `routing_key` unrouted; returns how
+    /// many it returned with that key so far.
+    pub fn result_unroutable(&self, routing_key: &str) -> u64 {
+        let counter = self.results_unroutable.with(&RoutingKeyLabel {
+            routing_key: routing_key.to_owned(),
+        });
+        counter.inc();
+        counter.get()
     }
 
     /// The connection metrics of `app`'s lane number `lane`.
@@ -461,6 +483,7 @@ mod exposition {
         s.set_certificate_expiry("a", Some(1));
         s.set_broker_node("n:1", true);
         s.set_connections_max("a", 1);
+        s.result_unroutable("delivered");
         let text = s.render();
         let mut help = std::collections::BTreeMap::new();
         let mut kind = std::collections::BTreeMap::new();
@@ -531,6 +554,8 @@ mod exposition {
             "apnsd_prefetch gauge {} Prefetch of the current subscription, adapted under amqp.prefetch and amqp.prefetch_bytes.",
             "apnsd_ready gauge {} 1 while a broker session consumes and no gateway refuses an app's certificate (as /readyz).",
             "apnsd_results_published counter {} Results confirmed by the broker.",
+            "apnsd_results_unconfirmed gauge {} Results published and awaiting the broker's confirm.",
+            "apnsd_results_unroutable counter {routing_key} Results the broker returned unrouted (no queue bound for their routing key), by routing key.",
             "apnsd_window_notifications gauge {app,lane} Notifications written and not yet settled, by app and connection.",
         ];
         assert_eq!(series(&Stats::new()), expected);

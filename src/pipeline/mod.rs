@@ -213,7 +213,7 @@ impl Pipeline {
         let consume =
             amqp::consumer_channel(&consume_conn, &cfg.topology, prefetch.current()).await?;
         let publisher = Publisher::open(
-            &publish_conn,
+            publish_conn,
             &cfg.topology.results_exchange,
             cfg.confirm_timeout,
         )
@@ -274,26 +274,26 @@ impl Pipeline {
                     restart |= self.apply(change);
                     settle.set_live(self.live);
                 }
-                Some(batch) = self.outcomes.recv() => {
+                // Over the bound of unconfirmed results, outcomes wait in
+                // the lanes (whose windows then fill) until confirms come in.
+                Some(batch) = self.outcomes.recv(), if !settle.backlogged() => {
                     if let Err(e) = on_outcomes(&mut settle, &mut self.outcomes, batch).await { break Err(e.into()) }
                 }
-                owner = settle.next_confirm(), if settle.confirming() => match owner {
-                    Ok(Some(owner)) => settle.confirmed(owner),
-                    Ok(None) => {}
-                    Err(e) => break Err(e),
-                },
+                confirmed = settle.settle_next_confirm(), if settle.confirming() => {
+                    if let Err(e) = confirmed { break Err(e) }
+                }
                 Some((event, waiter)) = self.requests.recv(), if consuming => {
-                    if let Err(e) = settle.publish_for(&event, waiter).await { break Err(e.into()) }
+                    if let Err(e) = settle.publish_for(event, waiter).await { break Err(e.into()) }
                 }
                 // Before the current subscription's: the former's deliveries
                 // have the lower tags, and acks are planned in tag order.
                 delivery = intake::next_delivery(&mut sub.former), if consuming => match delivery {
-                    Some(Ok(d)) => if let Err(e) = self.intake.on_deliveries(&self.routes, &mut settle, &mut self.outcomes, vec![d]).await { break Err(e.into()) },
+                    Some(Ok(d)) => if let Err(e) = self.intake.on_deliveries(&self.routes, &mut settle, &mut self.outcomes, vec![d]).await { break Err(e) },
                     Some(Err(e)) => break Err(e.into()),
                     None => sub.former = None,
                 },
                 batch = intake::next_batch(&mut sub.consumer), if consuming => match batch {
-                    Some(Ok(batch)) => if let Err(e) = self.intake.on_deliveries(&self.routes, &mut settle, &mut self.outcomes, batch).await { break Err(e.into()) },
+                    Some(Ok(batch)) => if let Err(e) = self.intake.on_deliveries(&self.routes, &mut settle, &mut self.outcomes, batch).await { break Err(e) },
                     Some(Err(e)) => break Err(e.into()),
                     None => break Err(AmqpError::ConsumerCancelled),
                 },
@@ -321,18 +321,19 @@ impl Pipeline {
         self.stats.prefetch.set(0);
         if result.is_ok() {
             let _ = settle.flush_acks().await;
+            settle.close().await;
         }
         // However the session ended, its unfinished jobs come back.
         self.recall = settle.end();
         if result.is_ok() {
             let _ = consume_conn.close(200, "bye".into()).await;
-            let _ = publish_conn.close(200, "bye".into()).await;
         }
         result
     }
 }
 
-/// Settles `first` and whatever else the lanes reported meanwhile.
+/// Settles `first` and whatever else the lanes reported meanwhile, up to the
+/// bound of unconfirmed results.
 async fn on_outcomes(
     settle: &mut Settlement,
     outcomes: &mut mpsc::UnboundedReceiver<Vec<Outcome>>,
@@ -341,6 +342,9 @@ async fn on_outcomes(
     let mut batch = first;
     for _ in 1..64 {
         settle.on_outcome_batch(batch).await?;
+        if settle.backlogged() {
+            return Ok(());
+        }
         match outcomes.try_recv() {
             Ok(next) => batch = next,
             Err(_) => return Ok(()),

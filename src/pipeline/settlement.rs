@@ -3,6 +3,7 @@
 //! a job is acked only once its results are confirmed, and a job whose app
 //! is unusable is parked in the retry queue. One task owns it: no lock per job.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use lapin::options::BasicAckOptions;
 
 use tokio::sync::oneshot;
 
-use crate::amqp::{AmqpError, Owner, Publisher};
+use crate::amqp::{AmqpError, Confirmed, Owner, Publisher};
 use crate::apns::{Envelope, Failure, Notification, Outcome, Reason, Recipient, Withdrawal};
 use crate::job::{Job, JobError, JobKey};
 use crate::ledger::{Ack, AckPlanner, Ledger, Progress};
@@ -23,6 +24,18 @@ use crate::token::Tokens;
 /// then go one by one instead of one per run): a crash must redeliver only
 /// jobs that were truly in flight.
 const ACK_WAIT: Duration = Duration::from_millis(5);
+
+/// Most results awaiting the broker's confirm before the settlement stops
+/// taking outcomes and the intake stops handing notifications to the lanes.
+/// Without it one fan-out job's results all wait at once (a 100,000-token job
+/// with `delivered` results held 150 MB); with it memory follows this bound,
+/// and the broker still has results enough in flight to confirm in batches.
+/// Outcomes taken in one go may overshoot it by a few lane windows.
+pub const MAX_UNCONFIRMED: usize = 10_000;
+
+/// How often a warning about unroutable results is logged at most: a results
+/// exchange with no queue bound returns every result.
+const UNROUTABLE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Settings that apply at once, without a new broker session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +69,11 @@ pub struct Settlement {
     retry_queue: String,
     live: LiveSettings,
     stats: Arc<Stats>,
+    /// Outcomes taken from the lanes while over [`MAX_UNCONFIRMED`].
+    parked: VecDeque<Outcome>,
+    /// When an unroutable result was last logged, and how many came since.
+    unroutable_logged: Option<Instant>,
+    unroutable_quiet: u64,
 }
 
 impl Drop for Settlement {
@@ -89,6 +107,9 @@ impl Settlement {
             retry_queue,
             live,
             stats,
+            parked: VecDeque::new(),
+            unroutable_logged: None,
+            unroutable_quiet: 0,
         }
     }
 
@@ -96,6 +117,29 @@ impl Settlement {
     /// what is known of its unfinished jobs goes back for their redelivery.
     pub fn end(mut self) -> Recall {
         let mut recall = std::mem::take(&mut self.recall);
+        // Outcomes parked behind the bound of unconfirmed results are final
+        // all the same: the redelivered jobs must not send them again.
+        for o in std::mem::take(&mut self.parked) {
+            let env = &o.notification.envelope;
+            let deferred = matches!(&o.result, Err(f) if matches!(f.reason, Reason::Unusable(_)))
+                && env.retries + 1 < self.live.max_job_attempts;
+            if o.correction || deferred {
+                continue;
+            }
+            let over = !self.ledger.contains(env.key);
+            let token = o.notification.token();
+            let (event, unregistered) = results_of(&o, self.live.delivered_results);
+            // As when settled: a result of a job already final is not news.
+            if over && event.is_some() && !env.withdrawal.is_withdrawn() {
+                continue;
+            }
+            if event.is_none() {
+                recall.outcome(env.key, over, || identity(env), token, None);
+            }
+            for e in event.into_iter().chain(unregistered) {
+                recall.outcome(env.key, over, || identity(env), token, Some(e));
+            }
+        }
         recall.session_lost();
         recall
     }
@@ -145,9 +189,11 @@ impl Settlement {
         let tokens = job.tokens.len() as u32;
         self.ledger
             .open(key, tag, body_len(body), tokens, results.len() as u32);
-        for event in results {
-            self.publisher.publish(event, Owner::Job(key)).await?;
-        }
+        let republish = results.iter().map(|e| (e.clone(), Owner::Job(key)));
+        self.publisher.publish_all(republish.collect()).await?;
+        self.stats
+            .results_unconfirmed
+            .set(self.publisher.unconfirmed() as i64);
         Ok(tokens > 0)
     }
 
@@ -170,10 +216,65 @@ impl Settlement {
     /// `waiter` hears once the broker confirmed it.
     pub async fn publish_for(
         &mut self,
-        event: &Event,
+        event: Event,
         waiter: oneshot::Sender<()>,
     ) -> Result<(), lapin::Error> {
-        self.publisher.publish(event, Owner::Waiter(waiter)).await
+        self.publish(event, Owner::Waiter(waiter)).await
+    }
+
+    async fn publish(&mut self, event: Event, owner: Owner) -> Result<(), lapin::Error> {
+        self.publisher.publish(event, owner).await?;
+        self.stats
+            .results_unconfirmed
+            .set(self.publisher.unconfirmed() as i64);
+        Ok(())
+    }
+
+    /// Too many results await their confirm: take no more outcomes (and hand
+    /// the lanes no more work) until confirms come in.
+    pub fn backlogged(&self) -> bool {
+        !self.parked.is_empty() || self.publisher.unconfirmed() >= MAX_UNCONFIRMED
+    }
+
+    /// Waits for the next confirm and settles whom it concerns; once half
+    /// the bound is free, parked outcomes go on.
+    pub async fn settle_next_confirm(&mut self) -> Result<(), AmqpError> {
+        if let Some(confirmed) = self.publisher.confirmed().await? {
+            self.confirmed(confirmed);
+        }
+        if !self.parked.is_empty() && self.publisher.unconfirmed() <= MAX_UNCONFIRMED / 2 {
+            self.resume().await?;
+        }
+        self.stats
+            .results_unconfirmed
+            .set(self.publisher.unconfirmed() as i64);
+        Ok(())
+    }
+
+    /// Settles the outcomes of `batch` while the bound of unconfirmed results
+    /// allows; the rest wait, as outcomes (far smaller than their results),
+    /// for confirms. A lane reports a whole settled window at once, so a
+    /// batch alone can be a fan-out job's every token.
+    pub async fn on_outcome_batch(&mut self, batch: Vec<Outcome>) -> Result<(), lapin::Error> {
+        if self.parked.is_empty() && self.room() >= batch.len() {
+            return self.settle_outcomes(batch).await;
+        }
+        self.parked.extend(batch);
+        self.resume().await
+    }
+
+    /// Results that may still be published before the bound.
+    fn room(&self) -> usize {
+        MAX_UNCONFIRMED.saturating_sub(self.publisher.unconfirmed())
+    }
+
+    async fn resume(&mut self) -> Result<(), lapin::Error> {
+        while !self.parked.is_empty() && self.room() > 0 {
+            let n = self.room().min(self.parked.len());
+            let chunk: Vec<Outcome> = self.parked.drain(..n).collect();
+            self.settle_outcomes(chunk).await?;
+        }
+        Ok(())
     }
 
     /// Whether results await the broker's confirm.
@@ -181,22 +282,19 @@ impl Settlement {
         !self.publisher.is_idle()
     }
 
-    /// The next confirm: whom it settles, if anyone.
-    pub async fn next_confirm(&mut self) -> Result<Option<Owner>, AmqpError> {
-        self.publisher.confirmed().await
-    }
-
     /// Nothing left to settle: every job final, every result confirmed.
     pub fn is_settled(&self) -> bool {
-        self.ledger.is_empty() && self.publisher.is_idle()
+        self.ledger.is_empty() && self.publisher.is_idle() && self.parked.is_empty()
     }
 
-    pub async fn on_outcome_batch(&mut self, batch: Vec<Outcome>) -> Result<(), lapin::Error> {
+    async fn settle_outcomes(&mut self, batch: Vec<Outcome>) -> Result<(), lapin::Error> {
         let now = Instant::now();
         let mut accepted = 0;
         // Consecutive silent acceptances of one job (a fan-out job's tokens
         // settle together) are counted in the ledger with one lookup.
         let mut run: Option<(Arc<Envelope>, u32)> = None;
+        // The batch's results, published together once it is settled.
+        let mut outbox = Vec::new();
         for o in batch {
             let n = &o.notification;
             let env = &n.envelope;
@@ -211,8 +309,7 @@ impl Settlement {
                     }
                     Err(f) => {
                         self.stats.failed_with(f.reason.name());
-                        let event = failed(env, n, f);
-                        self.publisher.publish(&event, Owner::Nobody).await?;
+                        outbox.push((failed(env, n, f), Owner::Nobody));
                     }
                 }
                 continue;
@@ -236,29 +333,7 @@ impl Settlement {
                 }
                 Err(f) => self.stats.failed_with(f.reason.name()),
             }
-            let event = match o.result {
-                Ok(()) if self.live.delivered_results => Some(Event::Delivered {
-                    app: env.app.clone(),
-                    id: env.job.id.clone(),
-                    to: n.recipient(),
-                }),
-                Ok(()) => None,
-                Err(f) => Some(failed(env, n, f)),
-            };
-            // HTTP/2's 410 also says since when the token is gone, as the
-            // feedback service did: the job owes an `unregistered` result too.
-            // A channel is no device token: its end is the `failed` result alone.
-            let unregistered = match o.result {
-                Err(Failure {
-                    reason: Reason::Unregistered { since },
-                    ..
-                }) if env.job.channel.is_none() => Some(Event::Unregistered {
-                    app: env.app.clone(),
-                    token: n.token(),
-                    timestamp: since,
-                }),
-                _ => None,
-            };
+            let (event, unregistered) = results_of(&o, self.live.delivered_results);
             match (counted, event) {
                 (true, Some(event)) => {
                     let results = 1 + u32::from(unregistered.is_some());
@@ -270,9 +345,9 @@ impl Settlement {
                                 .outcome(env.key, false, || identity(env), n.token(), known);
                         }
                     }
-                    self.publisher.publish(&event, Owner::Job(env.key)).await?;
+                    outbox.push((event, Owner::Job(env.key)));
                     if let Some(event) = unregistered {
-                        self.publisher.publish(&event, Owner::Job(env.key)).await?;
+                        outbox.push((event, Owner::Job(env.key)));
                     }
                     self.progress(env, progress).await?;
                 }
@@ -309,6 +384,10 @@ impl Settlement {
         }
         self.accepted_run(run).await?;
         self.stats.accepted.add(accepted);
+        self.publisher.publish_all(outbox).await?;
+        self.stats
+            .results_unconfirmed
+            .set(self.publisher.unconfirmed() as i64);
         Ok(())
     }
 
@@ -329,7 +408,7 @@ impl Settlement {
             body,
             id,
         };
-        self.publisher.publish(&event, Owner::Job(key)).await
+        self.publish(event, Owner::Job(key)).await
     }
 
     /// `run` counts tokens of one job that ended without a result to publish.
@@ -389,9 +468,14 @@ impl Settlement {
         self.acks.done(tag, Instant::now());
     }
 
-    /// The broker confirmed a result: the job it settles may be final.
-    pub fn confirmed(&mut self, owner: Owner) {
-        self.stats.results_published.inc();
+    /// The broker confirmed a result: the job it settles may be final. A
+    /// result it returned unrouted is final too: it is counted and logged, not
+    /// published again (no queue would take it).
+    fn confirmed(&mut self, Confirmed { owner, unroutable }: Confirmed) {
+        match unroutable {
+            Some(routing_key) => self.unroutable(&routing_key),
+            None => self.stats.results_published.inc(),
+        }
         match owner {
             Owner::Job(key) => {
                 if let Some(tag) = self.ledger.result_confirmed(key) {
@@ -410,6 +494,32 @@ impl Settlement {
     /// the session wakes up then to flush them.
     pub fn ack_deadline(&self) -> Option<Instant> {
         self.acks.deadline()
+    }
+
+    fn unroutable(&mut self, routing_key: &str) {
+        let count = self.stats.result_unroutable(routing_key);
+        let now = Instant::now();
+        if self
+            .unroutable_logged
+            .is_some_and(|at| now.duration_since(at) < UNROUTABLE_LOG_EVERY)
+        {
+            self.unroutable_quiet += 1;
+            return;
+        }
+        tracing::warn!(
+            exchange = self.publisher.exchange(),
+            routing_key,
+            count,
+            unlogged_since_last = self.unroutable_quiet,
+            "results dropped: no queue is bound to the results exchange for this routing key"
+        );
+        self.unroutable_logged = Some(now);
+        self.unroutable_quiet = 0;
+    }
+
+    /// Ends the session's publishing (its acks go on the consume channel).
+    pub async fn close(&self) {
+        self.publisher.close().await;
     }
 
     pub async fn flush_acks(&mut self) -> Result<(), lapin::Error> {
@@ -455,6 +565,38 @@ fn failed(env: &Envelope, n: &Notification, f: Failure) -> Event {
         reason: f.reason,
         attempts,
     }
+}
+
+/// The results `o` owes: its own (none for an acceptance unless `delivered`
+/// results are on), and for HTTP/2's 410, which also says since when the
+/// token is gone as the feedback service did, an `unregistered` one.
+fn results_of(o: &Outcome, delivered: bool) -> (Option<Event>, Option<Event>) {
+    let n = &o.notification;
+    let env = &n.envelope;
+    let event = match o.result {
+        Ok(()) if delivered => Some(Event::Delivered {
+            app: env.app.clone(),
+            id: env.job.id.clone(),
+            to: n.recipient(),
+        }),
+        Ok(()) => None,
+        Err(f) => Some(failed(env, n, f)),
+    };
+    // HTTP/2's 410 also says since when the token is gone, as the feedback
+    // service did: the job owes an `unregistered` result too. A channel is no
+    // device token: its end is the `failed` result alone.
+    let unregistered = match o.result {
+        Err(Failure {
+            reason: Reason::Unregistered { since },
+            ..
+        }) if env.job.channel.is_none() => Some(Event::Unregistered {
+            app: env.app.clone(),
+            token: n.token(),
+            timestamp: since,
+        }),
+        _ => None,
+    };
+    (event, unregistered)
 }
 
 /// Names a job across deliveries, for [`Recall`].

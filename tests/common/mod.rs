@@ -262,6 +262,18 @@ impl Broker {
             .unwrap();
     }
 
+    /// Deletes the results exchange under a running daemon, as an operator
+    /// might (its binding to the results queue goes with it).
+    pub async fn delete_results_exchange(&self) {
+        self.ch
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// Deletes a queue the test declared besides its own (e.g. an example's).
     pub async fn delete_queue(&self, queue: &str) {
         self.ch

@@ -233,6 +233,7 @@ pub struct RigBuilder {
     delivered: bool,
     prefetch: u32,
     uri: Option<String>,
+    results_exchange: Option<String>,
     amqp: String,
     apps: Vec<App>,
     sections: String,
@@ -273,6 +274,13 @@ impl RigBuilder {
     /// The daemon reaches the broker at `uri` (a relay) rather than directly.
     pub fn broker_uri(mut self, uri: &str) -> Self {
         self.uri = Some(uri.to_owned());
+        self
+    }
+
+    /// Results go to `exchange` (which the test removes) instead of the
+    /// broker slice's own, bound to its results queue.
+    pub fn results_exchange(mut self, exchange: &str) -> Self {
+        self.results_exchange = Some(exchange.to_owned());
         self
     }
 
@@ -335,6 +343,9 @@ impl RigBuilder {
         if let Some(uri) = &self.uri {
             amqp = amqp.replace(&amqp_uri(), uri);
         }
+        if let Some(exchange) = &self.results_exchange {
+            amqp = amqp.replace(&broker.exchange, exchange);
+        }
         let apps: String = std::iter::once(&self.app)
             .chain(&self.apps)
             .map(|app| app.toml(&services))
@@ -388,6 +399,7 @@ impl Rig {
             delivered: false,
             prefetch: 5000,
             uri: None,
+            results_exchange: None,
             amqp: String::new(),
             apps: Vec::new(),
             sections: String::new(),
@@ -495,9 +507,14 @@ impl Rig {
 
     /// Publishes one-token jobs (`j0`, `j1`, ...) for `tokens`.
     pub async fn publish(&self, tokens: &[String]) {
+        self.publish_tokens("j", tokens).await;
+    }
+
+    /// Publishes a one-token job for each of `tokens`, with ids `<prefix><i>`.
+    pub async fn publish_tokens(&self, prefix: &str, tokens: &[String]) {
         let jobs = tokens.iter().enumerate();
         self.broker
-            .publish_all(jobs.map(|(i, t)| job(&format!("j{i}"), t)))
+            .publish_all(jobs.map(|(i, t)| job(&format!("{prefix}{i}"), t)))
             .await;
     }
 
