@@ -361,10 +361,7 @@ fn authorize(
     };
     let iat = jwt::verify(jwt, public_key, SIM_KEY_ID, SIM_TEAM_ID)
         .map_err(|_| (403, ApnsReason::InvalidProviderToken))?;
-    let age = now
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-        .saturating_sub(iat);
+    let age = crate::clock::unix_secs(now).saturating_sub(iat);
     // The first `expire_tokens` distinct tokens are called expired however
     // young: a server whose clock runs ahead.
     let skewed = token_rank.is_some_and(|r| r < faults.expire_tokens as usize);

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
@@ -21,6 +21,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use http::HeaderValue;
 use serde_json::json;
+
+use crate::clock::unix_secs;
 
 /// Age at which a token is replaced: inside Apple's 20 to 60 minute band.
 pub const REFRESH_AFTER: Duration = Duration::from_secs(40 * 60);
@@ -264,13 +266,10 @@ pub fn verify(
     claims["iat"].as_u64().ok_or(JwtError::Malformed)
 }
 
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn key_file() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
         let key = rcgen::KeyPair::generate().unwrap();
