@@ -200,9 +200,25 @@ impl fmt::Display for DeviceToken {
 /// result or a log line, an `apns-id`.
 pub struct Hex<'a>(pub &'a [u8]);
 
+const DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// One byte's two lower-case hex digits.
+pub fn hex_pair(b: u8) -> [u8; 2] {
+    [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]
+}
+
+impl Hex<'_> {
+    /// Appends the digits to `out` (a request's header block).
+    pub fn append_to(&self, out: &mut Vec<u8>) {
+        out.reserve(2 * self.0.len());
+        for &b in self.0 {
+            out.extend_from_slice(&hex_pair(b));
+        }
+    }
+}
+
 impl fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut buf = [0u8; 64];
         for chunk in self.0.chunks(buf.len() / 2) {
             for (pair, b) in buf.chunks_exact_mut(2).zip(chunk) {
@@ -291,5 +307,8 @@ mod tests {
         assert_eq!(Hex(&bytes).to_string(), want);
         assert_eq!(Hex(&[]).to_string(), "");
         assert_eq!(Hex(&[0xAB, 0x0f]).to_string(), "ab0f");
+        let mut appended = b"x".to_vec();
+        Hex(&bytes).append_to(&mut appended);
+        assert_eq!(appended, format!("x{want}").as_bytes());
     }
 }

@@ -2,14 +2,18 @@
 //! one stream per notification, an answer for every stream.
 //!
 //! A connection keeps as many streams open as the server's
-//! `SETTINGS_MAX_CONCURRENT_STREAMS` allows (h2 tracks the setting as it
-//! changes; `max_concurrent_streams` caps it further), PINGs an idle
-//! connection to find out it died, and retries what a GOAWAY or a broken
-//! connection left unanswered. [`request`] and [`jwt`] hold the pure parts;
+//! `SETTINGS_MAX_CONCURRENT_STREAMS` allows (as it changes;
+//! `max_concurrent_streams` caps it further), PINGs the server to find out it
+//! died, and retries what a GOAWAY or a broken connection left unanswered.
+//! The lane's task drives its [`connection::Connection`] itself: no task per
+//! stream. [`frame`], [`hpack`], [`request`] and [`jwt`] hold the pure parts;
 //! connecting, reconnecting and waiting without a connection are the lane's
 //! ([`super::lane`]).
 
+pub mod connection;
+pub mod frame;
 pub mod growth;
+pub mod hpack;
 pub mod jwt;
 pub mod refused;
 pub mod request;
@@ -19,18 +23,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use h2::client::{ResponseFuture, SendRequest};
-use h2::{Ping, PingPong};
-use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
 use super::connect::{self, Endpoint};
 use super::lane::{End, Lane, Policy, Transport, Work};
 use super::{is_expired, Notification, Outcome, Reason, Unusable};
 use crate::backoff::Backoff;
 use crate::clock::{sleep_until, unix_now};
+use connection::{Closed, Ending, Event};
 use jwt::{Bearer, Renewal, Signer};
 use refused::{RefusedStreams, Step};
-use request::Answer;
+use request::{Answer, AppHeaders};
 pub use request::{ApnsReason, MAX_BROADCAST_PAYLOAD, MAX_PAYLOAD, MAX_VOIP_PAYLOAD};
 
 /// Longest error body read from APNs (they are a few dozen bytes).
@@ -58,34 +60,42 @@ pub struct Http2Settings {
     pub policy: Policy,
 }
 
-/// How one stream ended, as the lane sees it.
-enum Exchange {
-    Answered {
-        status: u16,
-        body: Vec<u8>,
-    },
-    /// Left unprocessed by a GOAWAY: safe to send again, elsewhere.
-    Refused,
-    /// Reset with REFUSED_STREAM: safe to send again, but the server may
-    /// refuse it every time (see [`refused`]).
-    RefusedStream,
-    /// The connection broke first: APNs may or may not have it.
-    Lost,
-    TimedOut,
+/// What a stream carries for the lane: the notification and the provider
+/// token it went with.
+pub struct Sent {
+    n: Notification,
+    bearer: Option<Bearer>,
 }
 
-/// One finished stream: the notification, the token it was sent with, the end.
-type Finished = (Notification, Option<Bearer>, Exchange);
+/// A lane's connection.
+pub type Connection = connection::Connection<Sent>;
 
 /// A lane's connections to the HTTP/2 provider API.
 pub struct Http2 {
     target: Arc<Target>,
+    headers: AppHeaders,
     settings: Http2Settings,
 }
 
 impl Http2 {
     pub fn new(target: Arc<Target>, settings: Http2Settings) -> Self {
-        Http2 { target, settings }
+        let headers = AppHeaders::new(&target.endpoint.addr, &target.topic);
+        Http2 {
+            target,
+            headers,
+            settings,
+        }
+    }
+}
+
+impl Http2Settings {
+    fn options(&self) -> connection::Options {
+        connection::Options {
+            request_timeout: self.request_timeout,
+            ping_interval: self.ping_interval,
+            max_body: MAX_BODY,
+            keep_headers: false,
+        }
     }
 }
 
@@ -99,7 +109,8 @@ impl Transport for Http2 {
     }
 
     async fn connect(&self) -> Result<Connection, ConnectError> {
-        open(&self.target.endpoint, self.settings.policy.connect_timeout).await
+        let timeout = self.settings.policy.connect_timeout;
+        open(&self.target.endpoint, timeout, self.settings.options()).await
     }
 
     fn unusable(error: &ConnectError) -> Unusable {
@@ -109,6 +120,7 @@ impl Transport for Http2 {
     async fn drive(&mut self, conn: Connection, lane: &mut Lane, work: &mut Work) -> End {
         Streams {
             target: &self.target,
+            headers: &self.headers,
             settings: self.settings,
             lane,
         }
@@ -124,6 +136,7 @@ impl Transport for Http2 {
 /// One connection being driven: its streams, the app's target, the lane.
 struct Streams<'a> {
     target: &'a Target,
+    headers: &'a AppHeaders,
     settings: Http2Settings,
     lane: &'a mut Lane,
 }
@@ -131,88 +144,77 @@ struct Streams<'a> {
 impl Streams<'_> {
     /// Drives one connection until it ends; every stream opened on it has
     /// finished by then.
-    async fn run(mut self, conn: Connection, work: &mut Work) -> End {
+    async fn run(mut self, mut conn: Connection, work: &mut Work) -> End {
         let s = self.settings;
-        let Connection {
-            mut send,
-            driver,
-            ping,
-        } = conn;
-        let mut keepalive = tokio::spawn(keepalive(ping, s.ping_interval));
-        let mut streams: JoinSet<Finished> = JoinSet::new();
         let mut answered = false;
         let mut usable = true;
         // Streams that made this connection suspect: (timed out, lost).
         let mut unanswered = (0u64, 0u64);
         let end = loop {
-            if work.is_done() && streams.is_empty() {
+            if work.is_done() && conn.in_flight() == 0 {
                 break End::Drained;
             }
-            if !usable && streams.is_empty() {
+            if (!usable || !conn.accepting()) && conn.in_flight() == 0 {
                 break if answered {
                     End::Healthy
                 } else {
                     End::Broken(Unusable::GatewayUnreachable)
                 };
             }
-            let room = usable && streams.len() < s.max_streams;
-            self.lane.lane_stats.window.set(streams.len() as i64);
-            let limit = s.max_streams.min(send.current_max_send_streams());
+            while usable && conn.has_room(s.max_streams) && !conn.write_full() {
+                let Some(n) = work.queue.pop_front() else {
+                    break;
+                };
+                self.open_stream(&mut conn, n);
+            }
+            let room = usable && conn.has_room(s.max_streams);
+            self.lane.lane_stats.window.set(conn.in_flight() as i64);
+            let limit = s.max_streams.min(conn.limit());
             self.lane
                 .occupancy
-                .set(streams.len(), limit, work.queue.len());
+                .set(conn.in_flight(), limit, work.queue.len());
             let due = work.next_due();
             tokio::select! {
                 biased;
-                Some(joined) = streams.join_next(), if !streams.is_empty() => {
+                event = conn.next() => {
                     let mut outcomes = Vec::new();
-                    let mut next = Some(joined);
-                    while let Some(joined) = next {
-                        if let Ok((n, bearer, exchange)) = joined {
-                            answered |= matches!(exchange, Exchange::Answered { .. });
-                            // A broken or unanswered stream makes the connection
-                            // suspect: retries go out on a fresh one, not into a
-                            // connection PING has yet to find dead.
-                            match exchange {
-                                Exchange::TimedOut => unanswered.0 += 1,
-                                Exchange::Lost => unanswered.1 += 1,
-                                _ => {}
+                    let mut next = Some(event);
+                    while let Some(event) = next {
+                        match event {
+                            Event::Ended(sent, ending) => {
+                                answered |= matches!(ending, Ending::Answered { .. });
+                                // A broken or unanswered stream makes the connection
+                                // suspect: retries go out on a fresh one, not into a
+                                // connection PING has yet to find dead.
+                                match ending {
+                                    Ending::TimedOut => unanswered.0 += 1,
+                                    Ending::Lost => unanswered.1 += 1,
+                                    _ => {}
+                                }
+                                usable &= unanswered == (0, 0);
+                                self.finish(sent, ending, work, &mut outcomes);
                             }
-                            usable &= unanswered == (0, 0);
-                            self.finish(n, bearer.as_ref(), exchange, work, &mut outcomes);
+                            Event::Closed(why) => {
+                                usable = false;
+                                if matches!(why, Closed::Stalled) {
+                                    tracing::warn!(app = %self.lane.app, lane = self.lane.index,
+                                        "APNs stopped answering PINGs: dropping the connection");
+                                    self.lane.lane_stats.stalls.inc();
+                                } else {
+                                    tracing::debug!(app = %self.lane.app, lane = self.lane.index,
+                                        error = %why, "HTTP/2 connection ended");
+                                }
+                            }
                         }
-                        next = streams.try_join_next();
+                        next = conn.try_next();
                     }
                     self.lane.report(outcomes);
                 }
-                _ = &mut keepalive, if usable => {
-                    tracing::warn!(app = %self.lane.app, lane = self.lane.index,
-                        "APNs stopped answering PINGs: dropping the connection");
-                    self.lane.lane_stats.stalls.inc();
-                    usable = false;
-                    // Ends the connection, so every open stream fails at once.
-                    driver.abort();
-                }
-                ready = std::future::poll_fn(|cx| send.poll_ready(cx)), if room && !work.queue.is_empty() => match ready {
-                    Ok(()) => {
-                        if let Some(n) = work.queue.pop_front() {
-                            if !self.open_stream(&mut send, n, work, &mut streams) {
-                                usable = false;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(app = %self.lane.app, lane = self.lane.index, error = %e,
-                            "connection no longer takes streams");
-                        usable = false;
-                    }
-                },
                 _ = sleep_until(due), if due.is_some() => work.release_due(Instant::now()),
                 batch = self.lane.rx.recv(), if room && work.open && work.queue.is_empty() => work.take(batch),
             }
         };
-        keepalive.abort();
-        driver.abort();
+        conn.shutdown(CLOSE_GRACE).await;
         if unanswered != (0, 0) {
             tracing::warn!(app = %self.lane.app, lane = self.lane.index, timed_out = unanswered.0,
                 lost = unanswered.1, "retired an HTTP/2 connection whose streams went unanswered");
@@ -220,25 +222,18 @@ impl Streams<'_> {
         end
     }
 
-    /// Sends one notification on a new stream. False: the connection refused
-    /// it and is done (the notification went back to the queue).
-    fn open_stream(
-        &mut self,
-        send: &mut SendRequest<Bytes>,
-        n: Notification,
-        work: &mut Work,
-        streams: &mut JoinSet<Finished>,
-    ) -> bool {
+    /// Sends one notification on a new stream of `conn`, which has room.
+    fn open_stream(&mut self, conn: &mut Connection, n: Notification) {
         let target = self.target;
         let env = &n.envelope;
         if env.withdrawal.is_withdrawn() {
             // Its owner took it back (the broker redelivers the job).
             self.lane.stats.dropped_for_redelivery.inc();
-            return true;
+            return;
         }
         if is_expired(&n, unix_now()) {
             self.lane.report(vec![Outcome::failed(n, Reason::Expired)]);
-            return true;
+            return;
         }
         let bearer = match target.signer.as_deref().map(Signer::bearer).transpose() {
             Ok(b) => b,
@@ -253,59 +248,22 @@ impl Streams<'_> {
                         reason: ApnsReason::MissingProviderToken,
                     },
                 )]);
-                return true;
+                return;
             }
         };
-        let req = match request::build(
-            &n,
-            &target.endpoint.addr,
-            &target.topic,
-            bearer.as_ref().map(|b| &b.header),
-        ) {
-            Ok(req) => req,
-            Err(e) => {
-                // Every part was validated (job decoding, the app's topic and
-                // endpoint at start): reaching this is a bug, reported as such.
-                tracing::error!(app = %self.lane.app, error = %e, "cannot build the request");
-                self.lane.report(vec![Outcome::refused(
-                    n,
-                    Reason::Http2 {
-                        status: 400,
-                        reason: ApnsReason::Unknown,
-                    },
-                )]);
-                return true;
-            }
-        };
-        match send.send_request(req, false) {
-            Ok((response, mut body)) => {
-                // A failure here shows on the response future as well.
-                let _ = body.send_data(env.job.payload.clone(), true);
-                self.lane.stats.written.inc();
-                let timeout = self.settings.request_timeout;
-                streams.spawn(async move {
-                    let exchange = exchange(response, timeout).await;
-                    (n, bearer, exchange)
-                });
-                true
-            }
-            Err(e) => {
-                tracing::debug!(app = %self.lane.app, lane = self.lane.index, error = %e, "stream not opened");
-                work.queue.push_front(n);
-                false
-            }
-        }
+        let payload = env.job.payload.clone();
+        let headers = self.headers;
+        conn.send(Sent { n, bearer }, &payload, |sent, out| {
+            let bearer = sent.bearer.as_ref().map(|b| b.header.as_bytes());
+            request::encode(out, &sent.n, headers, bearer);
+        });
+        self.lane.stats.written.inc();
     }
 
     /// Turns a finished stream into an outcome, a retry or a resend.
-    fn finish(
-        &self,
-        mut n: Notification,
-        bearer: Option<&Bearer>,
-        exchange: Exchange,
-        work: &mut Work,
-        outcomes: &mut Vec<Outcome>,
-    ) {
+    fn finish(&self, sent: Sent, ending: Ending, work: &mut Work, outcomes: &mut Vec<Outcome>) {
+        let Sent { mut n, bearer } = sent;
+        let bearer = bearer.as_ref();
         let s = self.settings;
         let target = self.target;
         let pauses = Backoff::new(s.policy.reconnect_min, s.policy.reconnect_max);
@@ -325,8 +283,8 @@ impl Streams<'_> {
             }
             None
         };
-        let (outcome, resend_counter) = match exchange {
-            Exchange::Answered { status, body } => {
+        let (outcome, resend_counter) = match ending {
+            Ending::Answered { status, body, .. } => {
                 match request::classify(status, &body, SystemTime::now()) {
                     Answer::Accepted => (Some(Outcome::accepted(n)), None),
                     Answer::Failed(reason) => {
@@ -364,11 +322,11 @@ impl Streams<'_> {
                     }
                 }
             }
-            Exchange::Refused => {
+            Ending::Unprocessed => {
                 work.queue.push_front(n);
                 (None, Some(&self.lane.stats.resent_after_error))
             }
-            Exchange::RefusedStream => {
+            Ending::Reset(frame::code::REFUSED_STREAM) => {
                 n.refusals = n.refusals.saturating_add(1);
                 let policy = RefusedStreams {
                     min: s.policy.reconnect_min,
@@ -385,11 +343,11 @@ impl Streams<'_> {
                     ),
                 }
             }
-            Exchange::Lost => (
+            Ending::Lost | Ending::Reset(_) => (
                 retry(n, Reason::ConnectionLost, work, false),
                 Some(&self.lane.stats.resent_after_close),
             ),
-            Exchange::TimedOut => (
+            Ending::TimedOut => (
                 retry(n, Reason::Timeout, work, false),
                 Some(&self.lane.stats.resent_after_close),
             ),
@@ -401,53 +359,8 @@ impl Streams<'_> {
     }
 }
 
-/// Waits for the response and its body, within `timeout`.
-async fn exchange(response: ResponseFuture, timeout: Duration) -> Exchange {
-    let answer = async {
-        let response = response.await?;
-        let status = response.status().as_u16();
-        let mut body = response.into_body();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-            if bytes.len() < MAX_BODY {
-                bytes.extend_from_slice(&chunk[..chunk.len().min(MAX_BODY - bytes.len())]);
-            }
-        }
-        Ok::<_, h2::Error>((status, bytes))
-    };
-    match tokio::time::timeout(timeout, answer).await {
-        Ok(Ok((status, body))) => Exchange::Answered { status, body },
-        Ok(Err(e)) if e.reason() == Some(h2::Reason::REFUSED_STREAM) && !e.is_go_away() => {
-            Exchange::RefusedStream
-        }
-        Ok(Err(e)) if e.is_go_away() => Exchange::Refused,
-        Ok(Err(_)) => Exchange::Lost,
-        Err(_) => Exchange::TimedOut,
-    }
-}
-
-/// Sends a PING every `interval`; returns when one goes unanswered for as long.
-async fn keepalive(ping: Option<PingPong>, interval: Duration) {
-    let Some(mut ping) = ping else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(interval, ping.ping(Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
-    }
-}
-
-pub struct Connection {
-    send: SendRequest<Bytes>,
-    /// Drives the connection's frames; aborting it ends the connection.
-    driver: JoinHandle<Result<(), h2::Error>>,
-    ping: Option<PingPong>,
-}
+/// How long a retired connection gets to say GOAWAY before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -456,7 +369,7 @@ pub enum ConnectError {
     #[error("the server did not agree to HTTP/2 (ALPN h2)")]
     NoH2,
     #[error("HTTP/2 handshake: {0}")]
-    Handshake(#[from] h2::Error),
+    Handshake(#[from] Closed),
     #[error("connect timed out")]
     TimedOut,
 }
@@ -464,57 +377,30 @@ pub enum ConnectError {
 impl ConnectError {
     fn unusable(&self) -> Unusable {
         match self {
-            ConnectError::Io(e) => Unusable::of_io(e),
-            // h2 keeps only the kind and text of an I/O error; under h2 only
-            // the TLS layer reports `InvalidData` (an alert, a bad record).
-            ConnectError::Handshake(e) => match e.get_io() {
-                Some(io) if io.kind() == io::ErrorKind::InvalidData => {
-                    Unusable::CertificateRejected
-                }
-                _ => Unusable::GatewayUnreachable,
-            },
-            ConnectError::NoH2 | ConnectError::TimedOut => Unusable::GatewayUnreachable,
+            ConnectError::Io(e) | ConnectError::Handshake(Closed::Io(e)) => Unusable::of_io(e),
+            ConnectError::Handshake(_) | ConnectError::NoH2 | ConnectError::TimedOut => {
+                Unusable::GatewayUnreachable
+            }
         }
     }
 }
 
 /// Connects, agrees on HTTP/2 and sees the server answer a PING, all within `timeout`.
-async fn open(endpoint: &Endpoint, timeout: Duration) -> Result<Connection, ConnectError> {
-    // The driver runs from the h2 handshake on; a connect that fails or times
-    // out after it must not leave it holding the socket.
-    let mut spawned: Option<AbortHandle> = None;
+async fn open<T>(
+    endpoint: &Endpoint,
+    timeout: Duration,
+    options: connection::Options,
+) -> Result<connection::Connection<T>, ConnectError> {
     let attempt = async {
         let tls = connect::open(endpoint).await?;
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err(ConnectError::NoH2);
         }
-        let (send, mut conn) = h2::client::Builder::new()
-            .enable_push(false)
-            .handshake(tls)
-            .await?;
-        let mut ping = conn.ping_pong();
-        let mut driver = tokio::spawn(conn);
-        spawned = Some(driver.abort_handle());
-        // A PONG shows the server took our identity: under TLS 1.3 a refused
-        // client certificate only shows now, as an alert ending the connection.
-        if let Some(ping) = ping.as_mut() {
-            if let Err(e) = ping.ping(Ping::opaque()).await {
-                let cause = match (&mut driver).await {
-                    Ok(Err(cause)) => cause,
-                    _ => e,
-                };
-                return Err(ConnectError::Handshake(cause));
-            }
-        }
-        Ok(Connection { send, driver, ping })
+        Ok(connection::Connection::handshake(tls, options).await?)
     };
-    let result = tokio::time::timeout(timeout, attempt)
+    tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or(Err(ConnectError::TimedOut));
-    if let (Err(_), Some(driver)) = (&result, spawned) {
-        driver.abort();
-    }
-    result
+        .unwrap_or(Err(ConnectError::TimedOut))
 }
 
 /// Why [`send_one`] got no answer.
@@ -538,53 +424,74 @@ const MAX_ONE_BODY: usize = 1 << 20;
 /// Under token auth the target's signer adds the `authorization` header.
 pub async fn send_one(
     target: &Target,
-    mut req: http::Request<()>,
+    req: http::Request<()>,
     body: Bytes,
     timeout: Duration,
 ) -> Result<(http::response::Parts, Vec<u8>), RequestError> {
     let failed = |e: &dyn std::fmt::Display| RequestError::Failed(e.to_string());
-    let conn = open(&target.endpoint, timeout)
+    let options = connection::Options {
+        request_timeout: timeout,
+        ping_interval: timeout,
+        max_body: MAX_ONE_BODY + 1,
+        keep_headers: true,
+    };
+    let mut conn = open::<()>(&target.endpoint, timeout, options)
         .await
         .map_err(|e| RequestError::Connect {
             addr: target.endpoint.addr.clone(),
             source: Box::new(e),
         })?;
-    if let Some(signer) = &target.signer {
-        let bearer = signer.bearer().map_err(|e| failed(&e))?;
-        req.headers_mut()
-            .insert(http::header::AUTHORIZATION, bearer.header);
-    }
-    let Connection {
-        mut send, driver, ..
-    } = conn;
-    let exchange = async {
-        let (response, mut stream) = send
-            .send_request(req, body.is_empty())
-            .map_err(|e| failed(&e))?;
-        if !body.is_empty() {
-            stream.send_data(body, true).map_err(|e| failed(&e))?;
+    let bearer = match &target.signer {
+        Some(signer) => Some(signer.bearer().map_err(|e| failed(&e))?),
+        None => None,
+    };
+    let (parts, ()) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    conn.send((), &body, |(), out| {
+        hpack::field(out, hpack::index::METHOD, parts.method.as_str().as_bytes());
+        hpack::indexed(out, hpack::index::SCHEME_HTTPS);
+        hpack::field(
+            out,
+            hpack::index::AUTHORITY,
+            target.endpoint.addr.as_bytes(),
+        );
+        hpack::field(out, hpack::index::PATH, path.as_bytes());
+        for (name, value) in &parts.headers {
+            hpack::named(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        let (parts, mut incoming) = response.await.map_err(|e| failed(&e))?.into_parts();
-        let mut read = Vec::new();
-        while let Some(chunk) = incoming.data().await {
-            let chunk = chunk.map_err(|e| failed(&e))?;
-            let _ = incoming.flow_control().release_capacity(chunk.len());
-            if read.len() + chunk.len() > MAX_ONE_BODY {
+        if let Some(bearer) = &bearer {
+            hpack::sensitive(out, hpack::index::AUTHORIZATION, bearer.header.as_bytes());
+        }
+    });
+    // The connection's only stream ends before any `Closed`.
+    let answer = match conn.next().await {
+        Event::Ended((), ending) => ending,
+        Event::Closed(why) => return Err(failed(&why)),
+    };
+    conn.shutdown(CLOSE_GRACE).await;
+    match answer {
+        Ending::Answered {
+            status,
+            headers,
+            body,
+        } => {
+            if body.len() > MAX_ONE_BODY {
                 return Err(RequestError::Failed("the answer is too long".into()));
             }
-            read.extend_from_slice(&chunk);
+            let mut response = http::Response::builder().status(status);
+            for (name, value) in headers {
+                if !name.starts_with(b":") {
+                    response = response.header(name, value);
+                }
+            }
+            let (parts, ()) = response.body(()).map_err(|e| failed(&e))?.into_parts();
+            Ok((parts, body))
         }
-        Ok((parts, read))
-    };
-    let answer = tokio::time::timeout(timeout, exchange)
-        .await
-        .unwrap_or_else(|_| {
-            Err(RequestError::Failed(format!(
-                "no answer within {timeout:?}"
-            )))
-        });
-    driver.abort();
-    answer
+        Ending::TimedOut => Err(RequestError::Failed(format!(
+            "no answer within {timeout:?}"
+        ))),
+        other => Err(RequestError::Failed(format!("no answer: {other:?}"))),
+    }
 }
 
 /// The `reason` of an APNs error body, or a stand-in when it has none.

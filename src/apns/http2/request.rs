@@ -4,13 +4,12 @@
 use std::time::SystemTime;
 
 use aws_lc_rs::digest;
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
-use http::{Method, Request};
 
+use super::hpack::{self, index};
 use super::Reason;
 use crate::apns::Notification;
 use crate::clock::unix_secs;
-use crate::token::Hex;
+use crate::token::{hex_pair, Hex};
 
 /// Largest payload HTTP/2 takes for every push type but VoIP.
 pub const MAX_PAYLOAD: usize = 4096;
@@ -140,89 +139,132 @@ pub fn classify(status: u16, body: &[u8], now: SystemTime) -> Answer {
     }
 }
 
-static APNS_TOPIC: HeaderName = HeaderName::from_static("apns-topic");
-static APNS_PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
-static APNS_PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
-static APNS_EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
-static APNS_ID: HeaderName = HeaderName::from_static("apns-id");
-static APNS_COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
-static APNS_CHANNEL_ID: HeaderName = HeaderName::from_static("apns-channel-id");
-
 /// The push type a job gets when it names none: `background` for a payload
 /// whose `aps` holds nothing but `content-available` (decided at decode
 /// time), `alert` otherwise.
 const DEFAULT_PUSH_TYPE: &str = "alert";
 
-/// Builds the `POST /3/device/<token>` request for `n` (the body, the
-/// payload, is sent separately). `authority` is the endpoint's `host:port`,
-/// `topic` the app's bundle id, `bearer` the `authorization` value under
-/// token auth.
-pub fn build(
-    n: &Notification,
-    authority: &str,
-    topic: &str,
-    bearer: Option<&HeaderValue>,
-) -> Result<Request<()>, http::Error> {
-    let env = &n.envelope.job;
-    if let Some(channel) = env.channel.as_deref() {
-        return broadcast(n, channel, authority, topic, bearer);
-    }
-    let push_type = env.push_type.as_deref().unwrap_or(DEFAULT_PUSH_TYPE);
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(format!("https://{authority}/3/device/{}", n.token()))
-        .header(&APNS_TOPIC, topic_for(topic, push_type))
-        .header(&APNS_PUSH_TYPE, push_type)
-        .header(&APNS_ID, apns_id(n));
-    let priority = env.priority.map(|p| p.code()).or_else(|| {
-        // Apple refuses priority 10 for background pushes; its default is 10.
-        (push_type == "background").then_some(5)
-    });
-    if let Some(p) = priority {
-        req = req.header(&APNS_PRIORITY, u32::from(p));
-    }
-    if let Some(expiry) = env.expiry {
-        req = req.header(&APNS_EXPIRATION, expiry);
-    }
-    if let Some(id) = env.collapse_id.as_deref() {
-        req = req.header(&APNS_COLLAPSE_ID, id);
-    }
-    if let Some(bearer) = bearer {
-        req = req.header(AUTHORIZATION, bearer);
-    }
-    req.body(())
+/// What every request of one app carries, encoded once per app rather than
+/// once per request.
+#[derive(Debug, Clone)]
+pub struct AppHeaders {
+    /// `:method POST`, `:scheme https`, `:authority`.
+    common: Vec<u8>,
+    /// `apns-topic: <bundle id>`, for the push types without a suffix.
+    topic_field: Vec<u8>,
+    /// `:path /4/broadcasts/apps/<bundle id>`.
+    broadcast_path: Vec<u8>,
+    topic: String,
 }
 
-/// Builds the `POST /4/broadcasts/apps/<topic>` request of a channel job.
-/// Apple requires priority and expiration on a broadcast: a job without a
-/// priority goes at 10 (Apple's default elsewhere), one without an `expiry`
-/// at 0 (deliver once, store nothing), which every channel accepts, whereas a
-/// later expiration is refused on a channel that stores no message.
-fn broadcast(
-    n: &Notification,
-    channel: &str,
-    authority: &str,
-    topic: &str,
-    bearer: Option<&HeaderValue>,
-) -> Result<Request<()>, http::Error> {
-    let env = &n.envelope.job;
-    let priority = env.priority.map_or(10, |p| p.code());
-    let mut req = Request::builder()
-        .method(Method::POST)
-        .uri(format!("https://{authority}/4/broadcasts/apps/{topic}"))
-        .header(&APNS_CHANNEL_ID, channel)
-        .header(&APNS_PUSH_TYPE, crate::job::LIVE_ACTIVITY)
-        .header(&APNS_PRIORITY, u32::from(priority))
-        .header(&APNS_EXPIRATION, env.expiry.unwrap_or(0));
-    if let Some(bearer) = bearer {
-        req = req.header(AUTHORIZATION, bearer);
+impl AppHeaders {
+    /// `authority` is the endpoint's `host:port`, `topic` the app's bundle id.
+    pub fn new(authority: &str, topic: &str) -> Self {
+        let mut common = Vec::new();
+        hpack::indexed(&mut common, index::METHOD_POST);
+        hpack::indexed(&mut common, index::SCHEME_HTTPS);
+        hpack::field(&mut common, index::AUTHORITY, authority.as_bytes());
+        let mut topic_field = Vec::new();
+        hpack::named(&mut topic_field, b"apns-topic", topic.as_bytes());
+        let mut broadcast_path = Vec::new();
+        hpack::field(
+            &mut broadcast_path,
+            index::PATH,
+            format!("/4/broadcasts/apps/{topic}").as_bytes(),
+        );
+        AppHeaders {
+            common,
+            topic_field,
+            broadcast_path,
+            topic: topic.to_owned(),
+        }
     }
-    req.body(())
+}
+
+/// Appends the header block of the request that carries `n` (its body, the
+/// payload, follows as DATA): `POST /3/device/<token>`, or the `/4/broadcasts`
+/// request of a channel job. `bearer` is the `authorization` value under
+/// token auth. Nothing here allocates but a suffixed topic.
+pub fn encode(out: &mut Vec<u8>, n: &Notification, app: &AppHeaders, bearer: Option<&[u8]>) {
+    let env = &n.envelope.job;
+    out.extend_from_slice(&app.common);
+    if let Some(channel) = env.channel.as_deref() {
+        broadcast(out, n, channel, app);
+    } else {
+        let token = n.token_bytes();
+        const DEVICE: &[u8] = b"/3/device/";
+        hpack::integer(out, 4, 0, index::PATH);
+        hpack::integer(out, 7, 0, DEVICE.len() + 2 * token.len());
+        out.extend_from_slice(DEVICE);
+        Hex(token).append_to(out);
+        let push_type = env.push_type.as_deref().unwrap_or(DEFAULT_PUSH_TYPE);
+        match topic_suffix(push_type) {
+            "" => out.extend_from_slice(&app.topic_field),
+            suffix if app.topic.ends_with(suffix) => out.extend_from_slice(&app.topic_field),
+            suffix => hpack::named(
+                out,
+                b"apns-topic",
+                format!("{}{suffix}", app.topic).as_bytes(),
+            ),
+        }
+        hpack::named(out, b"apns-push-type", push_type.as_bytes());
+        hpack::named(out, b"apns-id", &apns_id(n));
+        let priority = env.priority.map(|p| p.code()).or_else(|| {
+            // Apple refuses priority 10 for background pushes; its default is 10.
+            (push_type == "background").then_some(5)
+        });
+        if let Some(p) = priority {
+            number(out, b"apns-priority", u64::from(p));
+        }
+        if let Some(expiry) = env.expiry {
+            number(out, b"apns-expiration", u64::from(expiry));
+        }
+        if let Some(id) = env.collapse_id.as_deref() {
+            hpack::named(out, b"apns-collapse-id", id.as_bytes());
+        }
+    }
+    if let Some(bearer) = bearer {
+        hpack::sensitive(out, index::AUTHORIZATION, bearer);
+    }
+}
+
+/// The `/4/broadcasts/apps/<topic>` request of a channel job. Apple requires
+/// priority and expiration on a broadcast: a job without a priority goes at
+/// 10 (Apple's default elsewhere), one without an `expiry` at 0 (deliver
+/// once, store nothing), which every channel accepts, whereas a later
+/// expiration is refused on a channel that stores no message.
+fn broadcast(out: &mut Vec<u8>, n: &Notification, channel: &str, app: &AppHeaders) {
+    let env = &n.envelope.job;
+    out.extend_from_slice(&app.broadcast_path);
+    hpack::named(out, b"apns-channel-id", channel.as_bytes());
+    hpack::named(out, b"apns-push-type", crate::job::LIVE_ACTIVITY.as_bytes());
+    number(
+        out,
+        b"apns-priority",
+        u64::from(env.priority.map_or(10, |p| p.code())),
+    );
+    number(out, b"apns-expiration", u64::from(env.expiry.unwrap_or(0)));
+}
+
+/// A field whose value is a decimal number.
+fn number(out: &mut Vec<u8>, name: &[u8], value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut v = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    hpack::named(out, name, &digits[at..]);
 }
 
 /// Apple wants some push types on a suffixed topic (`<bundle>.voip`, ...).
-fn topic_for(topic: &str, push_type: &str) -> String {
-    let suffix = match push_type {
+fn topic_suffix(push_type: &str) -> &'static str {
+    match push_type {
         "voip" => ".voip",
         "complication" => ".complication",
         "fileprovider" => ".pushkit.fileprovider",
@@ -230,11 +272,6 @@ fn topic_for(topic: &str, push_type: &str) -> String {
         "liveactivity" => ".push-type.liveactivity",
         "pushtotalk" => ".voip-ptt",
         _ => "",
-    };
-    if topic.ends_with(suffix) {
-        topic.to_owned()
-    } else {
-        format!("{topic}{suffix}")
     }
 }
 
@@ -242,7 +279,7 @@ fn topic_for(topic: &str, push_type: &str) -> String {
 /// a redelivery after a crash), so APNs' logs and the simulator can tell a
 /// resend: SHA-256 over the app, the job id (or the payload when the job has
 /// none) and the token, shaped as a version 8 UUID.
-pub fn apns_id(n: &Notification) -> String {
+pub fn apns_id(n: &Notification) -> [u8; 36] {
     let env = &n.envelope;
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(env.app.as_bytes());
@@ -258,15 +295,17 @@ pub fn apns_id(n: &Notification) -> String {
     b.copy_from_slice(&hash.as_ref()[..16]);
     b[6] = (b[6] & 0x0f) | 0x80;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex = Hex(&b).to_string();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
+    // 8-4-4-4-12 digits: a dash before bytes 4, 6, 8 and 10.
+    let mut id = [b'-'; 36];
+    let mut at = 0;
+    for (i, &byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            at += 1;
+        }
+        id[at..at + 2].copy_from_slice(&hex_pair(byte));
+        at += 2;
+    }
+    id
 }
 
 #[cfg(test)]
@@ -374,40 +413,68 @@ mod tests {
         Notification::new(envelope, 0)
     }
 
+    /// The fields of `n`'s request, as a server decodes them.
+    fn fields(
+        n: &Notification,
+        authority: &str,
+        topic: &str,
+        bearer: Option<&[u8]>,
+    ) -> Vec<(String, String)> {
+        let mut block = Vec::new();
+        encode(&mut block, n, &AppHeaders::new(authority, topic), bearer);
+        let mut fields = Vec::new();
+        hpack::Decoder::default()
+            .decode(&block, |name, value| {
+                let text = |b: &[u8]| String::from_utf8(b.to_vec()).unwrap();
+                fields.push((text(name), text(value)));
+            })
+            .unwrap();
+        fields
+    }
+
+    fn get<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        let mut found = fields.iter().filter(|(n, _)| n == name);
+        let value = found.next().map(|(_, v)| v.as_str());
+        assert!(found.next().is_none(), "{name} twice");
+        value
+    }
+
     #[test]
     fn requests_carry_the_jobs_headers() {
-        let bearer = HeaderValue::from_static("bearer x.y.z");
+        let bearer = b"bearer x.y.z".as_slice();
         let n = notification(Some("order-1"), None);
-        let req = build(&n, "api.push.apple.com:443", "com.example", Some(&bearer)).unwrap();
-        assert_eq!(req.method(), Method::POST);
+        let h = fields(&n, "api.push.apple.com:443", "com.example", Some(bearer));
+        assert_eq!(get(&h, ":method"), Some("POST"));
+        assert_eq!(get(&h, ":scheme"), Some("https"));
+        assert_eq!(get(&h, ":authority"), Some("api.push.apple.com:443"));
         assert_eq!(
-            req.uri().to_string(),
-            format!(
-                "https://api.push.apple.com:443/3/device/{}",
-                "ab".repeat(40)
-            )
+            get(&h, ":path").unwrap(),
+            format!("/3/device/{}", "ab".repeat(40))
         );
-        let h = req.headers();
-        assert_eq!(h["apns-topic"], "com.example");
-        assert_eq!(h["apns-push-type"], "alert");
-        assert_eq!(h["apns-expiration"], "1795475473");
-        assert_eq!(h["apns-collapse-id"], "score");
-        assert_eq!(h["authorization"], "bearer x.y.z");
-        assert!(h.get("apns-priority").is_none());
+        assert_eq!(get(&h, "apns-topic"), Some("com.example"));
+        assert_eq!(get(&h, "apns-push-type"), Some("alert"));
+        assert_eq!(get(&h, "apns-expiration"), Some("1795475473"));
+        assert_eq!(get(&h, "apns-collapse-id"), Some("score"));
+        assert_eq!(get(&h, "authorization"), Some("bearer x.y.z"));
+        assert_eq!(get(&h, "apns-id").unwrap().as_bytes(), apns_id(&n));
+        assert_eq!(get(&h, "apns-priority"), None);
+        // Pseudo-header fields come first (RFC 9113 §8.3).
+        let last_pseudo = h.iter().rposition(|(n, _)| n.starts_with(':')).unwrap();
+        assert!(h[..=last_pseudo].iter().all(|(n, _)| n.starts_with(':')));
 
         let mut bg = notification(None, Some("background"));
-        let req = build(&bg, "h:443", "com.example", None).unwrap();
-        assert_eq!(req.headers()["apns-priority"], "5");
-        assert!(req.headers().get("authorization").is_none());
+        let h = fields(&bg, "h:443", "com.example", None);
+        assert_eq!(get(&h, "apns-priority"), Some("5"));
+        assert_eq!(get(&h, "authorization"), None);
         Arc::get_mut(&mut bg.envelope).unwrap().job.priority = Some(Priority::Immediate);
-        let req = build(&bg, "h:443", "com.example", None).unwrap();
-        assert_eq!(req.headers()["apns-priority"], "10");
+        let h = fields(&bg, "h:443", "com.example", None);
+        assert_eq!(get(&h, "apns-priority"), Some("10"));
 
         let voip = notification(None, Some("voip"));
-        let req = build(&voip, "h:443", "com.example", None).unwrap();
-        assert_eq!(req.headers()["apns-topic"], "com.example.voip");
-        let req = build(&voip, "h:443", "com.example.voip", None).unwrap();
-        assert_eq!(req.headers()["apns-topic"], "com.example.voip");
+        let h = fields(&voip, "h:443", "com.example", None);
+        assert_eq!(get(&h, "apns-topic"), Some("com.example.voip"));
+        let h = fields(&voip, "h:443", "com.example.voip", None);
+        assert_eq!(get(&h, "apns-topic"), Some("com.example.voip"));
     }
 
     #[test]
@@ -416,43 +483,41 @@ mod tests {
         let job = &mut Arc::get_mut(&mut n.envelope).unwrap().job;
         job.channel = Some("dHdlbnR5LWNoYXJzLWlk".into());
         job.expiry = None;
-        let bearer = HeaderValue::from_static("bearer x.y.z");
-        let req = build(&n, "h:443", "com.example", Some(&bearer)).unwrap();
+        let bearer = b"bearer x.y.z".as_slice();
+        let h = fields(&n, "h:443", "com.example", Some(bearer));
+        assert_eq!(get(&h, ":path"), Some("/4/broadcasts/apps/com.example"));
+        assert_eq!(get(&h, "apns-channel-id"), Some("dHdlbnR5LWNoYXJzLWlk"));
+        assert_eq!(get(&h, "apns-push-type"), Some("liveactivity"));
         assert_eq!(
-            req.uri().to_string(),
-            "https://h:443/4/broadcasts/apps/com.example"
-        );
-        let h = req.headers();
-        assert_eq!(h["apns-channel-id"], "dHdlbnR5LWNoYXJzLWlk");
-        assert_eq!(h["apns-push-type"], "liveactivity");
-        assert_eq!(
-            h["apns-priority"], "10",
+            get(&h, "apns-priority"),
+            Some("10"),
             "Apple requires one: 10 by default"
         );
         assert_eq!(
-            h["apns-expiration"], "0",
+            get(&h, "apns-expiration"),
+            Some("0"),
             "Apple requires one: 0 by default"
         );
-        assert_eq!(h["authorization"], "bearer x.y.z");
-        assert!(h.get("apns-topic").is_none() && h.get("apns-collapse-id").is_none());
+        assert_eq!(get(&h, "authorization"), Some("bearer x.y.z"));
+        assert!(get(&h, "apns-topic").is_none() && get(&h, "apns-collapse-id").is_none());
 
         let job = &mut Arc::get_mut(&mut n.envelope).unwrap().job;
         job.priority = Some(Priority::PowerConsiderate);
         job.expiry = Some(1_900_000_000);
-        let req = build(&n, "h:443", "com.example", None).unwrap();
-        let h = req.headers();
-        assert_eq!(h["apns-priority"], "5");
-        assert_eq!(h["apns-expiration"], "1900000000");
+        let h = fields(&n, "h:443", "com.example", None);
+        assert_eq!(get(&h, "apns-priority"), Some("5"));
+        assert_eq!(get(&h, "apns-expiration"), Some("1900000000"));
     }
 
     #[test]
     fn apns_id_is_a_uuid_stable_per_job_and_token() {
-        let a = apns_id(&notification(Some("order-1"), None));
-        assert_eq!(a, apns_id(&notification(Some("order-1"), None)));
-        assert_ne!(a, apns_id(&notification(Some("order-2"), None)));
+        let id = |n: &Notification| String::from_utf8(apns_id(n).to_vec()).unwrap();
+        let a = id(&notification(Some("order-1"), None));
+        assert_eq!(a, id(&notification(Some("order-1"), None)));
+        assert_ne!(a, id(&notification(Some("order-2"), None)));
         let mut other_token = notification(Some("order-1"), None);
         other_token.index = 1;
-        assert_ne!(a, apns_id(&other_token));
+        assert_ne!(a, id(&other_token));
         let groups: Vec<usize> = a.split('-').map(str::len).collect();
         assert_eq!(groups, [8, 4, 4, 4, 12]);
         assert_eq!(&a[14..15], "8", "version 8: {a}");
