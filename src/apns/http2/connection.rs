@@ -9,7 +9,7 @@
 //! write, and every answer read in one go is handed back in one batch.
 //! [`super::frame`] and [`super::hpack`] hold the byte-level rules.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
@@ -130,7 +130,9 @@ pub struct Connection<T> {
     received: u32,
 
     next_id: u32,
-    open: HashMap<u32, Open<T>>,
+    /// Streams in flight by id: ids rise, so inserts land at the end and
+    /// most answers remove from the front, without hashing.
+    open: BTreeMap<u32, Open<T>>,
     /// Streams with payload waiting for window, in the order they opened.
     blocked: VecDeque<u32>,
     continuing: Option<Continuing>,
@@ -170,7 +172,7 @@ impl<T> Connection<T> {
             send_window: i64::from(frame::DEFAULT_WINDOW),
             received: 0,
             next_id: 1,
-            open: HashMap::new(),
+            open: BTreeMap::new(),
             blocked: VecDeque::new(),
             continuing: None,
             deadlines: VecDeque::new(),
@@ -631,8 +633,11 @@ impl<T> Connection<T> {
     fn on_goaway(&mut self, last_stream: u32) {
         let last = self.goaway.map_or(last_stream, |l| l.min(last_stream));
         self.goaway = Some(last);
-        let mut above: Vec<u32> = self.open.keys().copied().filter(|&id| id > last).collect();
-        above.sort_unstable();
+        let above: Vec<u32> = self
+            .open
+            .range(last.saturating_add(1)..)
+            .map(|(&id, _)| id)
+            .collect();
         for id in above {
             self.end(id, Ending::Unprocessed);
         }
@@ -679,8 +684,7 @@ impl<T> Connection<T> {
         }
         self.closed = true;
         let last = self.goaway.unwrap_or(LAST_STREAM_ID);
-        let mut ids: Vec<u32> = self.open.keys().copied().collect();
-        ids.sort_unstable();
+        let ids: Vec<u32> = self.open.keys().copied().collect();
         for id in ids {
             let ending = if id > last {
                 Ending::Unprocessed
