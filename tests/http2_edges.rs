@@ -208,6 +208,52 @@ async fn a_connection_whose_streams_stall_in_flow_control_is_retired_with_a_coun
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_larger_than_the_stream_window_goes_out_as_the_server_opens_it() {
+    // 100 bytes of window per stream: a 3 KB payload leaves in pieces, each
+    // sent when the server's WINDOW_UPDATE comes.
+    let faults = Faults {
+        stream_window: Some(100),
+        ..Default::default()
+    };
+    let setup = Setup {
+        faults,
+        ..Default::default()
+    };
+    let mut rig = rig("edge-small-window", setup).await;
+    let tokens: Vec<String> = (0..20).map(|i| token(0x10, i)).collect();
+    let alert = |i: usize| format!("{i:04}{}", "w".repeat(3000));
+    let jobs = tokens.iter().enumerate().map(|(i, t)| {
+        serde_json::to_vec(&serde_json::json!({
+            "id": format!("w{i}"),
+            "token": t,
+            "payload": {"aps": {"alert": alert(i)}},
+        }))
+        .unwrap()
+    });
+    rig.broker.publish_all(jobs).await;
+    let results = rig.broker.results(20, WAIT).await;
+    assert!(
+        results.iter().all(|r| r.routing_key == "delivered"),
+        "{results:?}"
+    );
+    rig.wait_acked(20).await;
+    rig.assert_once(&tokens);
+    for accepted in rig.sim.accepted() {
+        let i = tokens
+            .iter()
+            .position(|t| tok(t) == accepted.token)
+            .unwrap();
+        let payload: serde_json::Value = serde_json::from_slice(&accepted.payload).unwrap();
+        assert_eq!(
+            payload["aps"]["alert"],
+            alert(i),
+            "payload {i} arrived whole"
+        );
+    }
+    rig.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_delay_leaves_the_connection_carrying_other_streams() {
     let delay = Duration::from_millis(200);
     let setup = Setup {
