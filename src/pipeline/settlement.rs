@@ -300,13 +300,11 @@ impl Settlement {
             let env = &n.envelope;
             if o.correction {
                 // Counted against its job already, which may be final: only a
-                // failure is news, published on its own.
+                // failure is news, published on its own. Its acceptance was
+                // counted when first reported: a resend accepted again (after
+                // an error that came past the settle time) is not a second one.
                 match o.result {
-                    Ok(()) => {
-                        accepted += 1;
-                        self.stats
-                            .observe_accepted(now.saturating_duration_since(env.consumed_at));
-                    }
+                    Ok(()) => {}
                     Err(f) => {
                         self.stats.failed_with(f.reason.name());
                         outbox.push((failed(env, n, f), Owner::Nobody));
