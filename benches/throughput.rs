@@ -15,6 +15,10 @@
 //!    (`--delay`), each figure next to its target from issue 17.
 //! 5. fan-out with `delivered` results: one job of many tokens, a result per
 //!    token, timed from the first result confirmed to the last.
+//! 6. scaling (`--only scaling`, not in the default run: it starts a 3-node
+//!    cluster): one and two apnsd processes against one node and against the
+//!    cluster, classic and quorum queues, each next to RabbitMQ's own ceiling
+//!    (module `scaling`).
 //!
 //! apnsd runs as the real release binary (`apnsd run`), a fresh process per
 //! case, so its peak RSS (VmHWM) is its own.
@@ -39,6 +43,10 @@ use lapin::{
 
 use apnsd::config::AmqpConfig;
 use apnsd::simulator::{stamped_token, SimCerts, Simulator, SimulatorOptions, P12_PASSWORD};
+
+// Not `benches/scaling.rs`: cargo would take that for a bench of its own.
+#[path = "throughput/scaling.rs"]
+mod scaling;
 
 #[derive(Parser)]
 #[command(about = "apnsd throughput benchmark against the local RabbitMQ and the simulator")]
@@ -66,6 +74,10 @@ struct Args {
     /// Tokens of the one job in the fan-out case with `delivered` results.
     #[arg(long, default_value_t = 100_000)]
     delivered_tokens: u64,
+    /// One-token jobs per run of the scaling case (each layout, queue type and
+    /// process count drains them twice: plain consumers, then apnsd).
+    #[arg(long, default_value_t = 50_000)]
+    scaling_jobs: u64,
     /// `amqp.prefetch` for apnsd and the plain consumer (default: apnsd's).
     #[arg(long)]
     prefetch: Option<u16>,
@@ -74,7 +86,7 @@ struct Args {
     app_settings: Vec<String>,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     uri: String,
-    /// Run only these cases (repeatable; default: all).
+    /// Run only these cases (repeatable; default: all but `scaling`).
     #[arg(long, value_enum)]
     only: Vec<Case>,
     /// The simulator's HTTP/2 response delay in the second http2-fanout run
@@ -100,6 +112,9 @@ enum Case {
     Http2,
     /// Fan-out over HTTP/2, at once and at `--delay`.
     Http2Fanout,
+    /// One and two apnsd processes on one node and on a 3-node cluster,
+    /// classic and quorum queues (only when named: it starts the cluster).
+    Scaling,
 }
 
 /// The transport the benchmarked app uses.
@@ -179,6 +194,9 @@ impl Bench<'_> {
         }
         if run(Case::Http2Fanout) {
             self.http2_fan_out().await?;
+        }
+        if self.args.only.contains(&Case::Scaling) {
+            self.scaling().await?;
         }
         Ok(())
     }
@@ -387,6 +405,22 @@ fan-out with delivered results, 1 job × {tokens} tokens"
         transport: Transport,
         delivered: bool,
     ) -> anyhow::Result<Daemon> {
+        let on = Target {
+            broker: self.broker,
+            uri: &self.args.uri,
+            amqp: "",
+        };
+        self.start_daemon_on(case, transport, delivered, on)
+    }
+
+    /// Starts apnsd on `on`'s queue through its URI, with its extra `[amqp]` keys.
+    fn start_daemon_on(
+        &self,
+        case: &str,
+        transport: Transport,
+        delivered: bool,
+        on: Target,
+    ) -> anyhow::Result<Daemon> {
         let config = self.dir.join(format!("{case}.toml"));
         let certs = self.dir.display();
         let gateway = self.sim.gateway_addr();
@@ -399,7 +433,7 @@ uri = "{uri}"
 queue = "{queue}"
 results_exchange = "{exchange}"
 prefetch = {prefetch}
-
+{amqp}
 [metrics]
 listen = "{metrics}"
 
@@ -421,10 +455,11 @@ ca = "{certs}/ca.pem"
                     self.sim.http2_addr()
                 ),
             },
-            uri = self.args.uri,
-            queue = self.broker.queue,
-            exchange = self.broker.exchange,
+            uri = on.uri,
+            queue = on.broker.queue,
+            exchange = on.broker.exchange,
             prefetch = self.prefetch,
+            amqp = on.amqp,
             delivered = delivered,
         );
         for line in &self.args.app_settings {
@@ -471,6 +506,15 @@ ca = "{certs}/ca.pem"
         }
         Ok(())
     }
+}
+
+/// Where a daemon consumes: a queue, the URI it reaches it through, and
+/// extra `[amqp]` lines (e.g. the queue type), each ending in a newline.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    broker: &'a Broker,
+    uri: &'a str,
+    amqp: &'a str,
 }
 
 /// The apnsd process of one case; killed if the bench fails before stopping it.
@@ -599,6 +643,11 @@ const PUBLISH_WINDOW: usize = 4096;
 
 impl Broker {
     async fn open(uri: &str) -> anyhow::Result<Broker> {
+        Broker::open_typed(uri, FieldTable::default()).await
+    }
+
+    /// A fresh queue declared with `args` (e.g. `x-queue-type`) on `uri`'s node.
+    async fn open_typed(uri: &str, args: FieldTable) -> anyhow::Result<Broker> {
         let suffix: u64 = rand::random();
         let queue = format!("apnsd-bench.{suffix:x}.jobs");
         let exchange = format!("apnsd-bench.{suffix:x}.results");
@@ -613,7 +662,7 @@ impl Broker {
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            args,
         )
         .await?;
         Ok(Broker {
@@ -835,10 +884,13 @@ impl Broker {
             .ch
             .queue_purge(queue.into(), QueuePurgeOptions::default())
             .await;
-        let _ = self
-            .ch
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
+        // apnsd declares `<queue>.retry` beside the jobs queue.
+        for q in [queue.to_owned(), format!("{queue}.retry")] {
+            let _ = self
+                .ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
         let _ = self
             .ch
             .exchange_delete(

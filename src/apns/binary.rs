@@ -201,7 +201,7 @@ impl Connection<'_> {
                     self.apply(&mut verdicts, work);
                 }
                 _ = sleep_until(stall_at), if stall_at.is_some() => {
-                    tracing::warn!(app = %self.lane.app, lane = self.lane.index,
+                    tracing::warn!(app = %self.lane.app, lane = self.lane.index, unsettled = window.len(),
                         "gateway stopped reading for {:?}: dropping the connection", s.write_timeout);
                     self.lane.lane_stats.stalls.inc();
                     reader.abort();
