@@ -22,6 +22,8 @@ mod judge;
 mod reply;
 mod rules;
 mod server;
+#[cfg(test)]
+mod tests;
 
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;

@@ -167,13 +167,13 @@ impl Server {
             self.last_id = self.last_id.max(id);
             return Ok(());
         }
-        self.last_id = id;
         let mut stream = self.spare.pop().unwrap_or_default();
         let head = &mut stream.head;
         if let Err(e) = self.decoder.decode(block, |n, v| head.set(n, v)) {
             self.recycle(stream);
             return Err(compression(e));
         }
+        self.last_id = id;
         if !stream.head.well_formed() {
             self.refuse(id, stream, code::PROTOCOL_ERROR);
             return Ok(());
