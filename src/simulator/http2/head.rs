@@ -58,14 +58,26 @@ impl Field {
 /// One request's fields.
 #[derive(Debug, Default)]
 pub(super) struct Head {
-    text: Vec<u8>,
-    spans: [Option<(u32, u32)>; FIELDS],
+    /// Values that are text, checked once as they arrive.
+    text: String,
+    /// Values that are not (read only by what echoes or forwards them).
+    other: Vec<u8>,
+    spans: [Option<Span>; FIELDS],
+}
+
+/// Where a value is: `text` or `other`, from `start` to `end`.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
+    text: bool,
 }
 
 impl Head {
-    /// Empties it for the next stream, keeping the buffer.
+    /// Empties it for the next stream, keeping the buffers.
     pub(super) fn clear(&mut self) {
         self.text.clear();
+        self.other.clear();
         self.spans = [None; FIELDS];
     }
 
@@ -79,29 +91,45 @@ impl Head {
         if span.is_some() {
             return;
         }
-        let start = self.text.len();
-        self.text.extend_from_slice(value);
         // Header blocks are bounded far below 4 GiB.
-        *span = Some((start as u32, self.text.len() as u32));
+        *span = Some(match as_text(value) {
+            Some(text) => {
+                let start = self.text.len() as u32;
+                self.text.push_str(text);
+                Span {
+                    start,
+                    end: self.text.len() as u32,
+                    text: true,
+                }
+            }
+            None => {
+                let start = self.other.len() as u32;
+                self.other.extend_from_slice(value);
+                Span {
+                    start,
+                    end: self.other.len() as u32,
+                    text: false,
+                }
+            }
+        });
     }
 
     /// A field's value as it came.
     pub(super) fn bytes(&self, field: Field) -> Option<&[u8]> {
-        let (start, end) = self.spans[field as usize]?;
-        self.text.get(start as usize..end as usize)
+        let span = self.spans[field as usize]?;
+        let range = span.start as usize..span.end as usize;
+        if span.text {
+            self.text.as_bytes().get(range)
+        } else {
+            self.other.get(range)
+        }
     }
 
     /// A field's value if present and text as `HeaderValue::to_str` takes it
     /// (visible ASCII, spaces and tabs).
     pub(super) fn get(&self, field: Field) -> Option<&str> {
-        let value = self.bytes(field)?;
-        if !value
-            .iter()
-            .all(|&b| (b' '..0x7f).contains(&b) || b == b'\t')
-        {
-            return None;
-        }
-        std::str::from_utf8(value).ok()
+        let span = self.spans[field as usize].filter(|s| s.text)?;
+        self.text.get(span.start as usize..span.end as usize)
     }
 
     /// The path without its query, as `Uri::path` gives it.
@@ -145,6 +173,19 @@ impl Head {
     }
 }
 
+/// `value` as text if `HeaderValue::to_str` would take it.
+fn as_text(value: &[u8]) -> Option<&str> {
+    // Without an early exit the check runs many bytes at a time.
+    let visible = value.iter().fold(true, |ok, &b| {
+        ok & ((b' '..0x7f).contains(&b) | (b == b'\t'))
+    });
+    if visible {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,14 +199,17 @@ mod tests {
         head.set(b"apns-topic", b"com.other");
         head.set(b"user-agent", b"test");
         head.set(b"apns-id", b"caf\xc3\xa9");
+        head.set(b"apns-collapse-id", b"x");
         assert_eq!(head.get(Field::Method), Some("POST"));
         assert_eq!(head.path(), Some("/3/device/ab"));
         assert_eq!(head.get(Field::Topic), Some("com.example"));
         assert_eq!(head.get(Field::Id), None, "not visible ASCII");
+        assert_eq!(head.bytes(Field::Id), Some("café".as_bytes()));
+        assert_eq!(head.get(Field::CollapseId), Some("x"));
         assert!(head.well_formed());
         let map = head.header_map();
         assert_eq!(map.get("apns-topic").unwrap(), "com.example");
-        assert_eq!(map.len(), 2);
+        assert_eq!(map.len(), 3);
         head.clear();
         assert_eq!(head.get(Field::Topic), None);
         assert!(!head.well_formed());

@@ -54,8 +54,10 @@ const MAX_FRAME: u32 = frame::DEFAULT_MAX_FRAME;
 /// Answers queued beyond this stop the reading of requests until the
 /// client takes them, so a client that does not read holds no more.
 const WRITE_HIGH_WATER: usize = 256 << 10;
-/// Ended streams kept to reuse their buffers.
-const SPARE_STREAMS: usize = 256;
+/// Ended streams kept to reuse their buffers: as many as may be open at
+/// once (a client keeps the limit busy, answers come in bursts of it), up
+/// to this many.
+const SPARE_STREAMS: usize = 10_000;
 /// A payload buffer larger than this is not kept for the next stream.
 const KEEP_CAPACITY: usize = 8 << 10;
 /// How long a closing connection may take to write its last frames.

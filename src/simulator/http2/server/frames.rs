@@ -361,7 +361,7 @@ impl Server {
     }
 
     fn recycle(&mut self, mut stream: Stream) {
-        if self.spare.len() < SPARE_STREAMS {
+        if self.spare.len() < self.max_streams.min(SPARE_STREAMS) {
             stream.reset();
             self.spare.push(stream);
         }
