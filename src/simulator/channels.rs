@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use base64::Engine;
-use bytes::Bytes;
-use h2::server::SendResponse;
-use http::{HeaderMap, Method, Response};
+use http::{HeaderMap, Method};
 
 use crate::apns::http2::ApnsReason;
 
@@ -64,22 +62,10 @@ impl Answer {
         }
     }
 
-    pub(super) fn send(self, mut respond: SendResponse<Bytes>) {
-        let mut head = Response::builder().status(self.status);
-        if let Some(id) = &self.channel_id {
-            head = head.header("apns-channel-id", id.as_str());
-        }
-        let Ok(head) = head.body(()) else { return };
-        match self.body {
-            None => {
-                let _ = respond.send_response(head, true);
-            }
-            Some(json) => {
-                if let Ok(mut stream) = respond.send_response(head, false) {
-                    let _ = stream.send_data(Bytes::from(json.to_string()), true);
-                }
-            }
-        }
+    /// Status, `apns-channel-id` and body, for the connection to write.
+    pub(super) fn into_parts(self) -> (u16, Option<String>, Option<Vec<u8>>) {
+        let body = self.body.map(|json| json.to_string().into_bytes());
+        (self.status, self.channel_id, body)
     }
 }
 

@@ -96,7 +96,8 @@ pub struct Faults {
     pub answer: Vec<AnswerRule>,
     /// HTTP/2: send GOAWAY after every N accepted notifications.
     pub goaway_every: Option<u64>,
-    /// HTTP/2: `SETTINGS_MAX_CONCURRENT_STREAMS` for new connections.
+    /// HTTP/2: `SETTINGS_MAX_CONCURRENT_STREAMS` for new connections (else
+    /// 1000, as Apple's).
     pub max_streams: Option<u32>,
     /// HTTP/2: provider tokens older than this are answered 403
     /// `ExpiredProviderToken` (Apple: one hour).

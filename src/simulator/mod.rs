@@ -485,7 +485,8 @@ pub struct SimulateArgs {
     /// HTTP/2: send GOAWAY after every N accepted notifications.
     #[arg(long, value_name = "N")]
     pub goaway_every: Option<u64>,
-    /// HTTP/2: SETTINGS_MAX_CONCURRENT_STREAMS of each connection.
+    /// HTTP/2: SETTINGS_MAX_CONCURRENT_STREAMS of each connection (default
+    /// 1000, as Apple's).
     #[arg(long, value_name = "N")]
     pub max_streams: Option<u32>,
     /// HTTP/2: answer provider tokens older than this with ExpiredProviderToken.
