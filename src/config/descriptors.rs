@@ -57,6 +57,7 @@ pub fn ensure_descriptors(needed: u64) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::schema::DEFAULT_MAX_CONNECTIONS;
 
     #[test]
     fn needs_grow_with_connections_and_fit_the_current_limit() {
@@ -66,8 +67,11 @@ mod tests {
         let path = dir.path().join("apnsd.toml");
         std::fs::write(&path, text).unwrap();
         let config = Config::load_with_env(&path, Some(Default::default())).unwrap();
-        // The HTTP/2 app may grow to its `max_connections` (16 unset).
-        assert_eq!(config.descriptors_needed(), BASE + (2 * 3 + 1) + 2 * 16);
+        // The HTTP/2 app may grow to its `max_connections` (32 unset).
+        assert_eq!(
+            config.descriptors_needed(),
+            BASE + (2 * 3 + 1) + 2 * DEFAULT_MAX_CONNECTIONS as u64
+        );
         assert_eq!(ensure_descriptors(config.descriptors_needed()), Ok(()));
     }
 }

@@ -617,9 +617,9 @@ feedback_interval = "1h"
         let h2 = format!("{APP}protocol = \"http2\"\n");
         let app = |extra: &str| load(&format!("{h2}{extra}")).unwrap().apps[0].max_connections();
         assert_eq!(app(""), DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(app("connections = 20\n"), 20);
+        assert_eq!(app("connections = 40\n"), 40);
         assert_eq!(app("connections = 3\nmax_connections = 3\n"), 3);
-        assert_eq!(app("max_connections = 40\n"), 40);
+        assert_eq!(app("max_connections = 50\n"), 50);
         let m = message(&format!("{h2}connections = 4\nmax_connections = 3\n"));
         assert!(
             m.contains("apps[0].max_connections: must be 4 to 1000, not 3"),

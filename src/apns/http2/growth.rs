@@ -11,7 +11,7 @@
 //! Pure policy, no I/O: the caller reports the load whenever it changes (and
 //! on a timer while it does not) and acts on the [`Change`]. Two things keep
 //! it from flapping between n and n+1:
-//! - a band: growing needs every stream busy with work waiting, shrinking
+//! - a band: growing needs nearly every stream busy with work waiting, shrinking
 //!   needs the streams in use to fit in half of one connection fewer, so a
 //!   grow never makes a shrink due, nor a shrink a grow;
 //! - time: saturation must last [`GROW_AFTER`] (a fraction of a round trip,
@@ -48,9 +48,13 @@ pub struct Load {
 }
 
 impl Load {
-    /// Every stream is busy and work still waits: more streams would be used.
+    /// Nearly every stream (90%) is busy and work still waits: more streams
+    /// would be used. Not every one: answers free streams one at a time and
+    /// each lane refills its own a moment later, so a look at a saturated
+    /// app's lanes seldom finds all of them full at once, and saturation
+    /// must hold at every look for [`GROW_AFTER`].
     fn saturated(&self) -> bool {
-        self.waiting > 0 && self.busy >= self.capacity
+        self.waiting > 0 && self.busy * 10 >= self.capacity * 9
     }
 
     /// The streams in use fit in half of the room one connection fewer
@@ -213,11 +217,24 @@ mod tests {
     }
 
     #[test]
+    fn streams_freed_and_not_yet_refilled_still_count_as_saturated() {
+        let mut g = policy(2, 4);
+        let t0 = Instant::now();
+        // Lanes refill their streams a moment after answers free them: 1,850
+        // of 2,000 busy with work waiting is saturation, 1,750 is not.
+        assert_eq!(g.observe(load(2, 1850, 50), t0), Change::Hold);
+        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 10)), Change::Hold);
+        assert_eq!(g.observe(load(2, 1800, 50), ms(t0, 20)), Change::Grow);
+        assert_eq!(g.observe(load(2, 1750, 50), ms(t0, 30)), Change::Hold);
+        assert_eq!(g.observe(load(2, 1900, 50), ms(t0, 45)), Change::Hold);
+    }
+
+    #[test]
     fn a_momentary_peak_does_not_grow() {
         let mut g = policy(2, 4);
         let t0 = Instant::now();
         g.observe(load(2, 2000, 50), t0);
-        // A stream came free: the clock starts over.
+        // Streams came free and nothing waits: the clock starts over.
         assert_eq!(g.observe(load(2, 1999, 0), ms(t0, 10)), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 15)), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 30)), Change::Hold);
