@@ -21,7 +21,13 @@ use crate::metrics::{LaneStats, Stats};
 
 /// Batches of work a pool has in flight towards one lane: small, so a full
 /// lane pushes back on the intake quickly.
-const CHANNEL: usize = 16;
+pub const CHANNEL: usize = 16;
+
+/// The same for a lane of a pool that grows: work queued in a lane stays
+/// there when the pool adds lanes, so a deep queue would keep the first
+/// lanes busy for seconds while new ones sit idle (and the intake waits on
+/// the first). Two batches still keep a lane's streams full.
+pub const GROWING_CHANNEL: usize = 2;
 
 /// What a lane needs of its transport: open a connection, drive it with the
 /// lane's work until it ends, and say what a failed connect means. Called
@@ -212,8 +218,9 @@ impl Lane {
         occupancy: Arc<Occupancy>,
         outcomes: Outcomes,
         stats: Arc<Stats>,
+        depth: usize,
     ) -> (mpsc::Sender<Vec<Notification>>, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(CHANNEL);
+        let (tx, rx) = mpsc::channel(depth);
         let lane = Lane {
             lane_stats: stats.lane(&app, index),
             app,

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 
 use super::http2::growth::{Change, Growth, Load};
-use super::lane::{Lane, Occupancy, Transport};
+use super::lane::{self, Lane, Occupancy, Transport};
 use super::{Notification, Outcomes};
 use crate::metrics::Stats;
 
@@ -47,6 +47,8 @@ struct Spawner<F> {
     transport: F,
     outcomes: Outcomes,
     stats: Arc<Stats>,
+    /// Each lane's channel capacity, in batches.
+    depth: usize,
 }
 
 impl<T: Transport, F: FnMut() -> T> Spawner<F> {
@@ -60,6 +62,7 @@ impl<T: Transport, F: FnMut() -> T> Spawner<F> {
             occupancy.clone(),
             self.outcomes.clone(),
             self.stats.clone(),
+            self.depth,
         );
         lanes.members.push(Member { tx, occupancy });
         lanes.tasks.push((index, task));
@@ -83,6 +86,7 @@ impl Pool {
             transport,
             outcomes,
             stats,
+            depth: lane::CHANNEL,
         };
         let lanes = Pool::start(&mut spawner, connections);
         Pool {
@@ -107,6 +111,7 @@ impl Pool {
             transport,
             outcomes,
             stats,
+            depth: lane::GROWING_CHANNEL,
         };
         let lanes = Pool::start(&mut spawner, growth.min());
         let grower = tokio::spawn(grow(lanes.clone(), growth, spawner));
@@ -206,11 +211,13 @@ async fn grow<T: Transport>(
         let load = lanes.load();
         match growth.observe(load, Instant::now()) {
             Change::Hold => {}
-            Change::Grow => {
-                let index = lanes.members.len();
-                tracing::info!(app = %spawner.app, lane = index, connections = index + 1,
-                    "every HTTP/2 stream is busy and work waits: opening another connection");
-                spawner.spawn(&mut lanes, index);
+            Change::Grow(by) => {
+                for _ in 0..by {
+                    let index = lanes.members.len();
+                    tracing::info!(app = %spawner.app, lane = index, connections = index + 1,
+                        "every HTTP/2 stream is busy and work waits: opening another connection");
+                    spawner.spawn(&mut lanes, index);
+                }
             }
             Change::Shrink => {
                 // Its lane drains what it holds, then closes the connection.

@@ -3,7 +3,8 @@
 //! One connection carries at most `streams ÷ round trip` notifications a
 //! second: at Apple's tens of milliseconds, two connections of 1000 streams
 //! cap an app near 40,000/s however fast apnsd is. So while every stream is
-//! busy and work waits, the app opens another connection, up to
+//! busy and work waits, the app opens more connections (as many as the
+//! waiting work would fill, at most doubling at once), up to
 //! `max_connections`; once the load fits in one connection fewer, it closes
 //! one again, down to `connections` (as Go's HTTP/2 transport and Pushy's
 //! channel pool do).
@@ -73,8 +74,8 @@ impl Load {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     Hold,
-    /// Open one more connection.
-    Grow,
+    /// Open this many more connections.
+    Grow(usize),
     /// Close one connection once its streams have finished (the one with the
     /// fewest is the cheapest to drain).
     Shrink,
@@ -143,7 +144,7 @@ impl Growth {
         if load.saturated() && total < self.max {
             self.spare_since = None;
             if lasted(&mut self.saturated_since, now, self.grow_after) {
-                return Change::Grow;
+                return Change::Grow(self.step(load, total));
             }
             return Change::Hold;
         }
@@ -156,6 +157,15 @@ impl Growth {
         }
         self.reset();
         Change::Hold
+    }
+
+    /// How many to add at once: enough for the work waiting, at most as
+    /// many as are open (doubling, as TCP's slow start does, so 2 reach 32
+    /// in four steps rather than thirty), never beyond `max`.
+    fn step(&self, load: Load, total: usize) -> usize {
+        let per_connection = (load.capacity / load.open.max(1)).max(1);
+        let needed = load.waiting.div_ceil(per_connection).max(1);
+        needed.min(total.max(1)).min(self.max - total)
     }
 
     fn reset(&mut self) {
@@ -209,11 +219,11 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(g.observe(load(2, 2000, 50), t0), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 19)), Change::Hold);
-        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 20)), Change::Grow);
+        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 20)), Change::Grow(1));
         // The next grow needs a full span of its own.
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 21)), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 40)), Change::Hold);
-        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 41)), Change::Grow);
+        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 41)), Change::Grow(1));
     }
 
     #[test]
@@ -224,9 +234,24 @@ mod tests {
         // of 2,000 busy with work waiting is saturation, 1,750 is not.
         assert_eq!(g.observe(load(2, 1850, 50), t0), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 10)), Change::Hold);
-        assert_eq!(g.observe(load(2, 1800, 50), ms(t0, 20)), Change::Grow);
+        assert_eq!(g.observe(load(2, 1800, 50), ms(t0, 20)), Change::Grow(1));
         assert_eq!(g.observe(load(2, 1750, 50), ms(t0, 30)), Change::Hold);
         assert_eq!(g.observe(load(2, 1900, 50), ms(t0, 45)), Change::Hold);
+    }
+
+    #[test]
+    fn a_step_opens_what_the_waiting_work_fills_at_most_doubling() {
+        let t0 = Instant::now();
+        let step = |open: usize, waiting: usize, max: usize| {
+            let mut g = policy(1, max);
+            g.observe(load(open, open * STREAMS, waiting), t0);
+            g.observe(load(open, open * STREAMS, waiting), ms(t0, 20))
+        };
+        assert_eq!(step(2, 1, 32), Change::Grow(1));
+        assert_eq!(step(2, 1500, 32), Change::Grow(2));
+        assert_eq!(step(4, 2001, 32), Change::Grow(3));
+        assert_eq!(step(4, 100_000, 32), Change::Grow(4), "doubling at most");
+        assert_eq!(step(30, 100_000, 32), Change::Grow(2), "never beyond max");
     }
 
     #[test]
@@ -238,7 +263,7 @@ mod tests {
         assert_eq!(g.observe(load(2, 1999, 0), ms(t0, 10)), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 15)), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 30)), Change::Hold);
-        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 35)), Change::Grow);
+        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 35)), Change::Grow(1));
     }
 
     #[test]
