@@ -4,7 +4,9 @@
 //! stream is busy and shrink once idle ([`Growth`]): a device may then move
 //! to another lane, which HTTP/2's concurrent streams never ordered anyway.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -139,11 +141,7 @@ impl Pool {
     /// Routes notifications to their lanes, waiting while a lane is full: this
     /// is the back-pressure that keeps memory bounded.
     pub async fn submit(&self, notifications: Vec<Notification>) -> Result<(), Closed> {
-        let lanes: Vec<_> = lock(&self.lanes)
-            .members
-            .iter()
-            .map(|m| m.tx.clone())
-            .collect();
+        let lanes = self.senders();
         match lanes.len() {
             0 => return Err(Closed),
             1 => return lanes[0].send(notifications).await.map_err(|_| Closed),
@@ -157,12 +155,46 @@ impl Pool {
         for item in notifications {
             split[(item.route_hash() % n) as usize].push(item);
         }
+        if self.grower.is_none() {
+            // Binary: a device's notifications keep their order on its lane.
+            for (lane, batch) in lanes.iter().zip(split) {
+                if !batch.is_empty() {
+                    lane.send(batch).await.map_err(|_| Closed)?;
+                }
+            }
+            return Ok(());
+        }
+        // HTTP/2 keeps no order among a device's notifications (streams are
+        // answered concurrently), so what finds its lane full goes to
+        // whichever lane has room first, rather than the intake waiting on
+        // that one lane while lanes just grown beside it sit idle.
+        let mut spilled = Vec::new();
         for (lane, batch) in lanes.iter().zip(split) {
-            if !batch.is_empty() {
-                lane.send(batch).await.map_err(|_| Closed)?;
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err(e) = lane.try_send(batch) {
+                spilled.extend(e.into_inner());
             }
         }
+        while !spilled.is_empty() {
+            // Looked at afresh each time: the grower may have added lanes.
+            let lanes = self.senders();
+            if lanes.is_empty() {
+                return Err(Closed);
+            }
+            let Ok(permit) = tokio::time::timeout(RECHECK, first_room(&lanes)).await else {
+                continue;
+            };
+            let share = spilled.len().div_ceil(lanes.len());
+            permit?.send(spilled.split_off(spilled.len() - share));
+        }
         Ok(())
+    }
+
+    fn senders(&self) -> Vec<mpsc::Sender<Vec<Notification>>> {
+        let lanes = lock(&self.lanes);
+        lanes.members.iter().map(|m| m.tx.clone()).collect()
     }
 
     /// Stops taking work; the returned tasks end once every notification they
@@ -184,6 +216,35 @@ impl Drop for Pool {
             grower.abort();
         }
     }
+}
+
+/// How often work waiting for room looks again for lanes grown meanwhile:
+/// a fraction of the grower's own delay.
+const RECHECK: Duration = Duration::from_millis(5);
+
+/// Room for one batch on whichever of `lanes` has it first.
+async fn first_room(
+    lanes: &[mpsc::Sender<Vec<Notification>>],
+) -> Result<mpsc::Permit<'_, Vec<Notification>>, Closed> {
+    let mut waits: Vec<_> = lanes.iter().map(|l| Some(Box::pin(l.reserve()))).collect();
+    std::future::poll_fn(|cx| {
+        let mut open = false;
+        for slot in &mut waits {
+            let Some(wait) = slot else { continue };
+            match wait.as_mut().poll(cx) {
+                Poll::Ready(Ok(permit)) => return Poll::Ready(Ok(permit)),
+                // That lane has ended: not polled again.
+                Poll::Ready(Err(_)) => *slot = None,
+                Poll::Pending => open = true,
+            }
+        }
+        if open {
+            Poll::Pending
+        } else {
+            Poll::Ready(Err(Closed))
+        }
+    })
+    .await
 }
 
 fn lock(lanes: &Mutex<Lanes>) -> MutexGuard<'_, Lanes> {
