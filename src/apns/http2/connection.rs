@@ -16,14 +16,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWrite;
+use bytes::{Buf, Bytes};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::client::TlsStream;
 
-use super::frame::{self, code, setting, Frame, FrameError};
+use super::frame::{self, code, setting, Frame, FrameError, PeerLimits};
 use super::hpack;
+use super::wire::Wire;
 
 /// The receive window this end grants, per stream and for the connection:
 /// answers are small, so nothing waits on a WINDOW_UPDATE from us.
@@ -114,17 +114,12 @@ struct Continuing {
 }
 
 pub struct Connection<T> {
-    io: TlsStream<TcpStream>,
-    read: BytesMut,
-    write: Vec<u8>,
-    written: usize,
-    needs_flush: bool,
+    wire: Wire<TlsStream<TcpStream>>,
     decoder: hpack::Decoder,
     options: Options,
 
     peer_max_streams: usize,
-    peer_initial_window: i64,
-    peer_max_frame: u32,
+    peer: PeerLimits,
     settings_seen: bool,
     send_window: i64,
     received: u32,
@@ -158,16 +153,11 @@ impl<T> Connection<T> {
     pub async fn handshake(io: TlsStream<TcpStream>, options: Options) -> Result<Self, Closed> {
         let now = Instant::now();
         let mut conn = Connection {
-            io,
-            read: BytesMut::with_capacity(64 << 10),
-            write: Vec::with_capacity(64 << 10),
-            written: 0,
-            needs_flush: false,
+            wire: Wire::new(io),
             decoder: hpack::Decoder::default(),
             options,
             peer_max_streams: usize::MAX,
-            peer_initial_window: i64::from(frame::DEFAULT_WINDOW),
-            peer_max_frame: frame::DEFAULT_MAX_FRAME,
+            peer: PeerLimits::default(),
             settings_seen: false,
             send_window: i64::from(frame::DEFAULT_WINDOW),
             received: 0,
@@ -185,9 +175,9 @@ impl<T> Connection<T> {
             events: VecDeque::new(),
             closed: false,
         };
-        conn.write.extend_from_slice(frame::PREFACE);
+        conn.wire.write.extend_from_slice(frame::PREFACE);
         frame::settings(
-            &mut conn.write,
+            &mut conn.wire.write,
             &[
                 (setting::ENABLE_PUSH, 0),
                 (setting::INITIAL_WINDOW_SIZE, RECV_WINDOW),
@@ -195,7 +185,7 @@ impl<T> Connection<T> {
             ],
         );
         frame::window_update(
-            &mut conn.write,
+            &mut conn.wire.write,
             0,
             CONNECTION_WINDOW - frame::DEFAULT_WINDOW,
         );
@@ -244,34 +234,34 @@ impl<T> Connection<T> {
     pub fn send(&mut self, tag: T, body: &Bytes, head: impl FnOnce(&T, &mut Vec<u8>)) {
         let id = self.next_id;
         self.next_id += 2;
-        let mark = frame::begin_headers(&mut self.write, id, body.is_empty());
+        let mark = frame::begin_headers(&mut self.wire.write, id, body.is_empty());
         if id == 1 {
-            hpack::no_table(&mut self.write);
+            hpack::no_table(&mut self.wire.write);
         }
-        head(&tag, &mut self.write);
-        frame::end_headers(&mut self.write, mark, self.peer_max_frame);
+        head(&tag, &mut self.wire.write);
+        frame::end_headers(&mut self.wire.write, mark, self.peer.max_frame);
         let mut open = Open {
             tag,
             status: None,
             headers: Vec::new(),
             body: Vec::new(),
             unsent: Bytes::new(),
-            send_window: self.peer_initial_window,
+            send_window: self.peer.initial_window,
             received: 0,
         };
         let now_sendable = self.sendable(&open, body.len());
         if body.is_empty() {
             // The HEADERS frame ended the stream.
         } else if now_sendable == body.len() {
-            frame::data(&mut self.write, id, body, true, self.peer_max_frame);
+            frame::data(&mut self.wire.write, id, body, true, self.peer.max_frame);
         } else {
             if now_sendable > 0 {
                 frame::data(
-                    &mut self.write,
+                    &mut self.wire.write,
                     id,
                     &body[..now_sendable],
                     false,
-                    self.peer_max_frame,
+                    self.peer.max_frame,
                 );
             }
             open.unsent = body.slice(now_sendable..);
@@ -350,7 +340,7 @@ impl<T> Connection<T> {
                     self.deadlines.pop_front();
                 } else if at <= now {
                     self.deadlines.pop_front();
-                    frame::rst_stream(&mut self.write, id, code::CANCEL);
+                    frame::rst_stream(&mut self.wire.write, id, code::CANCEL);
                     self.end(id, Ending::TimedOut);
                 } else {
                     break;
@@ -366,7 +356,7 @@ impl<T> Connection<T> {
 
     fn send_ping(&mut self) {
         self.pings_sent += 1;
-        frame::ping(&mut self.write, false, self.pings_sent.to_be_bytes());
+        frame::ping(&mut self.wire.write, false, self.pings_sent.to_be_bytes());
         self.ping_outstanding = true;
         let next = Instant::now() + self.options.ping_interval;
         self.keepalive.as_mut().reset(next);
@@ -374,39 +364,12 @@ impl<T> Connection<T> {
 
     /// Writes what is queued; true if anything was written.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, Closed> {
-        let mut progress = false;
-        while self.written < self.write.len() {
-            match Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..]) {
-                Poll::Ready(Ok(0)) => return Err(Closed::Eof),
-                Poll::Ready(Ok(n)) => {
-                    self.written += n;
-                    self.needs_flush = true;
-                    progress = true;
-                }
-                Poll::Ready(Err(e)) => return Err(Closed::Io(e)),
-                Poll::Pending => return Ok(progress),
-            }
-        }
-        if self.written == self.write.len() {
-            self.write.clear();
-            self.written = 0;
-        }
-        if self.needs_flush {
-            match Pin::new(&mut self.io).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.needs_flush = false,
-                Poll::Ready(Err(e)) => return Err(Closed::Io(e)),
-                Poll::Pending => {}
-            }
-        }
-        Ok(progress)
+        Ok(self.wire.poll_write(cx)?)
     }
 
     /// Reads and handles what arrived; true if anything was read.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Result<bool, Closed> {
-        if self.read.capacity() - self.read.len() < 16 << 10 {
-            self.read.reserve(64 << 10);
-        }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read) {
+        match self.wire.poll_read(cx) {
             Poll::Ready(Ok(0)) => Err(Closed::Eof),
             Poll::Ready(Ok(_)) => {
                 self.handle_frames()?;
@@ -419,7 +382,7 @@ impl<T> Connection<T> {
 
     fn handle_frames(&mut self) -> Result<(), Closed> {
         // Frames borrow the read buffer while their handlers change the rest.
-        let read = std::mem::take(&mut self.read);
+        let read = std::mem::take(&mut self.wire.read);
         let mut at = 0;
         let result = loop {
             match frame::decode(&read[at..], MAX_FRAME) {
@@ -431,13 +394,13 @@ impl<T> Connection<T> {
                 }
                 Ok(None) => break Ok(()),
                 Err(e) => {
-                    frame::goaway(&mut self.write, 0, e.code);
+                    frame::goaway(&mut self.wire.write, 0, e.code);
                     break Err(Closed::Protocol(e));
                 }
             }
         };
-        self.read = read;
-        self.read.advance(at);
+        self.wire.read = read;
+        self.wire.read.advance(at);
         // Answers come mostly in order: drop the deadlines of the streams
         // they ended, so the queue holds about what is in flight.
         while let Some(&(_, id)) = self.deadlines.front() {
@@ -501,10 +464,10 @@ impl<T> Connection<T> {
                     self.on_setting(id, value)?;
                 }
                 self.settings_seen = true;
-                frame::settings_ack(&mut self.write);
+                frame::settings_ack(&mut self.wire.write);
                 self.unblock();
             }
-            Frame::Ping { ack: false, data } => frame::ping(&mut self.write, true, data),
+            Frame::Ping { ack: false, data } => frame::ping(&mut self.wire.write, true, data),
             Frame::Ping { ack: true, data } => {
                 if data == self.pings_sent.to_be_bytes() {
                     self.ping_outstanding = false;
@@ -544,29 +507,14 @@ impl<T> Connection<T> {
             setting::MAX_CONCURRENT_STREAMS => {
                 self.peer_max_streams = usize::try_from(value).unwrap_or(usize::MAX)
             }
-            setting::INITIAL_WINDOW_SIZE => {
-                if value > frame::MAX_WINDOW {
-                    return Err(FrameError {
-                        code: code::FLOW_CONTROL_ERROR,
-                        what: "initial window beyond 2^31-1",
+            _ => {
+                let delta = self.peer.apply(id, value)?;
+                if delta != 0 {
+                    for open in self.open.values_mut() {
+                        open.send_window += delta;
                     }
-                    .into());
-                }
-                // RFC 9113 §6.9.2: the change applies to every open stream.
-                let delta = i64::from(value) - self.peer_initial_window;
-                self.peer_initial_window = i64::from(value);
-                for open in self.open.values_mut() {
-                    open.send_window += delta;
                 }
             }
-            setting::MAX_FRAME_SIZE => {
-                if !(frame::DEFAULT_MAX_FRAME..=frame::MAX_FRAME_LIMIT).contains(&value) {
-                    return Err(protocol_error("MAX_FRAME_SIZE out of range"));
-                }
-                self.peer_max_frame = value;
-            }
-            // HEADER_TABLE_SIZE only bounds a table this end never uses.
-            _ => {}
         }
         Ok(())
     }
@@ -574,7 +522,7 @@ impl<T> Connection<T> {
     fn on_data(&mut self, stream: u32, end_stream: bool, data: &[u8], flow: u32) {
         self.received += flow;
         if self.received >= CONNECTION_WINDOW / 2 {
-            frame::window_update(&mut self.write, 0, self.received);
+            frame::window_update(&mut self.wire.write, 0, self.received);
             self.received = 0;
         }
         let max_body = self.options.max_body;
@@ -587,7 +535,7 @@ impl<T> Connection<T> {
         if end_stream {
             self.finish(stream);
         } else if open.received >= RECV_WINDOW / 2 {
-            frame::window_update(&mut self.write, stream, open.received);
+            frame::window_update(&mut self.wire.write, stream, open.received);
             open.received = 0;
         }
     }
@@ -662,13 +610,13 @@ impl<T> Connection<T> {
             if n == 0 {
                 return;
             }
-            let max_frame = self.peer_max_frame;
+            let max_frame = self.peer.max_frame;
             let Some(open) = self.open.get_mut(&id) else {
                 return;
             };
             let chunk = open.unsent.split_to(n);
             let done = open.unsent.is_empty();
-            frame::data(&mut self.write, id, &chunk, done, max_frame);
+            frame::data(&mut self.wire.write, id, &chunk, done, max_frame);
             open.send_window -= n as i64;
             self.send_window -= n as i64;
             if !done {
@@ -709,22 +657,14 @@ impl<T> Connection<T> {
     /// Writes out what is queued (a GOAWAY, a last RST_STREAM) before the
     /// connection is dropped, within `within`.
     pub async fn shutdown(mut self, within: Duration) {
-        frame::goaway(&mut self.write, 0, code::NO_ERROR);
-        let _ = tokio::time::timeout(within, async {
-            poll_fn(|cx| match self.poll_write(cx) {
-                Ok(_) if !self.write.is_empty() || self.needs_flush => Poll::Pending,
-                _ => Poll::Ready(()),
-            })
-            .await;
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.io).await;
-        })
-        .await;
+        frame::goaway(&mut self.wire.write, 0, code::NO_ERROR);
+        self.wire.close(within).await;
     }
 
     /// Whether enough is queued that the caller should let it be written
     /// before queuing more.
     pub fn write_full(&self) -> bool {
-        self.write.len() - self.written >= WRITE_HIGH_WATER
+        self.wire.unwritten() >= WRITE_HIGH_WATER
     }
 }
 

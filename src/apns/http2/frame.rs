@@ -151,6 +151,52 @@ fn u32_at(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// What the peer's SETTINGS say about the frames this end sends, for either
+/// end: each stream's initial send window and the largest frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLimits {
+    pub initial_window: i64,
+    pub max_frame: u32,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            initial_window: i64::from(DEFAULT_WINDOW),
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+impl PeerLimits {
+    /// Takes one setting; returns the change it makes to every open stream's
+    /// send window (RFC 9113 §6.9.2), 0 for all but INITIAL_WINDOW_SIZE.
+    pub fn apply(&mut self, id: u16, value: u32) -> Result<i64, FrameError> {
+        match id {
+            setting::INITIAL_WINDOW_SIZE => {
+                if value > MAX_WINDOW {
+                    return Err(FrameError {
+                        code: code::FLOW_CONTROL_ERROR,
+                        what: "initial window beyond 2^31-1",
+                    });
+                }
+                let delta = i64::from(value) - self.initial_window;
+                self.initial_window = i64::from(value);
+                Ok(delta)
+            }
+            setting::MAX_FRAME_SIZE => {
+                if !(DEFAULT_MAX_FRAME..=MAX_FRAME_LIMIT).contains(&value) {
+                    return Err(protocol("MAX_FRAME_SIZE out of range"));
+                }
+                self.max_frame = value;
+                Ok(0)
+            }
+            setting::ENABLE_PUSH if value > 1 => Err(protocol("ENABLE_PUSH neither 0 nor 1")),
+            _ => Ok(0),
+        }
+    }
+}
+
 /// Reads one frame from the front of `buf`: `Ok(None)` until it is all
 /// there, else the frame and how many bytes it took. `max_frame` is the
 /// largest payload this end allows (its own SETTINGS_MAX_FRAME_SIZE).
@@ -562,6 +608,33 @@ mod tests {
                 block: b"abc"
             }
         );
+    }
+
+    #[test]
+    fn peer_limits_follow_the_settings_and_refuse_what_is_out_of_range() {
+        let mut peer = PeerLimits::default();
+        assert_eq!(
+            peer.apply(setting::INITIAL_WINDOW_SIZE, 100),
+            Ok(100 - 65_535)
+        );
+        assert_eq!(peer.apply(setting::INITIAL_WINDOW_SIZE, 300), Ok(200));
+        assert_eq!(peer.apply(setting::MAX_FRAME_SIZE, 32_768), Ok(0));
+        assert_eq!(
+            peer,
+            PeerLimits {
+                initial_window: 300,
+                max_frame: 32_768
+            }
+        );
+        assert_eq!(peer.apply(setting::MAX_CONCURRENT_STREAMS, 1), Ok(0));
+        for (id, value) in [
+            (setting::INITIAL_WINDOW_SIZE, MAX_WINDOW + 1),
+            (setting::MAX_FRAME_SIZE, DEFAULT_MAX_FRAME - 1),
+            (setting::MAX_FRAME_SIZE, MAX_FRAME_LIMIT + 1),
+            (setting::ENABLE_PUSH, 2),
+        ] {
+            assert!(peer.apply(id, value).is_err(), "{id} = {value}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod hpack;
 pub mod jwt;
 pub mod refused;
 pub mod request;
+pub mod wire;
 
 use std::io;
 use std::sync::Arc;

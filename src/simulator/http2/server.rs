@@ -5,13 +5,12 @@
 mod frames;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWrite;
+use bytes::Buf;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
@@ -19,17 +18,14 @@ use tokio_rustls::server::TlsStream;
 use super::{
     End, Judge, Stream, CLOSE_GRACE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, WRITE_HIGH_WATER,
 };
-use crate::apns::http2::frame::{self, code, setting, FrameError};
+use crate::apns::http2::frame::{self, code, setting, FrameError, PeerLimits};
 use crate::apns::http2::hpack;
+use crate::apns::http2::wire::Wire;
 
 /// One connection's HTTP/2 state, driven by its task.
 pub(super) struct Server {
-    io: TlsStream<TcpStream>,
+    wire: Wire<TlsStream<TcpStream>>,
     judge: Judge,
-    read: BytesMut,
-    write: Vec<u8>,
-    written: usize,
-    needs_flush: bool,
     decoder: hpack::Decoder,
     preface_read: bool,
     /// The client's first SETTINGS arrived (it must come first).
@@ -40,8 +36,7 @@ pub(super) struct Server {
     /// The stream receive window announced.
     stream_window: u32,
 
-    peer_initial_window: i64,
-    peer_max_frame: u32,
+    peer: PeerLimits,
     send_window: i64,
     recv_window: i64,
     /// Connection flow-control bytes taken since the last WINDOW_UPDATE.
@@ -102,28 +97,24 @@ impl Server {
             .faults
             .stream_window
             .map_or(frame::DEFAULT_WINDOW, |w| w.min(frame::MAX_WINDOW));
-        let mut write = Vec::with_capacity(64 << 10);
+        let mut wire = Wire::new(io);
+        let write = &mut wire.write;
         let mut params = vec![(setting::MAX_CONCURRENT_STREAMS, max_streams)];
         if judge.faults.stream_window.is_some() {
             params.push((setting::INITIAL_WINDOW_SIZE, stream_window));
         }
-        frame::settings(&mut write, &params);
-        frame::window_update(&mut write, 0, CONNECTION_WINDOW - frame::DEFAULT_WINDOW);
+        frame::settings(write, &params);
+        frame::window_update(write, 0, CONNECTION_WINDOW - frame::DEFAULT_WINDOW);
         Server {
-            io,
+            wire,
             judge,
-            read: BytesMut::with_capacity(64 << 10),
-            write,
-            written: 0,
-            needs_flush: false,
             decoder: hpack::Decoder::default(),
             preface_read: false,
             settings_seen: false,
             settings_acked: false,
             max_streams: usize::try_from(max_streams).unwrap_or(usize::MAX),
             stream_window,
-            peer_initial_window: i64::from(frame::DEFAULT_WINDOW),
-            peer_max_frame: frame::DEFAULT_MAX_FRAME,
+            peer: PeerLimits::default(),
             send_window: i64::from(frame::DEFAULT_WINDOW),
             recv_window: i64::from(CONNECTION_WINDOW),
             unacked: 0,
@@ -164,7 +155,7 @@ impl Server {
             if self.finished() {
                 return Poll::Ready(End::Close);
             }
-            let backlog = self.write.len() - self.written;
+            let backlog = self.wire.unwritten();
             let read = if self.failing || backlog >= WRITE_HIGH_WATER {
                 false
             } else {
@@ -190,7 +181,7 @@ impl Server {
         } else {
             self.going_away.is_none() || !self.streams.is_empty()
         };
-        !owed && self.write.is_empty() && !self.needs_flush
+        !owed && self.wire.is_flushed()
     }
 
     /// Writes the answers whose delay is over.
@@ -215,36 +206,12 @@ impl Server {
 
     /// Writes what is queued; true if anything was written.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
-        let mut progress = false;
-        while self.written < self.write.len() {
-            match Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..]) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Err(()),
-                Poll::Ready(Ok(n)) => {
-                    self.written += n;
-                    self.needs_flush = true;
-                    progress = true;
-                }
-                Poll::Pending => return Ok(progress),
-            }
-        }
-        self.write.clear();
-        self.written = 0;
-        if self.needs_flush {
-            match Pin::new(&mut self.io).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.needs_flush = false,
-                Poll::Ready(Err(_)) => return Err(()),
-                Poll::Pending => {}
-            }
-        }
-        Ok(progress)
+        self.wire.poll_write(cx).map_err(|_| ())
     }
 
     /// Reads and handles what arrived; true if anything was read.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
-        if self.read.capacity() - self.read.len() < 16 << 10 {
-            self.read.reserve(64 << 10);
-        }
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read) {
+        match self.wire.poll_read(cx) {
             Poll::Ready(Ok(0)) => Err(End::Close),
             Poll::Ready(Ok(_)) => {
                 self.judge.begin();
@@ -259,7 +226,7 @@ impl Server {
 
     fn handle_frames(&mut self) {
         // Frames borrow the read buffer while their handlers change the rest.
-        let read = std::mem::take(&mut self.read);
+        let read = std::mem::take(&mut self.wire.read);
         let mut at = 0;
         if !self.preface_read {
             let n = read.len().min(frame::PREFACE.len());
@@ -282,28 +249,20 @@ impl Server {
                 Err(e) => self.fail(e),
             }
         }
-        self.read = read;
-        self.read.advance(at);
+        self.wire.read = read;
+        self.wire.read.advance(at);
     }
 
     /// A connection error: GOAWAY with its code, then the connection ends.
     fn fail(&mut self, e: FrameError) {
         tracing::debug!(error = %e, "simulator: HTTP/2 client broke the protocol");
-        frame::goaway(&mut self.write, self.last_id, e.code);
+        frame::goaway(&mut self.wire.write, self.last_id, e.code);
         self.failing = true;
     }
 
     /// Writes out what is queued (answers, a GOAWAY) and closes the TLS
     /// session, within [`CLOSE_GRACE`].
     pub(super) async fn close(mut self) {
-        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-            poll_fn(|cx| match self.poll_write(cx) {
-                Ok(_) if !self.write.is_empty() || self.needs_flush => Poll::Pending,
-                _ => Poll::Ready(()),
-            })
-            .await;
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.io).await;
-        })
-        .await;
+        self.wire.close(CLOSE_GRACE).await;
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{compression, flow_control, protocol, sendable, Server};
-use crate::apns::http2::frame::{self, code, setting, Frame, FrameError};
+use crate::apns::http2::frame::{self, code, Frame, FrameError};
 use crate::job::DeviceToken;
 use crate::simulator::http2::head::Field;
 use crate::simulator::http2::reply::{self, Reply};
@@ -77,10 +77,10 @@ impl Server {
                     self.on_setting(id, value)?;
                 }
                 self.settings_seen = true;
-                frame::settings_ack(&mut self.write);
+                frame::settings_ack(&mut self.wire.write);
                 self.unblock();
             }
-            Frame::Ping { ack: false, data } => frame::ping(&mut self.write, true, data),
+            Frame::Ping { ack: false, data } => frame::ping(&mut self.wire.write, true, data),
             // The client opens no more streams; those open are still answered.
             Frame::Ping { ack: true, .. } | Frame::GoAway { .. } | Frame::Ignored => {}
             Frame::WindowUpdate { stream, increment } => {
@@ -92,29 +92,12 @@ impl Server {
     }
 
     fn on_setting(&mut self, id: u16, value: u32) -> Result<(), FrameError> {
-        match id {
-            setting::INITIAL_WINDOW_SIZE => {
-                if value > frame::MAX_WINDOW {
-                    return Err(flow_control("initial window beyond 2^31-1"));
-                }
-                // RFC 9113 §6.9.2: the change applies to every open stream.
-                let delta = i64::from(value) - self.peer_initial_window;
-                self.peer_initial_window = i64::from(value);
-                for stream in self.streams.values_mut() {
-                    stream.send_window += delta;
-                }
+        // This end never indexes (HEADER_TABLE_SIZE) and never pushes.
+        let delta = self.peer.apply(id, value)?;
+        if delta != 0 {
+            for stream in self.streams.values_mut() {
+                stream.send_window += delta;
             }
-            setting::MAX_FRAME_SIZE => {
-                if !(frame::DEFAULT_MAX_FRAME..=frame::MAX_FRAME_LIMIT).contains(&value) {
-                    return Err(protocol("MAX_FRAME_SIZE out of range"));
-                }
-                self.peer_max_frame = value;
-            }
-            setting::ENABLE_PUSH if value > 1 => {
-                return Err(protocol("ENABLE_PUSH neither 0 nor 1"));
-            }
-            // This end never indexes (HEADER_TABLE_SIZE) and never pushes.
-            _ => {}
         }
         Ok(())
     }
@@ -195,7 +178,7 @@ impl Server {
             return Ok(());
         }
         stream.keep = !(self.judge.shared.sink && device.is_some());
-        stream.send_window = self.peer_initial_window;
+        stream.send_window = self.peer.initial_window;
         self.streams.insert(id, stream);
         if end_stream {
             self.on_end(id);
@@ -216,7 +199,7 @@ impl Server {
         }
         self.unacked += flow;
         if self.unacked >= CONNECTION_WINDOW / 2 {
-            frame::window_update(&mut self.write, 0, self.unacked);
+            frame::window_update(&mut self.wire.write, 0, self.unacked);
             self.recv_window += i64::from(self.unacked);
             self.unacked = 0;
         }
@@ -242,7 +225,7 @@ impl Server {
         // beyond the announced one, so a window of 0 lets no body through.
         stream.unacked += flow;
         if stream.unacked > 0 && stream.unacked >= self.stream_window / 2 {
-            frame::window_update(&mut self.write, id, stream.unacked);
+            frame::window_update(&mut self.wire.write, id, stream.unacked);
             stream.unacked = 0;
         }
         Ok(())
@@ -263,7 +246,7 @@ impl Server {
         if std::mem::take(&mut self.judge.goaway_due) && self.going_away.is_none() {
             // Streams received so far are answered; the client must send
             // anything after them elsewhere.
-            frame::goaway(&mut self.write, self.last_id, code::NO_ERROR);
+            frame::goaway(&mut self.wire.write, self.last_id, code::NO_ERROR);
             self.going_away = Some(self.last_id);
         }
         let delay = self.judge.shared.delay();
@@ -292,9 +275,9 @@ impl Server {
                 .map(|c| (&b"apns-channel-id"[..], c.as_bytes())),
             _ => stream.head.bytes(Field::Id).map(|v| (&b"apns-id"[..], v)),
         };
-        let max_frame = self.peer_max_frame;
+        let max_frame = self.peer.max_frame;
         reply::head(
-            &mut self.write,
+            &mut self.wire.write,
             id,
             reply.status(),
             field.as_slice(),
@@ -308,11 +291,11 @@ impl Server {
         stream.send_window -= n as i64;
         self.send_window -= n as i64;
         if n == self.body.len() {
-            frame::data(&mut self.write, id, &self.body, true, max_frame);
+            frame::data(&mut self.wire.write, id, &self.body, true, max_frame);
             return self.remove(id);
         }
         if n > 0 {
-            frame::data(&mut self.write, id, &self.body[..n], false, max_frame);
+            frame::data(&mut self.wire.write, id, &self.body[..n], false, max_frame);
         }
         stream.unsent.extend_from_slice(&self.body[n..]);
         self.blocked.push_back(id);
@@ -331,7 +314,13 @@ impl Server {
                 return;
             }
             let done = n == left.len();
-            frame::data(&mut self.write, id, &left[..n], done, self.peer_max_frame);
+            frame::data(
+                &mut self.wire.write,
+                id,
+                &left[..n],
+                done,
+                self.peer.max_frame,
+            );
             stream.unsent_at += n;
             stream.send_window -= n as i64;
             self.send_window -= n as i64;
@@ -345,12 +334,12 @@ impl Server {
 
     /// Resets a stream this end will not answer.
     fn refuse(&mut self, id: u32, stream: Stream, code: u32) {
-        frame::rst_stream(&mut self.write, id, code);
+        frame::rst_stream(&mut self.wire.write, id, code);
         self.recycle(stream);
     }
 
     fn reset(&mut self, id: u32, code: u32) {
-        frame::rst_stream(&mut self.write, id, code);
+        frame::rst_stream(&mut self.wire.write, id, code);
         self.remove(id);
     }
 
