@@ -45,8 +45,21 @@ impl Logging {
     }
 }
 
+/// lapin warns of every message the broker returns, with its whole body as
+/// bytes; apnsd takes the returned (unroutable) results itself and logs them
+/// once per routing key, rate-limited (`results_unroutable_total`). A level
+/// that names this target keeps its own say.
+const RETURNS: &str = "lapin::returned_messages";
+
 fn filter(level: &str) -> EnvFilter {
-    EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    if level.contains(RETURNS) {
+        return filter;
+    }
+    match format!("{RETURNS}=error").parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    }
 }
 
 /// Colours only on a terminal: the journal and log files get plain text.
@@ -57,5 +70,19 @@ fn output(format: LogFormat) -> Output {
     match format {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().boxed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lapins_returned_message_warnings_are_left_to_apnsd_unless_named() {
+        let quiet = filter("info").to_string();
+        assert!(quiet.contains("lapin::returned_messages=error"), "{quiet}");
+        let named = filter("debug,lapin::returned_messages=warn").to_string();
+        assert!(named.contains("lapin::returned_messages=warn"), "{named}");
+        assert!(!named.contains("=error"), "{named}");
     }
 }
