@@ -138,7 +138,6 @@ pub struct Connection<T> {
     keepalive: Pin<Box<Sleep>>,
     ping_outstanding: bool,
     pings_sent: u64,
-    pongs: u64,
     /// The lowest last-stream id of the GOAWAYs received.
     goaway: Option<u32>,
     events: VecDeque<Event<T>>,
@@ -170,7 +169,6 @@ impl<T> Connection<T> {
             keepalive: Box::pin(tokio::time::sleep_until(now + options.ping_interval)),
             ping_outstanding: false,
             pings_sent: 0,
-            pongs: 0,
             goaway: None,
             events: VecDeque::new(),
             closed: false,
@@ -197,7 +195,7 @@ impl<T> Connection<T> {
             if let Some(Event::Closed(why)) = conn.events.pop_front() {
                 return Poll::Ready(Err(why));
             }
-            if conn.settings_seen && conn.pongs > 0 {
+            if conn.settings_seen && !conn.ping_outstanding {
                 Poll::Ready(Ok(()))
             } else {
                 Poll::Pending
@@ -471,7 +469,6 @@ impl<T> Connection<T> {
             Frame::Ping { ack: true, data } => {
                 if data == self.pings_sent.to_be_bytes() {
                     self.ping_outstanding = false;
-                    self.pongs += 1;
                 }
             }
             Frame::GoAway { last_stream, .. } => self.on_goaway(last_stream),

@@ -91,13 +91,18 @@ type Entry = (Box<[u8]>, Box<[u8]>);
 /// (RFC 7541 §2.3, §3, §6). Every block the connection gets must go through
 /// it, in order, so its dynamic table stays the server's.
 pub struct Decoder {
-    /// Newest first: index 62 is `table[0]`.
-    table: VecDeque<Entry>,
-    size: usize,
-    max: usize,
+    table: Table,
     allowed: usize,
+    /// Reused for literal names and values, Huffman-decoded or copied.
     name: Vec<u8>,
     value: Vec<u8>,
+}
+
+/// The dynamic table (§2.3.2, §4): newest first, index 62 is `entries[0]`.
+struct Table {
+    entries: VecDeque<Entry>,
+    size: usize,
+    max: usize,
 }
 
 impl Default for Decoder {
@@ -110,9 +115,11 @@ impl Decoder {
     /// A decoder whose table may grow to `allowed` bytes.
     pub fn with_limit(allowed: usize) -> Self {
         Decoder {
-            table: VecDeque::new(),
-            size: 0,
-            max: allowed,
+            table: Table {
+                entries: VecDeque::new(),
+                size: 0,
+                max: allowed,
+            },
             allowed,
             name: Vec::new(),
             value: Vec::new(),
@@ -130,7 +137,7 @@ impl Decoder {
             if byte & 0x80 != 0 {
                 let (index, rest) = read_integer(block, 7)?;
                 block = rest;
-                let (name, value) = self.entry(index)?;
+                let (name, value) = self.table.entry(index)?;
                 field(name, value);
             } else if byte & 0xe0 == 0x20 {
                 // A size update belongs at the start of a block (§4.2).
@@ -142,8 +149,8 @@ impl Decoder {
                 if size > self.allowed {
                     return Err(DecodeError("table size above the allowed size"));
                 }
-                self.max = size;
-                self.evict(0);
+                self.table.max = size;
+                self.table.evict(0);
                 continue;
             } else {
                 let (indexing, prefix) = if byte & 0x40 != 0 {
@@ -153,32 +160,27 @@ impl Decoder {
                 };
                 let (index, rest) = read_integer(block, prefix)?;
                 block = rest;
-                let mut name = std::mem::take(&mut self.name);
-                let mut value = std::mem::take(&mut self.value);
+                let (name, value) = (&mut self.name, &mut self.value);
                 name.clear();
                 value.clear();
-                let result = (|| {
-                    if index == 0 {
-                        block = read_string(block, &mut name)?;
-                    } else {
-                        name.extend_from_slice(self.entry(index)?.0);
-                    }
-                    block = read_string(block, &mut value)?;
-                    field(&name, &value);
-                    if indexing {
-                        self.insert(&name, &value);
-                    }
-                    Ok(())
-                })();
-                self.name = name;
-                self.value = value;
-                result?;
+                if index == 0 {
+                    block = read_string(block, name)?;
+                } else {
+                    name.extend_from_slice(self.table.entry(index)?.0);
+                }
+                block = read_string(block, value)?;
+                field(name, value);
+                if indexing {
+                    self.table.insert(name, value);
+                }
             }
             first = false;
         }
         Ok(())
     }
+}
 
+impl Table {
     fn entry(&self, index: usize) -> Result<(&[u8], &[u8]), DecodeError> {
         match index {
             0 => Err(DecodeError("index 0")),
@@ -187,7 +189,7 @@ impl Decoder {
                 Ok((name.as_bytes(), value.as_bytes()))
             }
             _ => self
-                .table
+                .entries
                 .get(index - 62)
                 .map(|(n, v)| (&n[..], &v[..]))
                 .ok_or(DecodeError("index beyond the table")),
@@ -199,7 +201,7 @@ impl Decoder {
         // An entry larger than the table empties it and is not added (§4.4).
         self.evict(size);
         if size <= self.max {
-            self.table.push_front((name.into(), value.into()));
+            self.entries.push_front((name.into(), value.into()));
             self.size += size;
         }
     }
@@ -207,7 +209,7 @@ impl Decoder {
     /// Evicts the oldest entries until `room` more bytes fit.
     fn evict(&mut self, room: usize) {
         while self.size + room > self.max {
-            let Some((n, v)) = self.table.pop_back() else {
+            let Some((n, v)) = self.entries.pop_back() else {
                 self.size = 0;
                 return;
             };

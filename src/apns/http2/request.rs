@@ -199,7 +199,6 @@ pub fn encode(out: &mut Vec<u8>, n: &Notification, app: &AppHeaders, bearer: Opt
         Hex(token).append_to(out);
         let push_type = env.push_type.as_deref().unwrap_or(DEFAULT_PUSH_TYPE);
         match topic_suffix(push_type) {
-            "" => out.extend_from_slice(&app.topic_field),
             suffix if app.topic.ends_with(suffix) => out.extend_from_slice(&app.topic_field),
             suffix => hpack::named(
                 out,
