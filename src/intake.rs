@@ -25,7 +25,7 @@ use crate::apns::{Envelope, Notification, Outcome};
 use crate::job::JobKey;
 use crate::job::{Job, JobError};
 use crate::metrics::Stats;
-use crate::pipeline::settlement::Settlement;
+use crate::pipeline::settlement::{Redelivered, Settlement};
 use crate::pipeline::Routes;
 
 /// Most deliveries taken in one go before routing them, so one-token jobs
@@ -77,7 +77,7 @@ impl Intake {
                 .message_id()
                 .as_ref()
                 .map(|m| m.as_str().to_owned());
-            let mut job = match Job::decode(&d.data, message_id.as_deref()) {
+            let job = match Job::decode(&d.data, message_id.as_deref()) {
                 Ok(job) => job,
                 Err(rejection) => {
                     settle
@@ -98,34 +98,42 @@ impl Intake {
                 settle.reject(key, tag, error, d.data, id).await?;
                 continue;
             }
-            if !d.redelivered {
+            let skip = if !d.redelivered {
                 settle.open(key, tag, &d.data, job.tokens.len() as u32);
-            } else if !settle
-                .open_redelivered(key, tag, &d.data, &route.name, &mut job)
-                .await?
-            {
-                // Its outcomes were all known: nothing is sent again.
-                continue;
-            }
-            jobs.push(Arc::new(Envelope {
+                None
+            } else {
+                match settle
+                    .open_redelivered(key, tag, &d.data, &route.name, &job)
+                    .await?
+                {
+                    Redelivered::Send(skip) => skip,
+                    // Its outcomes were all known: nothing is sent again.
+                    Redelivered::Nothing => continue,
+                }
+            };
+            let envelope = Arc::new(Envelope {
                 key,
                 app: route.name.clone(),
                 job,
                 consumed_at,
                 withdrawal: settle.withdrawal(),
                 retries: amqp::attempts(&d.properties),
-            }));
+            });
+            jobs.push((envelope, skip));
         }
         let mut routed: HashMap<Arc<str>, Vec<Notification>> = HashMap::new();
         let mut pending = 0;
-        for envelope in jobs {
+        for (envelope, skip) in jobs {
             let count = envelope.job.tokens.len();
             let mut next = 0;
             while next < count {
                 let end = count.min(next + NOTIFICATIONS - pending);
                 let list = routed.entry(envelope.app.clone()).or_default();
-                list.extend((next..end).map(|i| Notification::new(envelope.clone(), i as u32)));
-                pending += end - next;
+                let before = list.len();
+                let left = (next as u32..end as u32)
+                    .filter(|&i| skip.as_ref().is_none_or(|known| !known.contains(i)));
+                list.extend(left.map(|i| Notification::new(envelope.clone(), i)));
+                pending += list.len() - before;
                 next = end;
                 if pending >= NOTIFICATIONS {
                     submit(routes, settle, outcomes, &mut routed).await?;

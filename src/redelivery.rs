@@ -16,12 +16,12 @@
 //! Pure bookkeeping; the pipeline does the I/O.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use crate::job::JobKey;
 use crate::results::Event;
-use crate::token::{DeviceToken, Tokens};
+use crate::token::Tokens;
 
 /// Names a job across its deliveries: a hash of what it sends (id, app,
 /// payload, every token) with its token count and payload length. Two jobs
@@ -48,12 +48,69 @@ impl Identity {
     }
 }
 
-/// The final outcomes known for one job: the tokens, and the results they
-/// caused (published, maybe not confirmed).
+/// The final outcomes known for one job: which of its tokens (by position
+/// in the job, so a bit each rather than a hashed copy of every token), and
+/// the results they caused (published, maybe not confirmed). A redelivered
+/// job has the same tokens in the same order (its [`Identity`] says so), so
+/// positions carry over, and the job keeps its full token list: what is
+/// known is skipped when its notifications are made, not cut from the list.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Known {
-    tokens: HashSet<DeviceToken>,
+    positions: Positions,
     results: Vec<Event>,
+}
+
+/// A set of token positions in one job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Positions {
+    words: Vec<u64>,
+    count: usize,
+}
+
+impl Positions {
+    pub fn contains(&self, index: u32) -> bool {
+        let (word, bit) = Self::at(index);
+        self.words.get(word).is_some_and(|w| w & bit != 0)
+    }
+
+    /// How many positions it holds.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds `index`; true if it was not there.
+    fn insert(&mut self, index: u32) -> bool {
+        let (word, bit) = Self::at(index);
+        if word >= self.words.len() {
+            self.words.resize(word + 1, 0);
+        }
+        let new = self.words[word] & bit == 0;
+        self.words[word] |= bit;
+        self.count += usize::from(new);
+        new
+    }
+
+    fn union(&mut self, other: &Positions) {
+        if other.words.len() > self.words.len() {
+            self.words.resize(other.words.len(), 0);
+        }
+        for (mine, theirs) in self.words.iter_mut().zip(&other.words) {
+            *mine |= theirs;
+        }
+        self.count = self.words.iter().map(|w| w.count_ones() as usize).sum();
+    }
+
+    fn bytes(&self) -> usize {
+        self.words.capacity() * 8
+    }
+
+    fn at(index: u32) -> (usize, u64) {
+        ((index / 64) as usize, 1 << (index % 64))
+    }
 }
 
 /// What one entry costs, roughly: what the byte bound counts.
@@ -61,33 +118,26 @@ const ENTRY_BYTES: usize = 128;
 const RESULT_BYTES: usize = 160;
 
 impl Known {
-    pub fn contains(&self, token: &DeviceToken) -> bool {
-        self.tokens.contains(token)
+    /// The positions of the job's tokens whose outcome is known.
+    pub fn positions(&self) -> &Positions {
+        &self.positions
     }
 
     pub fn results(&self) -> &[Event] {
         &self.results
     }
 
-    /// The tokens of `all` without a known outcome, and how many were skipped.
-    pub fn remaining(&self, all: &Tokens) -> (Tokens, u64) {
-        let mut left = Tokens::with_capacity(all.len());
-        let mut skipped = 0;
-        for token in all.iter() {
-            if self.contains(&token) {
-                skipped += 1;
-            } else {
-                left.push(&token);
-            }
-        }
-        (left, skipped)
+    /// Of a job of `tokens` tokens, how many are left to send.
+    pub fn remaining(&self, tokens: usize) -> usize {
+        (0..tokens)
+            .filter(|&i| !self.positions.contains(i as u32))
+            .count()
     }
 
-    fn add(&mut self, token: DeviceToken, result: Option<Event>) -> usize {
-        let mut bytes = 0;
-        if self.tokens.insert(token) {
-            bytes += std::mem::size_of::<DeviceToken>() + 8;
-        }
+    fn add(&mut self, index: u32, result: Option<Event>) -> usize {
+        let before = self.positions.bytes();
+        self.positions.insert(index);
+        let mut bytes = self.positions.bytes() - before;
         if let Some(event) = result {
             self.results.push(event);
             bytes += RESULT_BYTES;
@@ -96,9 +146,7 @@ impl Known {
     }
 
     fn bytes(&self) -> usize {
-        ENTRY_BYTES
-            + self.tokens.len() * (std::mem::size_of::<DeviceToken>() + 8)
-            + self.results.len() * RESULT_BYTES
+        ENTRY_BYTES + self.positions.bytes() + self.results.len() * RESULT_BYTES
     }
 }
 
@@ -141,8 +189,8 @@ impl Recall {
         }
     }
 
-    /// Notes a final outcome of `token` of job `key` while the job is not
-    /// final (`result`: the result it caused, if any). `identity` is asked
+    /// Notes a final outcome of the token at `index` of job `key` while the
+    /// job is not final (`result`: the result it caused, if any). `identity` is asked
     /// only for a job not seen before; `session_over` says the job's session
     /// has ended (a notification that was in flight then).
     pub fn outcome(
@@ -150,16 +198,16 @@ impl Recall {
         key: JobKey,
         session_over: bool,
         identity: impl FnOnce() -> Identity,
-        token: DeviceToken,
+        index: u32,
         result: Option<Event>,
     ) {
         if let Some((_, known)) = self.live.get_mut(&key) {
-            known.add(token, result);
+            known.add(index, result);
             return;
         }
         if !session_over {
             let mut known = Known::default();
-            known.add(token, result);
+            known.add(index, result);
             self.live.insert(key, (identity(), known));
             return;
         }
@@ -167,7 +215,7 @@ impl Recall {
             Some(&identity) => identity,
             None => identity(),
         };
-        self.lose(key, identity, |known| known.add(token, result));
+        self.lose(key, identity, |known| known.add(index, result));
     }
 
     /// Job `key` is final: nothing about it is needed any more.
@@ -180,7 +228,7 @@ impl Recall {
         for (key, (identity, known)) in std::mem::take(&mut self.live) {
             self.lose(key, identity, |into| {
                 let before = into.bytes();
-                into.tokens.extend(known.tokens);
+                into.positions.union(&known.positions);
                 into.results.extend(known.results);
                 into.bytes() - before
             });
@@ -239,6 +287,7 @@ mod tests {
 
     use super::*;
     use crate::apns::Reason;
+    use crate::token::DeviceToken;
 
     fn tok(n: u8) -> DeviceToken {
         DeviceToken::from_bytes([n; 32])
@@ -290,19 +339,16 @@ mod tests {
     fn a_lost_session_hands_its_known_outcomes_to_the_redelivery() {
         let mut r = Recall::new(Limits::default());
         let job = id(&[1, 2, 3]);
-        r.outcome(JobKey(1), false, || job, tok(1), None);
-        r.outcome(JobKey(1), false, || unreachable!(), tok(2), Some(failed(2)));
+        r.outcome(JobKey(1), false, || job, 0, None);
+        r.outcome(JobKey(1), false, || unreachable!(), 1, Some(failed(2)));
         assert_eq!(r.lost_jobs(), 0, "the session still runs");
         r.session_lost();
         assert_eq!(r.lost_jobs(), 1);
         let known = r.redelivered(JobKey(7), job).expect("known");
-        assert!(known.contains(&tok(1)) && known.contains(&tok(2)));
+        assert!(known.positions().contains(0) && known.positions().contains(1));
+        assert!(!known.positions().contains(2));
         assert_eq!(known.results(), [failed(2)]);
-        let (left, skipped) = known.remaining(&tokens(&[1, 2, 3]));
-        assert_eq!(
-            (left.iter().collect::<Vec<_>>(), skipped),
-            (vec![tok(3)], 2)
-        );
+        assert_eq!((known.remaining(3), known.positions().len()), (1, 2));
         assert_eq!((r.lost_jobs(), r.lost_bytes()), (0, 0));
         assert!(r.redelivered(JobKey(8), job).is_none(), "taken once");
     }
@@ -310,7 +356,7 @@ mod tests {
     #[test]
     fn finished_jobs_are_forgotten() {
         let mut r = Recall::new(Limits::default());
-        r.outcome(JobKey(1), false, || id(&[1, 2]), tok(1), None);
+        r.outcome(JobKey(1), false, || id(&[1, 2]), 0, None);
         r.finished(JobKey(1));
         r.session_lost();
         assert_eq!(r.lost_jobs(), 0);
@@ -321,15 +367,15 @@ mod tests {
     fn outcomes_after_the_session_ended_are_remembered() {
         let mut r = Recall::new(Limits::default());
         let job = id(&[1, 2]);
-        r.outcome(JobKey(1), false, || job, tok(1), None);
+        r.outcome(JobKey(1), false, || job, 0, None);
         r.session_lost();
         // In flight when the session ended: the lane reports it later.
-        r.outcome(JobKey(1), true, || unreachable!(), tok(2), None);
+        r.outcome(JobKey(1), true, || unreachable!(), 1, None);
         // A job with nothing known before the loss.
         let other = id(&[9]);
-        r.outcome(JobKey(2), true, || other, tok(9), None);
+        r.outcome(JobKey(2), true, || other, 0, None);
         let known = r.redelivered(JobKey(3), job).expect("known");
-        assert!(known.contains(&tok(1)) && known.contains(&tok(2)));
+        assert!(known.positions().contains(0) && known.positions().contains(1));
         assert!(r.redelivered(JobKey(4), other).is_some());
     }
 
@@ -337,14 +383,14 @@ mod tests {
     fn a_redelivered_job_keeps_its_memory_if_that_session_ends_too() {
         let mut r = Recall::new(Limits::default());
         let job = id(&[1, 2, 3]);
-        r.outcome(JobKey(1), false, || job, tok(1), None);
+        r.outcome(JobKey(1), false, || job, 0, None);
         r.session_lost();
         r.redelivered(JobKey(2), job).expect("known");
-        r.outcome(JobKey(2), false, || unreachable!(), tok(2), None);
+        r.outcome(JobKey(2), false, || unreachable!(), 1, None);
         r.session_lost();
         let known = r.redelivered(JobKey(3), job).expect("known");
-        assert!(known.contains(&tok(1)) && known.contains(&tok(2)));
-        assert!(!known.contains(&tok(3)));
+        assert!(known.positions().contains(0) && known.positions().contains(1));
+        assert!(!known.positions().contains(2));
     }
 
     #[test]
@@ -354,7 +400,7 @@ mod tests {
             bytes: usize::MAX,
         });
         for n in 1..=3u8 {
-            r.outcome(JobKey(u64::from(n)), true, || id(&[n]), tok(n), None);
+            r.outcome(JobKey(u64::from(n)), true, || id(&[n]), 0, None);
         }
         assert_eq!(r.lost_jobs(), 2);
         assert!(
@@ -368,7 +414,7 @@ mod tests {
     fn memory_is_bounded_by_bytes() {
         let one = {
             let mut r = Recall::new(Limits::default());
-            r.outcome(JobKey(1), true, || id(&[1]), tok(1), Some(failed(1)));
+            r.outcome(JobKey(1), true, || id(&[1]), 0, Some(failed(1)));
             r.lost_bytes()
         };
         let mut r = Recall::new(Limits {
@@ -376,16 +422,26 @@ mod tests {
             bytes: 3 * one,
         });
         for n in 1..=5u8 {
-            r.outcome(
-                JobKey(u64::from(n)),
-                true,
-                || id(&[n]),
-                tok(n),
-                Some(failed(n)),
-            );
+            r.outcome(JobKey(u64::from(n)), true, || id(&[n]), 0, Some(failed(n)));
             assert!(r.lost_bytes() <= 3 * one);
         }
         assert_eq!(r.lost_jobs(), 3);
         assert!(r.redelivered(JobKey(9), id(&[5])).is_some());
+    }
+
+    #[test]
+    fn positions_span_words_and_merge() {
+        let mut a = Positions::default();
+        assert!(a.is_empty() && !a.contains(0) && !a.contains(9_999));
+        assert!(a.insert(0) && a.insert(64) && a.insert(9_999));
+        assert!(!a.insert(64), "already there");
+        assert_eq!(a.len(), 3);
+        assert!(a.contains(9_999) && !a.contains(9_998) && !a.contains(65));
+        let mut b = Positions::default();
+        b.insert(1);
+        b.insert(64);
+        b.union(&a);
+        assert_eq!(b.len(), 4);
+        assert!([0, 1, 64, 9_999].iter().all(|&i| b.contains(i)));
     }
 }

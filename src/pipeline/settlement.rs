@@ -16,7 +16,7 @@ use crate::apns::{Envelope, Failure, Notification, Outcome, Reason, Recipient, W
 use crate::job::{Job, JobError, JobKey};
 use crate::ledger::{Ack, AckPlanner, Ledger, Progress};
 use crate::metrics::Stats;
-use crate::redelivery::{Identity, Recall};
+use crate::redelivery::{Identity, Positions, Recall};
 use crate::results::Event;
 use crate::token::Tokens;
 
@@ -47,6 +47,14 @@ pub struct LiveSettings {
     pub retry_delay: Duration,
     /// Tries of a job whose app stays unusable before its tokens fail.
     pub max_job_attempts: u32,
+}
+
+/// What a redelivered job still sends.
+pub enum Redelivered {
+    /// Its tokens, but for these positions (their outcomes are known).
+    Send(Option<Positions>),
+    /// None: every outcome is known (the job may still wait for results).
+    Nothing,
 }
 
 /// The jobs of one broker session, from consumed to acked. Its acks and
@@ -127,17 +135,17 @@ impl Settlement {
                 continue;
             }
             let over = !self.ledger.contains(env.key);
-            let token = o.notification.token();
+            let index = o.notification.index;
             let (event, unregistered) = results_of(&o, self.live.delivered_results);
             // As when settled: a result of a job already final is not news.
             if over && event.is_some() && !env.withdrawal.is_withdrawn() {
                 continue;
             }
             if event.is_none() {
-                recall.outcome(env.key, over, || identity(env), token, None);
+                recall.outcome(env.key, over, || identity(env), index, None);
             }
             for e in event.into_iter().chain(unregistered) {
-                recall.outcome(env.key, over, || identity(env), token, Some(e));
+                recall.outcome(env.key, over, || identity(env), index, Some(e));
             }
         }
         recall.session_lost();
@@ -162,31 +170,31 @@ impl Settlement {
     /// A job the broker redelivered. When a lost session of this process knew
     /// outcomes of its tokens, those tokens are not sent again and their
     /// results are published again (the broker may not have confirmed them).
-    /// Opens the job for the tokens left in `job`; false when none are left
-    /// to send.
+    /// Opens the job for the tokens left; says which positions of `job` to
+    /// skip, or that nothing is left to send.
     pub async fn open_redelivered(
         &mut self,
         key: JobKey,
         tag: u64,
         body: &[u8],
         app: &str,
-        job: &mut Job,
-    ) -> Result<bool, lapin::Error> {
+        job: &Job,
+    ) -> Result<Redelivered, lapin::Error> {
         let identity = Identity::of(job.id.as_deref(), app, &job.payload, &job.tokens);
         let Some(known) = self.recall.redelivered(key, identity) else {
             self.open(key, tag, body, job.tokens.len() as u32);
-            return Ok(true);
+            return Ok(Redelivered::Send(None));
         };
-        let (left, skipped) = known.remaining(&job.tokens);
-        self.stats.skipped_after_redelivery.add(skipped);
-        job.tokens = left;
+        let left = known.remaining(job.tokens.len());
+        let skipped = job.tokens.len() - left;
+        self.stats.skipped_after_redelivery.add(skipped as u64);
         let results = known.results();
-        if job.tokens.is_empty() && results.is_empty() {
+        if left == 0 && results.is_empty() {
             self.recall.finished(key);
             self.final_job(tag);
-            return Ok(false);
+            return Ok(Redelivered::Nothing);
         }
-        let tokens = job.tokens.len() as u32;
+        let tokens = left as u32;
         self.ledger
             .open(key, tag, body_len(body), tokens, results.len() as u32);
         let republish = results.iter().map(|e| (e.clone(), Owner::Job(key)));
@@ -194,7 +202,11 @@ impl Settlement {
         self.stats
             .results_unconfirmed
             .set(self.publisher.unconfirmed() as i64);
-        Ok(tokens > 0)
+        if tokens == 0 {
+            return Ok(Redelivered::Nothing);
+        }
+        let skip = (skipped > 0).then(|| known.positions().clone());
+        Ok(Redelivered::Send(skip))
     }
 
     /// The prefetch changed: so does the slack of the ack plan.
@@ -340,7 +352,7 @@ impl Settlement {
                         for e in std::iter::once(&event).chain(&unregistered) {
                             let known = Some(e.clone());
                             self.recall
-                                .outcome(env.key, false, || identity(env), n.token(), known);
+                                .outcome(env.key, false, || identity(env), n.index, known);
                         }
                     }
                     outbox.push((event, Owner::Job(env.key)));
@@ -353,7 +365,7 @@ impl Settlement {
                     // A one-token job is final with this outcome: nothing to note.
                     if env.job.tokens.len() > 1 {
                         self.recall
-                            .outcome(env.key, false, || identity(env), n.token(), None);
+                            .outcome(env.key, false, || identity(env), n.index, None);
                     }
                     match &mut run {
                         Some((_, count)) if in_run => *count += 1,
@@ -368,13 +380,13 @@ impl Settlement {
                 (false, None) => {
                     self.stats.accepted_after_session_loss.inc();
                     self.recall
-                        .outcome(env.key, true, || identity(env), n.token(), None);
+                        .outcome(env.key, true, || identity(env), n.index, None);
                 }
                 // Final after its session ended: the redelivered job publishes its results.
                 (false, Some(event)) if env.withdrawal.is_withdrawn() => {
                     for e in std::iter::once(event).chain(unregistered) {
                         self.recall
-                            .outcome(env.key, true, || identity(env), n.token(), Some(e));
+                            .outcome(env.key, true, || identity(env), n.index, Some(e));
                     }
                 }
                 (false, Some(_)) => {}
