@@ -9,7 +9,7 @@
 //! write, and every answer read in one go is handed back in one batch.
 //! [`super::frame`] and [`super::hpack`] hold the byte-level rules.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
@@ -23,6 +23,7 @@ use tokio_rustls::client::TlsStream;
 
 use super::frame::{self, code, setting, Frame, FrameError, PeerLimits};
 use super::hpack;
+use super::in_flight::InFlight;
 use super::wire::Wire;
 
 /// The receive window this end grants, per stream and for the connection:
@@ -125,9 +126,8 @@ pub struct Connection<T> {
     received: u32,
 
     next_id: u32,
-    /// Streams in flight by id: ids rise, so inserts land at the end and
-    /// most answers remove from the front, without hashing.
-    open: BTreeMap<u32, Open<T>>,
+    /// Streams in flight by id.
+    open: InFlight<Open<T>>,
     /// Streams with payload waiting for window, in the order they opened.
     blocked: VecDeque<u32>,
     continuing: Option<Continuing>,
@@ -161,7 +161,7 @@ impl<T> Connection<T> {
             send_window: i64::from(frame::DEFAULT_WINDOW),
             received: 0,
             next_id: 1,
-            open: BTreeMap::new(),
+            open: InFlight::default(),
             blocked: VecDeque::new(),
             continuing: None,
             deadlines: VecDeque::new(),
@@ -334,7 +334,7 @@ impl<T> Connection<T> {
         while self.deadline_timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
             while let Some(&(at, id)) = self.deadlines.front() {
-                if !self.open.contains_key(&id) {
+                if !self.open.contains(id) {
                     self.deadlines.pop_front();
                 } else if at <= now {
                     self.deadlines.pop_front();
@@ -402,7 +402,7 @@ impl<T> Connection<T> {
         // Answers come mostly in order: drop the deadlines of the streams
         // they ended, so the queue holds about what is in flight.
         while let Some(&(_, id)) = self.deadlines.front() {
-            if self.open.contains_key(&id) {
+            if self.open.contains(id) {
                 break;
             }
             self.deadlines.pop_front();
@@ -479,7 +479,7 @@ impl<T> Connection<T> {
                 let window = if stream == 0 {
                     Some(&mut self.send_window)
                 } else {
-                    self.open.get_mut(&stream).map(|o| &mut o.send_window)
+                    self.open.get_mut(stream).map(|o| &mut o.send_window)
                 };
                 if let Some(window) = window {
                     *window += i64::from(increment);
@@ -523,7 +523,7 @@ impl<T> Connection<T> {
             self.received = 0;
         }
         let max_body = self.options.max_body;
-        let Some(open) = self.open.get_mut(&stream) else {
+        let Some(open) = self.open.get_mut(stream) else {
             return;
         };
         let room = max_body.saturating_sub(open.body.len());
@@ -555,7 +555,7 @@ impl<T> Connection<T> {
                 headers.push((name.to_vec(), value.to_vec()));
             }
         })?;
-        if let Some(open) = self.open.get_mut(&stream) {
+        if let Some(open) = self.open.get_mut(stream) {
             if open.status.is_none() {
                 open.status = status;
             }
@@ -569,7 +569,7 @@ impl<T> Connection<T> {
 
     /// The server ended a stream: an answer, or a reset if it had no status.
     fn finish(&mut self, stream: u32) {
-        let Some(open) = self.open.get_mut(&stream) else {
+        let Some(open) = self.open.get_mut(stream) else {
             return;
         };
         let ending = match open.status {
@@ -586,11 +586,7 @@ impl<T> Connection<T> {
     fn on_goaway(&mut self, last_stream: u32) {
         let last = self.goaway.map_or(last_stream, |l| l.min(last_stream));
         self.goaway = Some(last);
-        let above: Vec<u32> = self
-            .open
-            .range(last.saturating_add(1)..)
-            .map(|(&id, _)| id)
-            .collect();
+        let above: Vec<u32> = self.open.ids().filter(|&id| id > last).collect();
         for id in above {
             self.end(id, Ending::Unprocessed);
         }
@@ -599,7 +595,7 @@ impl<T> Connection<T> {
     /// Sends what flow control now allows of the streams waiting for window.
     fn unblock(&mut self) {
         while let Some(&id) = self.blocked.front() {
-            let Some(open) = self.open.get(&id) else {
+            let Some(open) = self.open.get(id) else {
                 self.blocked.pop_front();
                 continue;
             };
@@ -608,7 +604,7 @@ impl<T> Connection<T> {
                 return;
             }
             let max_frame = self.peer.max_frame;
-            let Some(open) = self.open.get_mut(&id) else {
+            let Some(open) = self.open.get_mut(id) else {
                 return;
             };
             let chunk = open.unsent.split_to(n);
@@ -624,7 +620,7 @@ impl<T> Connection<T> {
     }
 
     fn end(&mut self, stream: u32, ending: Ending) {
-        if let Some(open) = self.open.remove(&stream) {
+        if let Some(open) = self.open.remove(stream) {
             self.events.push_back(Event::Ended(open.tag, ending));
         }
     }
@@ -637,7 +633,7 @@ impl<T> Connection<T> {
         }
         self.closed = true;
         let last = self.goaway.unwrap_or(LAST_STREAM_ID);
-        let ids: Vec<u32> = self.open.keys().copied().collect();
+        let ids: Vec<u32> = self.open.ids().collect();
         for id in ids {
             let ending = if id > last {
                 Ending::Unprocessed

@@ -14,6 +14,7 @@ pub mod connection;
 pub mod frame;
 pub mod growth;
 pub mod hpack;
+pub mod in_flight;
 pub mod jwt;
 pub mod refused;
 pub mod request;
