@@ -34,7 +34,7 @@ use crate::clock::{sleep_until, unix_now};
 use connection::{Closed, Ending, Event};
 use jwt::{Bearer, Renewal, Signer};
 use refused::{RefusedStreams, Step};
-use request::{Answer, AppHeaders};
+use request::{Answer, ApnsIds, AppHeaders};
 pub use request::{ApnsReason, MAX_BROADCAST_PAYLOAD, MAX_PAYLOAD, MAX_VOIP_PAYLOAD};
 
 /// Longest error body read from APNs (they are a few dozen bytes).
@@ -76,6 +76,7 @@ pub type Connection = connection::Connection<Sent>;
 pub struct Http2 {
     target: Arc<Target>,
     headers: AppHeaders,
+    ids: ApnsIds,
     settings: Http2Settings,
 }
 
@@ -85,6 +86,7 @@ impl Http2 {
         Http2 {
             target,
             headers,
+            ids: ApnsIds::default(),
             settings,
         }
     }
@@ -123,6 +125,7 @@ impl Transport for Http2 {
         Streams {
             target: &self.target,
             headers: &self.headers,
+            ids: &mut self.ids,
             settings: self.settings,
             lane,
         }
@@ -139,6 +142,7 @@ impl Transport for Http2 {
 struct Streams<'a> {
     target: &'a Target,
     headers: &'a AppHeaders,
+    ids: &'a mut ApnsIds,
     settings: Http2Settings,
     lane: &'a mut Lane,
 }
@@ -254,10 +258,10 @@ impl Streams<'_> {
             }
         };
         let payload = env.job.payload.clone();
-        let headers = self.headers;
+        let (headers, ids) = (self.headers, &mut *self.ids);
         conn.send(Sent { n, bearer }, &payload, |sent, out| {
             let bearer = sent.bearer.as_ref().map(|b| b.header.as_bytes());
-            request::encode(out, &sent.n, headers, bearer);
+            request::encode(out, &sent.n, headers, bearer, ids);
         });
         self.lane.stats.written.inc();
     }

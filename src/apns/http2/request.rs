@@ -9,6 +9,7 @@ use super::hpack::{self, index};
 use super::Reason;
 use crate::apns::Notification;
 use crate::clock::unix_secs;
+use crate::job::JobKey;
 use crate::token::{hex_pair, Hex};
 
 /// Largest payload HTTP/2 takes for every push type but VoIP.
@@ -185,7 +186,13 @@ impl AppHeaders {
 /// payload, follows as DATA): `POST /3/device/<token>`, or the `/4/broadcasts`
 /// request of a channel job. `bearer` is the `authorization` value under
 /// token auth. Nothing here allocates but a suffixed topic.
-pub fn encode(out: &mut Vec<u8>, n: &Notification, app: &AppHeaders, bearer: Option<&[u8]>) {
+pub fn encode(
+    out: &mut Vec<u8>,
+    n: &Notification,
+    app: &AppHeaders,
+    bearer: Option<&[u8]>,
+    ids: &mut ApnsIds,
+) {
     let env = &n.envelope.job;
     out.extend_from_slice(&app.common);
     if let Some(channel) = env.channel.as_deref() {
@@ -207,7 +214,7 @@ pub fn encode(out: &mut Vec<u8>, n: &Notification, app: &AppHeaders, bearer: Opt
             ),
         }
         hpack::named(out, b"apns-push-type", push_type.as_bytes());
-        hpack::named(out, b"apns-id", &apns_id(n));
+        hpack::named(out, b"apns-id", &ids.of(n));
         let priority = env.priority.map(|p| p.code()).or_else(|| {
             // Apple refuses priority 10 for background pushes; its default is 10.
             (push_type == "background").then_some(5)
@@ -279,32 +286,53 @@ fn topic_suffix(push_type: &str) -> &'static str {
 /// resend: SHA-256 over the app, the job id (or the payload when the job has
 /// none) and the token, shaped as a version 8 UUID.
 pub fn apns_id(n: &Notification) -> [u8; 36] {
-    let env = &n.envelope;
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    ctx.update(env.app.as_bytes());
-    ctx.update(&[0]);
-    match env.job.id.as_deref() {
-        Some(id) => ctx.update(id.as_bytes()),
-        None => ctx.update(&env.job.payload),
-    }
-    ctx.update(&[0]);
-    ctx.update(n.token_bytes());
-    let hash = ctx.finish();
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&hash.as_ref()[..16]);
-    b[6] = (b[6] & 0x0f) | 0x80;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    // 8-4-4-4-12 digits: a dash before bytes 4, 6, 8 and 10.
-    let mut id = [b'-'; 36];
-    let mut at = 0;
-    for (i, &byte) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            at += 1;
+    ApnsIds::default().of(n)
+}
+
+/// Makes [`apns_id`]s, keeping the hash of the last job's part (app, job id
+/// or payload): a lane sends a fan-out job's tokens in runs, and its payload
+/// is then hashed once per run rather than once per token.
+#[derive(Default)]
+pub struct ApnsIds {
+    job: Option<(JobKey, digest::Context)>,
+}
+
+impl ApnsIds {
+    pub fn of(&mut self, n: &Notification) -> [u8; 36] {
+        let env = &n.envelope;
+        let mut ctx = match &self.job {
+            Some((key, ctx)) if *key == env.key => ctx.clone(),
+            _ => {
+                let mut ctx = digest::Context::new(&digest::SHA256);
+                ctx.update(env.app.as_bytes());
+                ctx.update(&[0]);
+                match env.job.id.as_deref() {
+                    Some(id) => ctx.update(id.as_bytes()),
+                    None => ctx.update(&env.job.payload),
+                }
+                ctx.update(&[0]);
+                self.job = Some((env.key, ctx.clone()));
+                ctx
+            }
+        };
+        ctx.update(n.token_bytes());
+        let hash = ctx.finish();
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&hash.as_ref()[..16]);
+        b[6] = (b[6] & 0x0f) | 0x80;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        // 8-4-4-4-12 digits: a dash before bytes 4, 6, 8 and 10.
+        let mut id = [b'-'; 36];
+        let mut at = 0;
+        for (i, &byte) in b.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                at += 1;
+            }
+            id[at..at + 2].copy_from_slice(&hex_pair(byte));
+            at += 2;
         }
-        id[at..at + 2].copy_from_slice(&hex_pair(byte));
-        at += 2;
+        id
     }
-    id
 }
 
 #[cfg(test)]
@@ -420,7 +448,8 @@ mod tests {
         bearer: Option<&[u8]>,
     ) -> Vec<(String, String)> {
         let mut block = Vec::new();
-        encode(&mut block, n, &AppHeaders::new(authority, topic), bearer);
+        let headers = AppHeaders::new(authority, topic);
+        encode(&mut block, n, &headers, bearer, &mut ApnsIds::default());
         let mut fields = Vec::new();
         hpack::Decoder::default()
             .decode(&block, |name, value| {
@@ -520,5 +549,20 @@ mod tests {
         let groups: Vec<usize> = a.split('-').map(str::len).collect();
         assert_eq!(groups, [8, 4, 4, 4, 12]);
         assert_eq!(&a[14..15], "8", "version 8: {a}");
+    }
+
+    #[test]
+    fn apns_ids_kept_per_job_match_ids_made_afresh() {
+        let mut ids = ApnsIds::default();
+        let a = notification(Some("order-1"), None);
+        let mut a2 = Notification::new(a.envelope.clone(), 1);
+        a2.attempts = 1;
+        // Another job (another key), then the first job's other token.
+        let mut b = notification(Some("order-2"), None);
+        Arc::get_mut(&mut b.envelope).unwrap().key = JobKey(2);
+        for n in [&a, &a2, &b, &a2, &a] {
+            assert_eq!(ids.of(n), apns_id(n));
+        }
+        assert_ne!(ids.of(&a), ids.of(&a2));
     }
 }
