@@ -44,9 +44,13 @@ pub(super) struct Server {
 
     /// The highest stream id the client opened.
     last_id: u32,
-    /// Streams by id: ids rise, so inserts land at the end.
-    streams: BTreeMap<u32, Stream>,
-    spare: Vec<Stream>,
+    /// Streams by id: ids rise, so inserts land at the end. Boxed (and
+    /// recycled), so the tree moves pointers, not whole streams: with a
+    /// response delay a thousand wait per connection.
+    streams: BTreeMap<u32, Box<Stream>>,
+    /// Boxes kept for the next streams, so boxing costs no allocation.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<Stream>>,
     /// Streams whose answer body waits for window, in order.
     blocked: VecDeque<u32>,
     /// A header block arriving in CONTINUATION frames: its stream, END_STREAM.

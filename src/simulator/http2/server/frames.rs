@@ -333,7 +333,7 @@ impl Server {
     }
 
     /// Resets a stream this end will not answer.
-    fn refuse(&mut self, id: u32, stream: Stream, code: u32) {
+    fn refuse(&mut self, id: u32, stream: Box<Stream>, code: u32) {
         frame::rst_stream(&mut self.wire.write, id, code);
         self.recycle(stream);
     }
@@ -349,7 +349,7 @@ impl Server {
         }
     }
 
-    fn recycle(&mut self, mut stream: Stream) {
+    fn recycle(&mut self, mut stream: Box<Stream>) {
         if self.spare.len() < self.max_streams.min(SPARE_STREAMS) {
             stream.reset();
             self.spare.push(stream);
