@@ -276,6 +276,43 @@ async fn a_response_delay_leaves_the_connection_carrying_other_streams() {
     rig.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_one_write_buffer_of_large_payloads_go_out_in_one_round_trip() {
+    // 300 payloads of 3.5 KB are about 1 MB: several fills of a connection's
+    // write buffer. Each fill must be followed by the next as the socket takes
+    // it, not by the first answer a round trip later (before, each round trip
+    // carried one buffer's worth: five round trips here).
+    let delay = Duration::from_millis(500);
+    let setup = Setup {
+        delay,
+        app: "connections = 1\nmax_connections = 1\n",
+        ..Default::default()
+    };
+    let mut rig = rig("edge-big-writes", setup).await;
+    let tokens: Vec<String> = (0..300).map(|i| token(0x11, i)).collect();
+    let job = serde_json::json!({
+        "id": "big",
+        "tokens": tokens,
+        "payload": {"aps": {"alert": "b".repeat(3500)}},
+    });
+    let started = Instant::now();
+    rig.broker
+        .publish_all([serde_json::to_vec(&job).unwrap()])
+        .await;
+    let results = rig.broker.results(300, WAIT).await;
+    let took = started.elapsed();
+    assert!(results.iter().all(|r| r.routing_key == "delivered"));
+    rig.wait_acked(1).await;
+    rig.assert_once(&tokens);
+    assert_eq!(rig.sim.connections(), 1);
+    assert!(took >= delay, "{took:?}");
+    assert!(
+        took < delay * 3,
+        "{took:?} for 300 streams of one connection"
+    );
+    rig.finish().await;
+}
+
 /// The value of gauge `name` for app `app`, from the Prometheus text.
 fn gauge(stats: &apnsd::metrics::Stats, name: &str, app: &str) -> Option<u64> {
     let text = stats.render();

@@ -39,7 +39,7 @@ const MAX_FRAME: u32 = frame::DEFAULT_MAX_FRAME;
 const LAST_STREAM_ID: u32 = (1 << 31) - 1;
 /// Frames written before a flush is forced, so one turn of a busy loop does
 /// not hold megabytes.
-const WRITE_HIGH_WATER: usize = 256 << 10;
+const WRITE_HIGH_WATER: usize = 64 << 10;
 
 /// How a stream ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +80,11 @@ pub enum Closed {
 pub enum Event<T> {
     /// A stream ended; `T` is what its sender attached to it.
     Ended(T, Ending),
+    /// The write buffer, full when [`Connection::next`] was called, has
+    /// drained below its mark: more streams may be queued. Without it a
+    /// caller that stopped at the mark waited for an answer to queue more,
+    /// a whole round trip with streams to spare.
+    Writable,
     /// The connection is over; every stream has ended before this.
     Closed(Closed),
 }
@@ -282,15 +287,18 @@ impl<T> Connection<T> {
         len.min(usize::try_from(window).unwrap_or(usize::MAX))
     }
 
-    /// The next event: a stream that ended, or the end of the connection.
-    /// Writes what was queued and reads what arrived meanwhile.
+    /// The next event: a stream that ended, room to write again, or the
+    /// end of the connection. Writes what was queued and reads what arrived
+    /// meanwhile.
     pub async fn next(&mut self) -> Event<T> {
+        let full = self.write_full();
         poll_fn(|cx| {
             if let Err(closed) = self.poll_io(cx) {
                 self.close(closed);
             }
             match self.events.pop_front() {
                 Some(event) => Poll::Ready(event),
+                None if full && !self.closed && !self.write_full() => Poll::Ready(Event::Writable),
                 None => Poll::Pending,
             }
         })

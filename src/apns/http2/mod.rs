@@ -200,6 +200,8 @@ impl Streams<'_> {
                                 usable &= unanswered == (0, 0);
                                 self.finish(sent, ending, work, &mut outcomes);
                             }
+                            // Back to the top, where more streams open.
+                            Event::Writable => {}
                             Event::Closed(why) => {
                                 usable = false;
                                 if matches!(why, Closed::Stalled) {
@@ -470,9 +472,12 @@ pub async fn send_one(
         }
     });
     // The connection's only stream ends before any `Closed`.
-    let answer = match conn.next().await {
-        Event::Ended((), ending) => ending,
-        Event::Closed(why) => return Err(failed(&why)),
+    let answer = loop {
+        match conn.next().await {
+            Event::Ended((), ending) => break ending,
+            Event::Writable => {}
+            Event::Closed(why) => return Err(failed(&why)),
+        }
     };
     conn.shutdown(CLOSE_GRACE).await;
     match answer {
