@@ -233,8 +233,15 @@ impl<T> Connection<T> {
 
     /// Opens a stream for `tag`: `head` appends its header block, `body` is sent as
     /// DATA as far as flow control allows now, the rest as it allows later.
-    /// The caller checks [`has_room`](Self::has_room) first.
-    pub fn send(&mut self, tag: T, body: &Bytes, head: impl FnOnce(&T, &mut Vec<u8>)) {
+    /// The caller checks [`has_room`](Self::has_room) first. `now` starts
+    /// its answer's deadline (the caller reads the clock once for a batch).
+    pub fn send(
+        &mut self,
+        tag: T,
+        body: &Bytes,
+        now: Instant,
+        head: impl FnOnce(&T, &mut Vec<u8>),
+    ) {
         let id = self.next_id;
         self.next_id += 2;
         let mark = frame::begin_headers(&mut self.wire.write, id, body.is_empty());
@@ -274,7 +281,7 @@ impl<T> Connection<T> {
         open.send_window -= sent;
         self.send_window -= sent;
         self.open.insert(id, open);
-        let deadline = Instant::now() + self.options.request_timeout;
+        let deadline = now + self.options.request_timeout;
         if self.deadlines.is_empty() {
             self.deadline_timer.as_mut().reset(deadline);
         }

@@ -167,11 +167,13 @@ impl Streams<'_> {
                     End::Broken(Unusable::GatewayUnreachable)
                 };
             }
+            // The clock is read once for the streams opened in one turn.
+            let clock = (!work.queue.is_empty()).then(|| (tokio::time::Instant::now(), unix_now()));
             while usable && conn.has_room(s.max_streams) && !conn.write_full() {
-                let Some(n) = work.queue.pop_front() else {
+                let (Some(n), Some(clock)) = (work.queue.pop_front(), clock) else {
                     break;
                 };
-                self.open_stream(&mut conn, n);
+                self.open_stream(&mut conn, n, clock);
             }
             let room = usable && conn.has_room(s.max_streams);
             self.lane.lane_stats.window.set(conn.in_flight() as i64);
@@ -230,8 +232,14 @@ impl Streams<'_> {
         end
     }
 
-    /// Sends one notification on a new stream of `conn`, which has room.
-    fn open_stream(&mut self, conn: &mut Connection, n: Notification) {
+    /// Sends one notification on a new stream of `conn`, which has room;
+    /// `(now, unix_now)` is the time of this turn of the lane.
+    fn open_stream(
+        &mut self,
+        conn: &mut Connection,
+        n: Notification,
+        clock: (tokio::time::Instant, u64),
+    ) {
         let target = self.target;
         let env = &n.envelope;
         if env.withdrawal.is_withdrawn() {
@@ -239,7 +247,7 @@ impl Streams<'_> {
             self.lane.stats.dropped_for_redelivery.inc();
             return;
         }
-        if is_expired(&n, unix_now()) {
+        if is_expired(&n, clock.1) {
             self.lane.report(vec![Outcome::failed(n, Reason::Expired)]);
             return;
         }
@@ -261,7 +269,7 @@ impl Streams<'_> {
         };
         let payload = env.job.payload.clone();
         let (headers, ids) = (self.headers, &mut *self.ids);
-        conn.send(Sent { n, bearer }, &payload, |sent, out| {
+        conn.send(Sent { n, bearer }, &payload, clock.0, |sent, out| {
             let bearer = sent.bearer.as_ref().map(|b| b.header.as_bytes());
             request::encode(out, &sent.n, headers, bearer, ids);
         });
@@ -293,7 +301,13 @@ impl Streams<'_> {
         };
         let (outcome, resend_counter) = match ending {
             Ending::Answered { status, body, .. } => {
-                match request::classify(status, &body, SystemTime::now()) {
+                // The clock is read only for an answer that may need it.
+                let answer = if status == 200 {
+                    Answer::Accepted
+                } else {
+                    request::classify(status, &body, SystemTime::now())
+                };
+                match answer {
                     Answer::Accepted => (Some(Outcome::accepted(n)), None),
                     Answer::Failed(reason) => {
                         n.attempts = n.attempts.saturating_add(1);
@@ -455,7 +469,7 @@ pub async fn send_one(
     };
     let (parts, ()) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    conn.send((), &body, |(), out| {
+    conn.send((), &body, tokio::time::Instant::now(), |(), out| {
         hpack::field(out, hpack::index::METHOD, parts.method.as_str().as_bytes());
         hpack::indexed(out, hpack::index::SCHEME_HTTPS);
         hpack::field(

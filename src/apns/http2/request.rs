@@ -206,7 +206,9 @@ pub fn encode(
         Hex(token).append_to(out);
         let push_type = env.push_type.as_deref().unwrap_or(DEFAULT_PUSH_TYPE);
         match topic_suffix(push_type) {
-            suffix if app.topic.ends_with(suffix) => out.extend_from_slice(&app.topic_field),
+            suffix if suffix.is_empty() || app.topic.ends_with(suffix) => {
+                out.extend_from_slice(&app.topic_field)
+            }
             suffix => hpack::named(
                 out,
                 b"apns-topic",
