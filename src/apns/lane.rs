@@ -194,6 +194,15 @@ impl Occupancy {
     }
 }
 
+/// How much work a lane holds that it has not sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Queue {
+    /// Its channel's capacity, in batches.
+    pub depth: usize,
+    /// See [`Lane::backlog`].
+    pub backlog: bool,
+}
+
 /// What a lane shares with the transport driving its connection: who it is,
 /// where work comes from and outcomes go, and its counters.
 pub struct Lane {
@@ -206,6 +215,13 @@ pub struct Lane {
     pub lane_stats: LaneStats,
     /// What its connection carries, for the pool.
     pub occupancy: Arc<Occupancy>,
+    /// Whether it queues work beyond its channel while it has no connection
+    /// (up to the policy's `backlog`). A lane a pool grew does not: under
+    /// load the pool hands work to whichever lane has room, and one still
+    /// connecting always has, so it took tens of thousands of notifications
+    /// during its handshake and sent them alone, at its streams' pace, long
+    /// after the other lanes had finished.
+    pub backlog: bool,
 }
 
 impl Lane {
@@ -218,9 +234,9 @@ impl Lane {
         occupancy: Arc<Occupancy>,
         outcomes: Outcomes,
         stats: Arc<Stats>,
-        depth: usize,
+        queue: Queue,
     ) -> (mpsc::Sender<Vec<Notification>>, JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(depth);
+        let (tx, rx) = mpsc::channel(queue.depth);
         let lane = Lane {
             lane_stats: stats.lane(&app, index),
             app,
@@ -229,6 +245,7 @@ impl Lane {
             outcomes,
             stats,
             occupancy,
+            backlog: queue.backlog,
         };
         (tx, tokio::spawn(lane.run_then_forget(transport)))
     }
@@ -317,12 +334,117 @@ impl Lane {
         work: &mut Work,
         policy: Policy,
     ) -> F::Output {
+        let limit = if self.backlog { policy.backlog } else { 0 };
         Standby {
             lane: self,
             work,
-            limit: policy.backlog,
+            limit,
         }
         .wait(fut, unusable)
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apns::Envelope;
+    use crate::job::{Job, JobKey};
+    use crate::token::{DeviceToken, Tokens};
+    use bytes::Bytes;
+    use std::time::Instant;
+
+    /// A transport whose connect never finishes: the lane stays in standby.
+    struct Connecting;
+
+    impl Transport for Connecting {
+        type Connection = ();
+        type Error = String;
+        const PEER: &'static str = "nobody";
+
+        fn addr(&self) -> &str {
+            "nowhere:443"
+        }
+
+        async fn connect(&self) -> Result<(), String> {
+            std::future::pending().await
+        }
+
+        fn unusable(_: &String) -> Unusable {
+            Unusable::GatewayUnreachable
+        }
+
+        async fn drive(&mut self, (): (), _: &mut Lane, _: &mut Work) -> End {
+            End::Drained
+        }
+
+        fn policy(&self) -> Policy {
+            Policy {
+                connect_timeout: Duration::from_secs(60),
+                reconnect_min: Duration::from_secs(1),
+                reconnect_max: Duration::from_secs(1),
+                unusable_after: Duration::from_secs(60),
+                backlog: 1000,
+            }
+        }
+    }
+
+    fn batch(n: u32) -> Vec<Notification> {
+        let tokens: Tokens = (0..n)
+            .map(|i| DeviceToken::from_bytes([i as u8; 32]))
+            .collect();
+        let env = Arc::new(Envelope {
+            key: JobKey(1),
+            job: Job {
+                id: None,
+                app: None,
+                tokens,
+                payload: Bytes::from_static(b"{}"),
+                expiry: None,
+                priority: None,
+                push_type: None,
+                collapse_id: None,
+                channel: None,
+            },
+            app: Arc::from("app"),
+            consumed_at: Instant::now(),
+            withdrawal: Default::default(),
+            retries: 0,
+        });
+        (0..n).map(|i| Notification::new(env.clone(), i)).collect()
+    }
+
+    /// How many batches of 10 a lane still connecting takes (its channel
+    /// holds 2 more), up to 20 offered.
+    async fn taken_while_connecting(backlog: bool) -> usize {
+        let (outcomes, _rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(Stats::new());
+        let occupancy = Arc::new(Occupancy::default());
+        let (tx, task) = Lane::spawn(
+            Arc::from("app"),
+            1,
+            Connecting,
+            occupancy,
+            outcomes,
+            stats,
+            Queue { depth: 2, backlog },
+        );
+        let mut sent = 0;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            if tx.try_send(batch(10)).is_ok() {
+                sent += 1;
+            }
+        }
+        task.abort();
+        sent - 2
+    }
+
+    #[tokio::test]
+    async fn a_lane_a_pool_grew_takes_no_work_until_it_is_connected() {
+        assert_eq!(taken_while_connecting(false).await, 0);
+        // A lane the pool started with queues up to the policy's backlog
+        // (1000 here), so one dead app does not hold up the intake.
+        assert_eq!(taken_while_connecting(true).await, 18);
     }
 }

@@ -443,7 +443,7 @@ mod tests {
         );
     }
 
-    fn envelope(tokens: Tokens) -> Arc<Envelope> {
+    pub(super) fn envelope(tokens: Tokens) -> Arc<Envelope> {
         Arc::new(Envelope {
             key: JobKey(1),
             job: Job {

@@ -51,6 +51,9 @@ struct Spawner<F> {
     stats: Arc<Stats>,
     /// Each lane's channel capacity, in batches.
     depth: usize,
+    /// Lanes numbered below this queue work while they connect (see
+    /// [`Lane::backlog`]): the ones the pool starts with, not the grown ones.
+    backlog_below: usize,
 }
 
 impl<T: Transport, F: FnMut() -> T> Spawner<F> {
@@ -64,7 +67,10 @@ impl<T: Transport, F: FnMut() -> T> Spawner<F> {
             occupancy.clone(),
             self.outcomes.clone(),
             self.stats.clone(),
-            self.depth,
+            lane::Queue {
+                depth: self.depth,
+                backlog: index < self.backlog_below,
+            },
         );
         lanes.members.push(Member { tx, occupancy });
         lanes.tasks.push((index, task));
@@ -89,6 +95,7 @@ impl Pool {
             outcomes,
             stats,
             depth: lane::CHANNEL,
+            backlog_below: usize::MAX,
         };
         let lanes = Pool::start(&mut spawner, connections);
         Pool {
@@ -114,6 +121,7 @@ impl Pool {
             outcomes,
             stats,
             depth: lane::GROWING_CHANNEL,
+            backlog_below: growth.min(),
         };
         let lanes = Pool::start(&mut spawner, growth.min());
         let grower = tokio::spawn(grow(lanes.clone(), growth, spawner));
@@ -169,12 +177,13 @@ impl Pool {
         // whichever lane has room first, rather than the intake waiting on
         // that one lane while lanes just grown beside it sit idle.
         let mut spilled = Vec::new();
-        for (lane, batch) in lanes.iter().zip(split) {
-            if batch.is_empty() {
-                continue;
-            }
-            if let Err(e) = lane.try_send(batch) {
-                spilled.extend(e.into_inner());
+        for (lane, mut batch) in lanes.iter().zip(split) {
+            while !batch.is_empty() {
+                let chunk = batch.split_off(batch.len().saturating_sub(GROWING_BATCH));
+                if let Err(e) = lane.try_send(chunk) {
+                    spilled.extend(e.into_inner());
+                    spilled.append(&mut batch);
+                }
             }
         }
         while !spilled.is_empty() {
@@ -186,7 +195,7 @@ impl Pool {
             let Ok(permit) = tokio::time::timeout(RECHECK, first_room(&lanes)).await else {
                 continue;
             };
-            let share = spilled.len().div_ceil(lanes.len());
+            let share = spilled.len().div_ceil(lanes.len()).min(GROWING_BATCH);
             permit?.send(spilled.split_off(spilled.len() - share));
         }
         Ok(())
@@ -217,6 +226,14 @@ impl Drop for Pool {
         }
     }
 }
+
+/// The most a growing pool's lane is handed at once. A lane keeps what it
+/// was handed however many lanes grow beside it, and drains it at most
+/// `streams ÷ round trip` (20,000/s at Apple's 50 ms): the 8,000-notification
+/// batches of a pool's first two lanes kept one lane sending alone for the
+/// last half second of a fan-out. Two such batches queued and one taken keep
+/// a lane's 1000 streams full.
+const GROWING_BATCH: usize = 512;
 
 /// How often work waiting for room looks again for lanes grown meanwhile:
 /// a fraction of the grower's own delay.
@@ -354,5 +371,48 @@ mod tests {
                 waiting: 4,
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_growing_pool_hands_a_lane_at_most_one_growing_batch_at_a_time() {
+        let (a, mut rx_a) = mpsc::channel(8);
+        let (b, mut rx_b) = mpsc::channel(8);
+        let lanes = Lanes {
+            members: vec![
+                Member {
+                    tx: a,
+                    ..member(true, 0, 0)
+                },
+                Member {
+                    tx: b,
+                    ..member(true, 0, 0)
+                },
+            ],
+            tasks: Vec::new(),
+            closed: false,
+        };
+        let grower = tokio::spawn(std::future::pending::<()>());
+        let pool = Pool {
+            lanes: Arc::new(Mutex::new(lanes)),
+            grower: Some(grower.abort_handle()),
+        };
+        let tokens: crate::token::Tokens = (0..3000u32)
+            .map(|i| crate::token::DeviceToken::from_bytes([(i % 251) as u8; 32]))
+            .collect();
+        let env = crate::apns::tests::envelope(tokens);
+        let work = (0..3000)
+            .map(|i| Notification::new(env.clone(), i))
+            .collect();
+        pool.submit(work).await.unwrap();
+        drop(pool);
+        let mut sizes = Vec::new();
+        for rx in [&mut rx_a, &mut rx_b] {
+            while let Ok(batch) = rx.try_recv() {
+                sizes.push(batch.len());
+            }
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), 3000);
+        assert!(sizes.iter().all(|&n| n <= GROWING_BATCH), "{sizes:?}");
+        grower.abort();
     }
 }
