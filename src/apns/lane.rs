@@ -348,11 +348,7 @@ impl Lane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apns::Envelope;
-    use crate::job::{Job, JobKey};
     use crate::token::{DeviceToken, Tokens};
-    use bytes::Bytes;
-    use std::time::Instant;
 
     /// A transport whose connect never finishes: the lane stays in standby.
     struct Connecting;
@@ -393,24 +389,7 @@ mod tests {
         let tokens: Tokens = (0..n)
             .map(|i| DeviceToken::from_bytes([i as u8; 32]))
             .collect();
-        let env = Arc::new(Envelope {
-            key: JobKey(1),
-            job: Job {
-                id: None,
-                app: None,
-                tokens,
-                payload: Bytes::from_static(b"{}"),
-                expiry: None,
-                priority: None,
-                push_type: None,
-                collapse_id: None,
-                channel: None,
-            },
-            app: Arc::from("app"),
-            consumed_at: Instant::now(),
-            withdrawal: Default::default(),
-            retries: 0,
-        });
+        let env = crate::apns::tests::envelope(tokens);
         (0..n).map(|i| Notification::new(env.clone(), i)).collect()
     }
 
