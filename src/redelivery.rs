@@ -127,11 +127,10 @@ impl Known {
         &self.results
     }
 
-    /// Of a job of `tokens` tokens, how many are left to send.
+    /// Of a job of `tokens` tokens, how many are left to send (every known
+    /// position is one of them: the job's identity fixes its token count).
     pub fn remaining(&self, tokens: usize) -> usize {
-        (0..tokens)
-            .filter(|&i| !self.positions.contains(i as u32))
-            .count()
+        tokens.saturating_sub(self.positions.len())
     }
 
     fn add(&mut self, index: u32, result: Option<Event>) -> usize {
