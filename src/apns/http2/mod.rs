@@ -168,12 +168,13 @@ impl Streams<'_> {
                 };
             }
             // The clock is read once for the streams opened in one turn.
-            let clock = (!work.queue.is_empty()).then(|| (tokio::time::Instant::now(), unix_now()));
+            let mut clock = None;
             while usable && conn.has_room(s.max_streams) && !conn.write_full() {
-                let (Some(n), Some(clock)) = (work.queue.pop_front(), clock) else {
+                let Some(n) = work.queue.pop_front() else {
                     break;
                 };
-                self.open_stream(&mut conn, n, clock);
+                let now = *clock.get_or_insert_with(|| (tokio::time::Instant::now(), unix_now()));
+                self.open_stream(&mut conn, n, now);
             }
             let room = usable && conn.has_room(s.max_streams);
             self.lane.lane_stats.window.set(conn.in_flight() as i64);
@@ -301,13 +302,7 @@ impl Streams<'_> {
         };
         let (outcome, resend_counter) = match ending {
             Ending::Answered { status, body, .. } => {
-                // The clock is read only for an answer that may need it.
-                let answer = if status == 200 {
-                    Answer::Accepted
-                } else {
-                    request::classify(status, &body, SystemTime::now())
-                };
-                match answer {
+                match request::classify(status, &body, SystemTime::now) {
                     Answer::Accepted => (Some(Outcome::accepted(n)), None),
                     Answer::Failed(reason) => {
                         n.attempts = n.attempts.saturating_add(1);

@@ -113,8 +113,8 @@ pub enum Answer {
 }
 
 /// Classifies a response. `body` is APNs' JSON (`{"reason": ..., "timestamp": ms}`);
-/// `now` stands in for a 410 that carries no timestamp.
-pub fn classify(status: u16, body: &[u8], now: SystemTime) -> Answer {
+/// `now` stands in for a 410 that carries no timestamp, and is read only then.
+pub fn classify(status: u16, body: &[u8], now: impl FnOnce() -> SystemTime) -> Answer {
     if status == 200 {
         return Answer::Accepted;
     }
@@ -129,7 +129,7 @@ pub fn classify(status: u16, body: &[u8], now: SystemTime) -> Answer {
             let since = json["timestamp"]
                 .as_u64()
                 .map(|ms| ms / 1000)
-                .unwrap_or_else(|| unix_secs(now));
+                .unwrap_or_else(|| unix_secs(now()));
             Answer::Failed(Reason::Unregistered {
                 since: u32::try_from(since).unwrap_or(u32::MAX),
             })
@@ -368,7 +368,7 @@ mod tests {
 
     #[test]
     fn responses_are_classified() {
-        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let now = || UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(classify(200, b"", now), Answer::Accepted);
         let http2 = |status, reason| Reason::Http2 { status, reason };
         assert_eq!(
