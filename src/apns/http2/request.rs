@@ -283,17 +283,13 @@ fn topic_suffix(push_type: &str) -> &'static str {
     }
 }
 
-/// A UUID that is the same every time this job reaches this token (a retry,
-/// a redelivery after a crash), so APNs' logs and the simulator can tell a
-/// resend: SHA-256 over the app, the job id (or the payload when the job has
-/// none) and the token, shaped as a version 8 UUID.
-pub fn apns_id(n: &Notification) -> [u8; 36] {
-    ApnsIds::default().of(n)
-}
-
-/// Makes [`apns_id`]s, keeping the hash of the last job's part (app, job id
-/// or payload): a lane sends a fan-out job's tokens in runs, and its payload
-/// is then hashed once per run rather than once per token.
+/// Makes each notification's `apns-id`: a UUID that is the same every time
+/// this job reaches this token (a retry, a redelivery after a crash), so
+/// APNs' logs and the simulator can tell a resend: SHA-256 over the app, the
+/// job id (or the payload when the job has none) and the token, shaped as a
+/// version 8 UUID. It keeps the hash state after the last job's part: a lane
+/// sends a fan-out job's tokens in runs, and its payload is then hashed once
+/// per run rather than once per token.
 #[derive(Default)]
 pub struct ApnsIds {
     job: Option<(JobKey, digest::Context)>,
@@ -414,6 +410,11 @@ mod tests {
             classify(413, b"not json", now),
             Answer::Failed(http2(413, ApnsReason::Unknown))
         );
+    }
+
+    /// An id made afresh, with nothing kept from an earlier job.
+    fn apns_id(n: &Notification) -> [u8; 36] {
+        ApnsIds::default().of(n)
     }
 
     fn notification(id: Option<&str>, push_type: Option<&str>) -> Notification {
