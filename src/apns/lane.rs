@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -154,6 +154,7 @@ pub struct Occupancy {
     streams: AtomicUsize,
     limit: AtomicUsize,
     queued: AtomicUsize,
+    answered: AtomicU64,
 }
 
 /// One reading of an [`Occupancy`].
@@ -166,6 +167,8 @@ pub struct Occupied {
     pub limit: usize,
     /// Notifications the lane holds that wait for room.
     pub queued: usize,
+    /// Streams answered over its connections so far (a running count).
+    pub answered: u64,
 }
 
 impl Occupancy {
@@ -175,7 +178,14 @@ impl Occupancy {
             streams: self.streams.load(Ordering::Relaxed),
             limit: self.limit.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
+            answered: self.answered.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts streams that ended with an answer: the growth policy judges a
+    /// grow by the rate of these.
+    pub fn answered(&self, streams: u64) {
+        self.answered.fetch_add(streams, Ordering::Relaxed);
     }
 
     /// What the transport carries at this turn of its loop.

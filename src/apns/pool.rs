@@ -322,6 +322,7 @@ impl Lanes {
             } else {
                 load.opening += 1;
             }
+            load.answered += o.answered;
             // Batches sent and not yet taken wait too.
             load.waiting += o.queued + (m.tx.max_capacity() - m.tx.capacity());
         }
@@ -342,6 +343,7 @@ mod tests {
         occupancy.set_connected(connected);
         if connected {
             occupancy.set(streams, 10, queued);
+            occupancy.answered(streams as u64 * 100);
         }
         Member { tx, occupancy }
     }
@@ -369,6 +371,7 @@ mod tests {
                 capacity: 20,
                 // Three queued in the lane, one batch in its channel.
                 waiting: 4,
+                answered: 1400,
             }
         );
     }

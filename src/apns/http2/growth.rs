@@ -3,11 +3,19 @@
 //! One connection carries at most `streams ÷ round trip` notifications a
 //! second: at Apple's tens of milliseconds, two connections of 1000 streams
 //! cap an app near 40,000/s however fast apnsd is. So while every stream is
-//! busy and work waits, the app opens more connections (as many as the
-//! waiting work would fill, at most doubling at once), up to
-//! `max_connections`; once the load fits in one connection fewer, it closes
-//! one again, down to `connections` (as Go's HTTP/2 transport and Pushy's
-//! channel pool do).
+//! busy and work waits, the app opens more connections (at most quadrupling
+//! at once), up to `max_connections`; once the load fits in one connection
+//! fewer, it closes one again, down to `connections` (as Go's HTTP/2
+//! transport and Pushy's channel pool do).
+//!
+//! Busy streams with work waiting say as much about a server that is slow to
+//! answer (a CPU-bound sink that answers at once) as about a long round
+//! trip, and only for the round trip do more connections help. So each grow
+//! is judged: the answers per second after it must rise with the connections
+//! added, or growth stops (a plateau) until the app shrinks or
+//! `shrink_after` has passed. A grow's effect shows a round trip after its
+//! connections open, so the verdict waits two round trips (the busy streams
+//! over the answer rate, Little's law).
 //!
 //! Pure policy, no I/O: the caller reports the load whenever it changes (and
 //! on a timer while it does not) and acts on the [`Change`]. Two things keep
@@ -26,11 +34,16 @@
 use std::time::{Duration, Instant};
 
 /// How long every stream must stay busy, with work waiting, before a
-/// connection is added: half of a typical APNs round trip.
-pub const GROW_AFTER: Duration = Duration::from_millis(25);
+/// connection is added: a fifth of a typical APNs round trip. Short, as the
+/// verdict on each grow (see the module) bounds an overshoot.
+pub const GROW_AFTER: Duration = Duration::from_millis(10);
 
 /// How long the load must fit in one connection fewer before one is closed.
 pub const SHRINK_AFTER: Duration = Duration::from_secs(60);
+
+/// The longest round trip a verdict waits for (two of them): a server that
+/// takes longer is too slow for more connections to matter soon.
+const LONGEST_ROUND_TRIP: Duration = Duration::from_millis(500);
 
 /// An app's HTTP/2 connections and their streams at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,6 +59,9 @@ pub struct Load {
     pub capacity: usize,
     /// Notifications waiting for a stream.
     pub waiting: usize,
+    /// Streams answered so far over the app's connections (a running count;
+    /// it may fall when a lane goes away).
+    pub answered: u64,
 }
 
 impl Load {
@@ -88,10 +104,26 @@ pub struct Growth {
     max: usize,
     grow_after: Duration,
     shrink_after: Duration,
-    /// Since when every stream has been busy with work waiting.
-    saturated_since: Option<Instant>,
+    /// Since when every stream has been busy with work waiting, and the
+    /// answers counted then.
+    saturated_since: Option<(Instant, u64)>,
     /// Since when the load has fit in one connection fewer.
     spare_since: Option<Instant>,
+    /// The last grow, until its verdict.
+    grown: Option<Grown>,
+    /// Since when growing has stopped paying.
+    plateau: Option<Instant>,
+}
+
+/// What the app carried when it last grew.
+#[derive(Debug, Clone, Copy)]
+struct Grown {
+    /// Connections before the grow.
+    connections: usize,
+    /// Answers per second over the saturated span before it.
+    rate: f64,
+    /// Busy streams over that rate.
+    round_trip: Duration,
 }
 
 impl Growth {
@@ -115,6 +147,8 @@ impl Growth {
             shrink_after,
             saturated_since: None,
             spare_since: None,
+            grown: None,
+            plateau: None,
         }
     }
 
@@ -136,21 +170,27 @@ impl Growth {
     /// The change `load` calls for at `now`.
     pub fn observe(&mut self, load: Load, now: Instant) -> Change {
         let total = load.open + load.opening;
+        if self
+            .plateau
+            .is_some_and(|since| now.saturating_duration_since(since) >= self.shrink_after)
+        {
+            self.plateau = None;
+        }
         // A connection on its way changes the capacity: judge again once it is up.
         if load.opening > 0 || total < self.min {
             self.reset();
             return Change::Hold;
         }
-        if load.saturated() && total < self.max {
+        if load.saturated() && total < self.max && self.plateau.is_none() {
             self.spare_since = None;
-            if lasted(&mut self.saturated_since, now, self.grow_after) {
-                return Change::Grow(self.step(load, total));
-            }
-            return Change::Hold;
+            return self.saturated(load, total, now);
         }
         if load.spare() && total > self.min {
             self.saturated_since = None;
             if lasted(&mut self.spare_since, now, self.shrink_after) {
+                // With fewer connections what the last grow showed is stale.
+                self.grown = None;
+                self.plateau = None;
                 return Change::Shrink;
             }
             return Change::Hold;
@@ -159,18 +199,60 @@ impl Growth {
         Change::Hold
     }
 
-    /// How many to add at once: enough for the work waiting, at most as
-    /// many as are open (doubling, as TCP's slow start does, so 2 reach 32
-    /// in four steps rather than thirty), never beyond `max`.
-    fn step(&self, load: Load, total: usize) -> usize {
-        let per_connection = (load.capacity / load.open.max(1)).max(1);
-        let needed = load.waiting.div_ceil(per_connection).max(1);
-        needed.min(total.max(1)).min(self.max - total)
+    /// Saturation seen at `now`: grow once it has lasted long enough, unless
+    /// the last grow did not pay.
+    fn saturated(&mut self, load: Load, total: usize, now: Instant) -> Change {
+        let (began, answered) = *self.saturated_since.get_or_insert((now, load.answered));
+        let span = now.saturating_duration_since(began);
+        let wait = match self.grown {
+            Some(g) => self.grow_after.max(g.round_trip * 2),
+            None => self.grow_after,
+        };
+        if span < wait || span.is_zero() {
+            return Change::Hold;
+        }
+        self.saturated_since = None;
+        // Fewer answers than at the span's start: a lane went away; measure afresh.
+        let Some(answers) = load.answered.checked_sub(answered) else {
+            return Change::Hold;
+        };
+        let rate = answers as f64 / span.as_secs_f64();
+        if let Some(before) = self.grown.take() {
+            if !before.paid(total, rate) {
+                self.plateau = Some(now);
+                return Change::Hold;
+            }
+        }
+        // No answer at all in the span: the round trip is longer still, so
+        // streams are surely the limit, and there is no rate to judge by.
+        self.grown = (rate > 0.0).then(|| Grown {
+            connections: total,
+            rate,
+            round_trip: Duration::from_secs_f64(load.busy as f64 / rate).min(LONGEST_ROUND_TRIP),
+        });
+        Change::Grow(self.step(total))
+    }
+
+    /// How many to add at once: at most three times as many as are open
+    /// (quadrupling, so 2 reach 32 in two steps; the verdict on each grow
+    /// bounds an overshoot), never beyond `max`.
+    fn step(&self, total: usize) -> usize {
+        (3 * total).clamp(1, self.max - total)
     }
 
     fn reset(&mut self) {
         self.saturated_since = None;
         self.spare_since = None;
+    }
+}
+
+impl Grown {
+    /// Whether `rate` with `connections` rose enough over the rate before
+    /// the grow: by a quarter of the connections' own rise (×4 connections
+    /// must carry ×1.75), well apart from the ×1 of a server that is the limit.
+    fn paid(&self, connections: usize, rate: f64) -> bool {
+        let more = connections as f64 / self.connections.max(1) as f64;
+        rate >= self.rate * (1.0 + (more - 1.0) / 4.0)
     }
 }
 
@@ -206,6 +288,15 @@ mod tests {
             busy,
             capacity: open * STREAMS,
             waiting,
+            answered: 0,
+        }
+    }
+
+    /// The same, with `answered` streams answered so far.
+    fn answered(open: usize, busy: usize, answered: u64) -> Load {
+        Load {
+            answered,
+            ..load(open, busy, 50)
         }
     }
 
@@ -215,15 +306,15 @@ mod tests {
 
     #[test]
     fn grows_once_saturation_has_lasted() {
-        let mut g = policy(2, 4);
+        let mut g = policy(2, 64);
         let t0 = Instant::now();
         assert_eq!(g.observe(load(2, 2000, 50), t0), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 19)), Change::Hold);
-        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 20)), Change::Grow(1));
+        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 20)), Change::Grow(6));
         // The next grow needs a full span of its own.
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 21)), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 40)), Change::Hold);
-        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 41)), Change::Grow(1));
+        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 41)), Change::Grow(6));
     }
 
     #[test]
@@ -234,24 +325,23 @@ mod tests {
         // of 2,000 busy with work waiting is saturation, 1,750 is not.
         assert_eq!(g.observe(load(2, 1850, 50), t0), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 10)), Change::Hold);
-        assert_eq!(g.observe(load(2, 1800, 50), ms(t0, 20)), Change::Grow(1));
+        assert_eq!(g.observe(load(2, 1800, 50), ms(t0, 20)), Change::Grow(2));
         assert_eq!(g.observe(load(2, 1750, 50), ms(t0, 30)), Change::Hold);
         assert_eq!(g.observe(load(2, 1900, 50), ms(t0, 45)), Change::Hold);
     }
 
     #[test]
-    fn a_step_opens_what_the_waiting_work_fills_at_most_doubling() {
+    fn a_step_at_most_quadruples_and_never_passes_max() {
         let t0 = Instant::now();
-        let step = |open: usize, waiting: usize, max: usize| {
+        let step = |open: usize, max: usize| {
             let mut g = policy(1, max);
-            g.observe(load(open, open * STREAMS, waiting), t0);
-            g.observe(load(open, open * STREAMS, waiting), ms(t0, 20))
+            g.observe(load(open, open * STREAMS, 1), t0);
+            g.observe(load(open, open * STREAMS, 1), ms(t0, 20))
         };
-        assert_eq!(step(2, 1, 32), Change::Grow(1));
-        assert_eq!(step(2, 1500, 32), Change::Grow(2));
-        assert_eq!(step(4, 2001, 32), Change::Grow(3));
-        assert_eq!(step(4, 100_000, 32), Change::Grow(4), "doubling at most");
-        assert_eq!(step(30, 100_000, 32), Change::Grow(2), "never beyond max");
+        assert_eq!(step(1, 2), Change::Grow(1));
+        assert_eq!(step(2, 32), Change::Grow(6));
+        assert_eq!(step(8, 32), Change::Grow(24));
+        assert_eq!(step(30, 32), Change::Grow(2), "never beyond max");
     }
 
     #[test]
@@ -263,7 +353,74 @@ mod tests {
         assert_eq!(g.observe(load(2, 1999, 0), ms(t0, 10)), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 15)), Change::Hold);
         assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 30)), Change::Hold);
-        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 35)), Change::Grow(1));
+        assert_eq!(g.observe(load(2, 2000, 50), ms(t0, 35)), Change::Grow(2));
+    }
+
+    /// Two connections answering 40,000/s (a 50 ms round trip) grow to 8;
+    /// returns the policy and the moment the 8 are up.
+    fn grown_at_a_50ms_round_trip() -> (Growth, Instant) {
+        let mut g = policy(2, 64);
+        let t0 = Instant::now();
+        assert_eq!(g.observe(answered(2, 2000, 0), t0), Change::Hold);
+        assert_eq!(
+            g.observe(answered(2, 2000, 800), ms(t0, 20)),
+            Change::Grow(6)
+        );
+        let opening = Load {
+            opening: 6,
+            ..answered(2, 2000, 900)
+        };
+        assert_eq!(g.observe(opening, ms(t0, 30)), Change::Hold);
+        (g, ms(t0, 50))
+    }
+
+    #[test]
+    fn a_grow_that_carries_more_is_followed_by_the_next_two_round_trips_on() {
+        let (mut g, up) = grown_at_a_50ms_round_trip();
+        let t = |ms| up + Duration::from_millis(ms);
+        assert_eq!(g.observe(answered(8, 8000, 1000), up), Change::Hold);
+        // The verdict waits two round trips (100 ms), not the 20 ms span.
+        assert_eq!(g.observe(answered(8, 8000, 3000), t(20)), Change::Hold);
+        assert_eq!(g.observe(answered(8, 8000, 9000), t(99)), Change::Hold);
+        // 8 connections answer 100,000/s: ×2.5 of 40,000, more than the ×1.75 asked.
+        assert_eq!(
+            g.observe(answered(8, 8000, 11_000), t(100)),
+            Change::Grow(24)
+        );
+    }
+
+    #[test]
+    fn a_grow_that_carries_no_more_stops_growth_until_shrink_after() {
+        let (mut g, up) = grown_at_a_50ms_round_trip();
+        let t = |ms| up + Duration::from_millis(ms);
+        g.observe(answered(8, 8000, 1000), up);
+        // A server that is itself the limit: still 40,000/s (×1, not ×1.75).
+        assert_eq!(g.observe(answered(8, 8000, 5000), t(100)), Change::Hold);
+        for (at, answers) in [(200, 9000), (5000, 200_000), (9000, 360_000)] {
+            assert_eq!(g.observe(answered(8, 8000, answers), t(at)), Change::Hold);
+        }
+        // After `shrink_after` (10 s here) it tries again.
+        let late = t(100) + SHRINK;
+        assert_eq!(g.observe(answered(8, 8000, 400_000), late), Change::Hold);
+        assert_eq!(
+            g.observe(answered(8, 8000, 400_800), late + GROW),
+            Change::Grow(24)
+        );
+    }
+
+    #[test]
+    fn fewer_answers_than_at_the_span_start_measure_afresh() {
+        let mut g = policy(2, 64);
+        let t0 = Instant::now();
+        g.observe(answered(2, 2000, 5000), t0);
+        // A lane went away with its count: no rate, no grow, a new span.
+        assert_eq!(g.observe(answered(2, 2000, 100), ms(t0, 20)), Change::Hold);
+        assert_eq!(g.observe(answered(2, 2000, 200), ms(t0, 25)), Change::Hold);
+        assert_eq!(g.observe(answered(2, 2000, 300), ms(t0, 44)), Change::Hold);
+        assert_eq!(
+            g.observe(answered(2, 2000, 900), ms(t0, 45)),
+            Change::Grow(6)
+        );
     }
 
     #[test]

@@ -188,10 +188,14 @@ impl Streams<'_> {
                 event = conn.next() => {
                     let mut outcomes = Vec::new();
                     let mut next = Some(event);
+                    let mut answers = 0;
                     while let Some(event) = next {
                         match event {
                             Event::Ended(sent, ending) => {
-                                answered |= matches!(ending, Ending::Answered { .. });
+                                if matches!(ending, Ending::Answered { .. }) {
+                                    answered = true;
+                                    answers += 1;
+                                }
                                 // A broken or unanswered stream makes the connection
                                 // suspect: retries go out on a fresh one, not into a
                                 // connection PING has yet to find dead.
@@ -219,6 +223,7 @@ impl Streams<'_> {
                         }
                         next = conn.try_next();
                     }
+                    self.lane.occupancy.answered(answers);
                     self.lane.report(outcomes);
                 }
                 _ = sleep_until(due), if due.is_some() => work.release_due(Instant::now()),
