@@ -186,9 +186,25 @@ impl Pool {
                 }
             }
         }
+        let mut lanes = lanes;
+        let mut next = 0;
         while !spilled.is_empty() {
-            // Looked at afresh each time: the grower may have added lanes.
-            let lanes = self.senders();
+            let share = spilled.len().div_ceil(lanes.len()).min(GROWING_BATCH);
+            // A lane with room now, taking turns: no wait, no allocation.
+            let count = lanes.len();
+            let taken = (0..count).map(|i| (next + i) % count).find(|&at| {
+                let Ok(permit) = lanes[at].try_reserve() else {
+                    return false;
+                };
+                permit.send(spilled.split_off(spilled.len() - share));
+                true
+            });
+            if let Some(at) = taken {
+                next = at + 1;
+                continue;
+            }
+            // Every lane is full. Looked at afresh: the grower may have added lanes.
+            lanes = self.senders();
             if lanes.is_empty() {
                 return Err(Closed);
             }

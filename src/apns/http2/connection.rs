@@ -100,16 +100,25 @@ pub struct Options {
     pub keep_headers: bool,
 }
 
+/// A stream in flight. Thousands are, per connection, so what only an
+/// error answer carries lives behind a box that a plain 200 never allocates.
 struct Open<T> {
     tag: T,
     status: Option<u16>,
-    headers: Vec<(Vec<u8>, Vec<u8>)>,
-    body: Vec<u8>,
+    /// Header fields kept (`keep_headers`) and body bytes received.
+    answer: Option<Box<Received>>,
     /// Payload not yet sent for want of window.
     unsent: Bytes,
     send_window: i64,
     /// Received since the last stream WINDOW_UPDATE.
     received: u32,
+}
+
+/// What a stream's answer carried besides its status.
+#[derive(Default)]
+struct Received {
+    headers: Vec<(Vec<u8>, Vec<u8>)>,
+    body: Vec<u8>,
 }
 
 /// A header block arriving in HEADERS + CONTINUATION frames.
@@ -253,8 +262,7 @@ impl<T> Connection<T> {
         let mut open = Open {
             tag,
             status: None,
-            headers: Vec::new(),
-            body: Vec::new(),
+            answer: None,
             unsent: Bytes::new(),
             send_window: self.peer.initial_window,
             received: 0,
@@ -541,8 +549,11 @@ impl<T> Connection<T> {
         let Some(open) = self.open.get_mut(stream) else {
             return;
         };
-        let room = max_body.saturating_sub(open.body.len());
-        open.body.extend_from_slice(&data[..data.len().min(room)]);
+        if !data.is_empty() {
+            let body = &mut open.answer.get_or_insert_default().body;
+            let room = max_body.saturating_sub(body.len());
+            body.extend_from_slice(&data[..data.len().min(room)]);
+        }
         open.received += flow;
         if end_stream {
             self.finish(stream);
@@ -574,7 +585,12 @@ impl<T> Connection<T> {
             if open.status.is_none() {
                 open.status = status;
             }
-            open.headers.append(&mut headers);
+            if !headers.is_empty() {
+                open.answer
+                    .get_or_insert_default()
+                    .headers
+                    .append(&mut headers);
+            }
             if end_stream {
                 self.finish(stream);
             }
@@ -588,11 +604,14 @@ impl<T> Connection<T> {
             return;
         };
         let ending = match open.status {
-            Some(status) => Ending::Answered {
-                status,
-                headers: std::mem::take(&mut open.headers),
-                body: std::mem::take(&mut open.body),
-            },
+            Some(status) => {
+                let Received { headers, body } = open.answer.take().map(|a| *a).unwrap_or_default();
+                Ending::Answered {
+                    status,
+                    headers,
+                    body,
+                }
+            }
             None => Ending::Reset(code::PROTOCOL_ERROR),
         };
         self.end(stream, ending);

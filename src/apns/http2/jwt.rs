@@ -10,7 +10,7 @@
 //! refused the same way, so the next one waits for [`MINT_FLOOR`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_lc_rs::rand::SystemRandom;
@@ -83,7 +83,7 @@ pub enum Renewal {
 /// The signer's current token and why it was minted.
 #[derive(Debug, Default)]
 struct State {
-    current: Option<Bearer>,
+    current: Option<Arc<Bearer>>,
     minted: u64,
     /// `current` replaced a token APNs called expired.
     replacement: bool,
@@ -144,11 +144,12 @@ impl Signer {
     }
 
     /// The token to send now: the cached one unless it is due for renewal.
-    pub fn bearer(&self) -> Result<Bearer, JwtError> {
+    /// Shared, as every stream keeps the token it went with.
+    pub fn bearer(&self) -> Result<Arc<Bearer>, JwtError> {
         self.bearer_at(SystemTime::now())
     }
 
-    fn bearer_at(&self, now: SystemTime) -> Result<Bearer, JwtError> {
+    fn bearer_at(&self, now: SystemTime) -> Result<Arc<Bearer>, JwtError> {
         let now = unix_secs(now);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = state.current.as_ref() {
@@ -160,11 +161,11 @@ impl Signer {
         let header =
             HeaderValue::try_from(format!("bearer {token}")).map_err(|_| JwtError::Sign)?;
         state.minted += 1;
-        let bearer = Bearer {
+        let bearer = Arc::new(Bearer {
             header,
             issued_at: now,
             generation: state.minted,
-        };
+        });
         state.replacement = state.stale;
         state.stale = false;
         state.current = Some(bearer.clone());

@@ -66,7 +66,7 @@ pub struct Http2Settings {
 /// token it went with.
 pub struct Sent {
     n: Notification,
-    bearer: Option<Bearer>,
+    bearer: Option<Arc<Bearer>>,
 }
 
 /// A lane's connection.
