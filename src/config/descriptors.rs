@@ -67,7 +67,7 @@ mod tests {
         let path = dir.path().join("apnsd.toml");
         std::fs::write(&path, text).unwrap();
         let config = Config::load_with_env(&path, Some(Default::default())).unwrap();
-        // The HTTP/2 app may grow to its `max_connections` (32 unset).
+        // The HTTP/2 app may grow to its `max_connections` (64 unset).
         assert_eq!(
             config.descriptors_needed(),
             BASE + (2 * 3 + 1) + 2 * DEFAULT_MAX_CONNECTIONS as u64

@@ -617,7 +617,7 @@ feedback_interval = "1h"
         let h2 = format!("{APP}protocol = \"http2\"\n");
         let app = |extra: &str| load(&format!("{h2}{extra}")).unwrap().apps[0].max_connections();
         assert_eq!(app(""), DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(app("connections = 40\n"), 40);
+        assert_eq!(app("connections = 80\n"), 80);
         assert_eq!(app("connections = 3\nmax_connections = 3\n"), 3);
         assert_eq!(app("max_connections = 50\n"), 50);
         let m = message(&format!("{h2}connections = 4\nmax_connections = 3\n"));
