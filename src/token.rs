@@ -100,10 +100,15 @@ impl DeviceToken {
             len: (text.len() / 2) as u8,
             bytes: [0; Self::MAX_LEN],
         };
+        // Table lookups with no branch per digit: a digit that is not hex
+        // reads as 0xff, and one check at the end rejects the whole text.
+        let mut bad = 0u8;
         for (byte, pair) in token.bytes.iter_mut().zip(text.chunks_exact(2)) {
-            *byte = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
+            let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+            bad |= hi | lo;
+            *byte = (hi << 4) | (lo & 0x0f);
         }
-        Some(token)
+        (bad < 16).then_some(token)
     }
 
     /// The normalised form used in every result: lower-case hex digits.
@@ -181,7 +186,20 @@ impl fmt::Debug for Tokens {
     }
 }
 
-fn hex_digit(c: u8) -> Option<u8> {
+/// Each byte's value as a hex digit, 0xff for a byte that is not one.
+const NIBBLE: [u8; 256] = {
+    let mut table = [0xff; 256];
+    let mut c = 0;
+    while c < 256 {
+        if let Some(v) = hex_digit(c as u8) {
+            table[c] = v;
+        }
+        c += 1;
+    }
+    table
+};
+
+const fn hex_digit(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),
@@ -204,15 +222,27 @@ const DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 /// One byte's two lower-case hex digits.
 pub fn hex_pair(b: u8) -> [u8; 2] {
-    [DIGITS[usize::from(b >> 4)], DIGITS[usize::from(b & 0xf)]]
+    PAIRS[usize::from(b)]
 }
+
+/// Each byte's two digits: one lookup per byte for the path of every request.
+const PAIRS: [[u8; 2]; 256] = {
+    let mut table = [[0; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = [DIGITS[b >> 4], DIGITS[b & 0xf]];
+        b += 1;
+    }
+    table
+};
 
 impl Hex<'_> {
     /// Appends the digits to `out` (a request's header block).
     pub fn append_to(&self, out: &mut Vec<u8>) {
-        out.reserve(2 * self.0.len());
-        for &b in self.0 {
-            out.extend_from_slice(&hex_pair(b));
+        let start = out.len();
+        out.resize(start + 2 * self.0.len(), 0);
+        for (pair, &b) in out[start..].chunks_exact_mut(2).zip(self.0) {
+            pair.copy_from_slice(&hex_pair(b));
         }
     }
 }
@@ -310,5 +340,25 @@ mod tests {
         let mut appended = b"x".to_vec();
         Hex(&bytes).append_to(&mut appended);
         assert_eq!(appended, format!("x{want}").as_bytes());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn plain_hex_decodes_exactly_the_texts_of_whole_hex_pairs(
+            text in "[0-9a-fA-F]{0,204}|[0-9a-fA-F]{0,30}[g-z ][0-9a-fA-F]{0,33}"
+        ) {
+            let bytes = text.as_bytes();
+            let whole = !bytes.is_empty()
+                && bytes.len() % 2 == 0
+                && bytes.len() <= 2 * DeviceToken::MAX_LEN
+                && bytes.iter().all(u8::is_ascii_hexdigit);
+            let want = whole.then(|| {
+                (0..bytes.len() / 2)
+                    .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap())
+                    .collect::<Vec<u8>>()
+            });
+            let got = DeviceToken::from_plain_hex(bytes).map(|t| t.as_bytes().to_vec());
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use aws_lc_rs::digest;
+use sha2::{Digest, Sha256};
 
 use super::hpack::{self, index};
 use super::Reason;
@@ -292,7 +292,7 @@ fn topic_suffix(push_type: &str) -> &'static str {
 /// per run rather than once per token.
 #[derive(Default)]
 pub struct ApnsIds {
-    job: Option<(JobKey, digest::Context)>,
+    job: Option<(JobKey, Sha256)>,
 }
 
 impl ApnsIds {
@@ -301,22 +301,22 @@ impl ApnsIds {
         let mut ctx = match &self.job {
             Some((key, ctx)) if *key == env.key => ctx.clone(),
             _ => {
-                let mut ctx = digest::Context::new(&digest::SHA256);
+                let mut ctx = Sha256::new();
                 ctx.update(env.app.as_bytes());
-                ctx.update(&[0]);
+                ctx.update([0]);
                 match env.job.id.as_deref() {
                     Some(id) => ctx.update(id.as_bytes()),
                     None => ctx.update(&env.job.payload),
                 }
-                ctx.update(&[0]);
+                ctx.update([0]);
                 self.job = Some((env.key, ctx.clone()));
                 ctx
             }
         };
         ctx.update(n.token_bytes());
-        let hash = ctx.finish();
+        let hash = ctx.finalize();
         let mut b = [0u8; 16];
-        b.copy_from_slice(&hash.as_ref()[..16]);
+        b.copy_from_slice(&hash[..16]);
         b[6] = (b[6] & 0x0f) | 0x80;
         b[8] = (b[8] & 0x3f) | 0x80;
         // 8-4-4-4-12 digits: a dash before bytes 4, 6, 8 and 10.
@@ -552,6 +552,30 @@ mod tests {
         let groups: Vec<usize> = a.split('-').map(str::len).collect();
         assert_eq!(groups, [8, 4, 4, 4, 12]);
         assert_eq!(&a[14..15], "8", "version 8: {a}");
+    }
+
+    #[test]
+    fn apns_id_is_the_sha256_of_app_job_and_token_as_it_always_was() {
+        // A job redelivered across an upgrade keeps its ids: the derivation
+        // is SHA-256 over `app 0 job-id 0 token`, whichever library hashes it.
+        let n = notification(Some("order-1"), None);
+        let env = &n.envelope;
+        let mut input = format!("{}\0order-1\0", env.app).into_bytes();
+        input.extend_from_slice(n.token_bytes());
+        let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input);
+        let mut want: Vec<u8> = hash.as_ref()[..16].to_vec();
+        want[6] = (want[6] & 0x0f) | 0x80;
+        want[8] = (want[8] & 0x3f) | 0x80;
+        let digits: String = want.iter().map(|b| format!("{b:02x}")).collect();
+        let want = format!(
+            "{}-{}-{}-{}-{}",
+            &digits[..8],
+            &digits[8..12],
+            &digits[12..16],
+            &digits[16..20],
+            &digits[20..]
+        );
+        assert_eq!(String::from_utf8(apns_id(&n).to_vec()).unwrap(), want);
     }
 
     #[test]
