@@ -104,7 +104,7 @@ impl DeviceToken {
         // reads as 0xff, and one check at the end rejects the whole text.
         let mut bad = 0u8;
         for (byte, pair) in token.bytes.iter_mut().zip(text.chunks_exact(2)) {
-            let (hi, lo) = (NIBBLE[usize::from(pair[0])], NIBBLE[usize::from(pair[1])]);
+            let (hi, lo) = (nibble(pair[0]), nibble(pair[1]));
             bad |= hi | lo;
             *byte = (hi << 4) | (lo & 0x0f);
         }
@@ -184,6 +184,12 @@ impl fmt::Debug for Tokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.iter()).finish()
     }
+}
+
+/// `c`'s value as a hex digit, 0xff if it is not one: for checks that OR
+/// many digits together and test once.
+pub fn nibble(c: u8) -> u8 {
+    NIBBLE[usize::from(c)]
 }
 
 /// Each byte's value as a hex digit, 0xff for a byte that is not one.
