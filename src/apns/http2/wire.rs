@@ -92,6 +92,24 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Wire<IO> {
         .await;
     }
 
+    /// After [`close`](Self::close): reads and drops what the peer still
+    /// sends until it closes too, giving up after `within`. A socket closed
+    /// with unread data is reset by the kernel, which throws away what this
+    /// end wrote and the peer has not read yet: a server's last answers,
+    /// after a GOAWAY that the client's next requests crossed.
+    pub async fn linger(&mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                self.read.clear();
+                match poll_fn(|cx| self.poll_read(cx)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+
     /// Reads what has arrived onto `read`: the count (0 at the end of the
     /// stream), or `Pending` with nothing new.
     pub fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {

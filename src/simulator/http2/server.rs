@@ -290,8 +290,12 @@ impl Server {
     }
 
     /// Writes out what is queued (answers, a GOAWAY) and closes the TLS
-    /// session, within [`CLOSE_GRACE`].
+    /// session, then waits for the client to close its side, each within
+    /// [`CLOSE_GRACE`]: requests that crossed the GOAWAY may still arrive,
+    /// and closing on them unread would reset the connection and lose the
+    /// answers the client has yet to read.
     pub(super) async fn close(mut self) {
         self.wire.close(CLOSE_GRACE).await;
+        self.wire.linger(CLOSE_GRACE).await;
     }
 }
