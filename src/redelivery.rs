@@ -123,6 +123,11 @@ impl Known {
         &self.positions
     }
 
+    /// The same, taken: what a redelivered job skips once its results are out.
+    pub fn into_positions(self) -> Positions {
+        self.positions
+    }
+
     pub fn results(&self) -> &[Event] {
         &self.results
     }

@@ -205,7 +205,7 @@ impl Settlement {
         if tokens == 0 {
             return Ok(Redelivered::Nothing);
         }
-        let skip = (skipped > 0).then(|| known.positions().clone());
+        let skip = (skipped > 0).then(|| known.into_positions());
         Ok(Redelivered::Send(skip))
     }
 
