@@ -257,9 +257,8 @@ impl fmt::Display for Hex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut buf = [0u8; 64];
         for chunk in self.0.chunks(buf.len() / 2) {
-            for (pair, b) in buf.chunks_exact_mut(2).zip(chunk) {
-                pair[0] = DIGITS[usize::from(b >> 4)];
-                pair[1] = DIGITS[usize::from(b & 0xf)];
+            for (pair, &b) in buf.chunks_exact_mut(2).zip(chunk) {
+                pair.copy_from_slice(&hex_pair(b));
             }
             // Only ASCII digits were written, so this never fails.
             f.write_str(std::str::from_utf8(&buf[..2 * chunk.len()]).map_err(|_| fmt::Error)?)?;
