@@ -1,6 +1,7 @@
-//! Routing by the whole token: a set of tokens that share a long prefix (as
-//! tokens issued together, or made up by a load test, do) still uses every
-//! connection of an app, on either protocol.
+//! Routing: a set of tokens that share a long prefix (as tokens issued
+//! together, or made up by a load test, do) still uses every connection of
+//! an app, on either protocol (binary hashes the whole token; HTTP/2 hands
+//! out runs of consecutive tokens, whatever they look like).
 
 mod common;
 

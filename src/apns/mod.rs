@@ -178,8 +178,9 @@ impl Notification {
     }
 
     /// A stable hash of the whole token, routing one device's notifications
-    /// to one lane. Every byte counts: tokens that share a prefix (issued
-    /// together, or made up by a test) still spread over every lane.
+    /// to one lane of a binary app (which keeps their order there). Every
+    /// byte counts: tokens that share a prefix (issued together, or made up
+    /// by a test) still spread over every lane.
     pub fn route_hash(&self) -> u64 {
         route_hash(self.token_bytes())
     }
