@@ -5,6 +5,7 @@
 //! to another lane, which HTTP/2's concurrent streams never ordered anyway.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -21,6 +22,9 @@ pub struct Pool {
     lanes: Arc<Mutex<Lanes>>,
     /// Grows and shrinks the lanes (HTTP/2 apps only).
     grower: Option<AbortHandle>,
+    /// The lane an HTTP/2 app's next run is offered to first: runs go round
+    /// the lanes, so one-notification jobs spread as a hash spread them.
+    turn: AtomicUsize,
 }
 
 /// Every lane has stopped: the daemon is shutting down.
@@ -101,6 +105,7 @@ impl Pool {
         Pool {
             lanes,
             grower: None,
+            turn: AtomicUsize::new(0),
         }
     }
 
@@ -128,6 +133,7 @@ impl Pool {
         Pool {
             lanes,
             grower: Some(grower.abort_handle()),
+            turn: AtomicUsize::new(0),
         }
     }
 
@@ -181,7 +187,7 @@ impl Pool {
         // wrote was a cache miss, a tenth of its CPU.
         let mut rest = notifications;
         let mut lanes = lanes;
-        let mut next = 0;
+        let mut next = self.turn.load(Ordering::Relaxed);
         while !rest.is_empty() {
             let share = rest.len().div_ceil(lanes.len()).min(GROWING_BATCH);
             // A lane with room now, taking turns: no wait, no allocation.
@@ -208,6 +214,7 @@ impl Pool {
             let share = rest.len().div_ceil(lanes.len()).min(GROWING_BATCH);
             permit?.send(rest.split_off(rest.len() - share));
         }
+        self.turn.store(next, Ordering::Relaxed);
         Ok(())
     }
 
@@ -408,6 +415,7 @@ mod tests {
         let pool = Pool {
             lanes: Arc::new(Mutex::new(lanes)),
             grower: Some(grower.abort_handle()),
+            turn: AtomicUsize::new(0),
         };
         let tokens: crate::token::Tokens = (0..3000u32)
             .map(|i| crate::token::DeviceToken::from_bytes([(i % 251) as u8; 32]))
@@ -447,6 +455,7 @@ mod tests {
         let pool = Pool {
             lanes: Arc::new(Mutex::new(lanes)),
             grower: Some(grower.abort_handle()),
+            turn: AtomicUsize::new(0),
         };
         // Every token alike: hashing tokens would send them all to one lane.
         let tokens: crate::token::Tokens = (0..3000)
@@ -472,6 +481,45 @@ mod tests {
             assert!(batches > 0, "every lane takes work");
         }
         assert!(seen.iter().all(|&s| s), "every notification handed on");
+        grower.abort();
+    }
+
+    #[tokio::test]
+    async fn one_notification_jobs_go_round_the_lanes() {
+        let (senders, mut receivers): (Vec<_>, Vec<_>) = (0..2).map(|_| mpsc::channel(8)).unzip();
+        let lanes = Lanes {
+            members: senders
+                .into_iter()
+                .map(|tx| Member {
+                    tx,
+                    ..member(true, 0, 0)
+                })
+                .collect(),
+            tasks: Vec::new(),
+            closed: false,
+        };
+        let grower = tokio::spawn(std::future::pending::<()>());
+        let pool = Pool {
+            lanes: Arc::new(Mutex::new(lanes)),
+            grower: Some(grower.abort_handle()),
+            turn: AtomicUsize::new(0),
+        };
+        let env = crate::apns::tests::envelope(
+            std::iter::once(crate::token::DeviceToken::from_bytes([7; 32])).collect(),
+        );
+        for _ in 0..6 {
+            pool.submit(vec![Notification::new(env.clone(), 0)])
+                .await
+                .unwrap();
+        }
+        drop(pool);
+        for rx in &mut receivers {
+            let mut batches = 0;
+            while rx.try_recv().is_ok() {
+                batches += 1;
+            }
+            assert_eq!(batches, 3, "each lane takes every other job");
+        }
         grower.abort();
     }
 }
