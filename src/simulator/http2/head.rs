@@ -73,6 +73,13 @@ struct Span {
     text: bool,
 }
 
+/// What a stream whose header fields were handed back reads: nothing.
+pub(super) static NO_HEAD: Head = Head {
+    text: String::new(),
+    other: Vec::new(),
+    spans: [None; FIELDS],
+};
+
 impl Head {
     /// Empties it for the next stream, keeping the buffers.
     pub(super) fn clear(&mut self) {
@@ -91,6 +98,12 @@ impl Head {
         if span.is_some() {
             return;
         }
+        // Only the path is read of `:path`, as `Uri::path` gives it: cut at
+        // the query once here, not at each of a request's reads.
+        let value = match field {
+            Field::Path => value.split(|&b| b == b'?').next().unwrap_or(value),
+            _ => value,
+        };
         // Header blocks are bounded far below 4 GiB.
         *span = Some(match as_text(value) {
             Some(text) => {
@@ -134,11 +147,7 @@ impl Head {
 
     /// The path without its query, as `Uri::path` gives it.
     pub(super) fn path(&self) -> Option<&str> {
-        let path = self.get(Field::Path)?;
-        // A byte scan: `split_once('?')` went through the general char
-        // searcher for every request.
-        let end = path.bytes().position(|b| b == b'?').unwrap_or(path.len());
-        Some(&path[..end])
+        self.get(Field::Path)
     }
 
     /// The declared body length: `Ok(None)` without one, `Err` if it is not a

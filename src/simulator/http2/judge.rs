@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::head::{Field, Head};
 use super::reply::Reply;
 use super::rules::{self, Credential};
-use super::Stream;
+use super::{head_of, Stream};
 use crate::apns::http2::ApnsReason;
 use crate::simulator::{channels, Accepted, Faults, Shared};
 
@@ -89,29 +89,28 @@ impl Judge {
     /// accepted one, records a refused one.
     pub(super) fn reply(&mut self, id: u32, stream: &mut Stream) -> Reply {
         let now = self.now();
-        let credential = self.credential(&stream.head);
-        let path = stream.head.path().unwrap_or_default();
+        let head = head_of(&stream.head);
+        let credential = self.credential(head);
+        let path = head.path().unwrap_or_default();
         if path.starts_with(channels::PATH) || path.starts_with(channels::BROADCAST_PATH) {
-            let answer =
-                match rules::authorize(&stream.head, self.certified, &self.faults, credential, now)
-                {
-                    Err((status, reason)) => channels::Answer::refused(status, reason),
-                    Ok(()) => {
-                        let method = stream
-                            .head
-                            .get(Field::Method)
-                            .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
-                        let headers = stream.head.header_map();
-                        let store = &self.shared.channels;
-                        match method {
-                            None => channels::Answer::refused(405, ApnsReason::MethodNotAllowed),
-                            Some(m) if path.starts_with(channels::BROADCAST_PATH) => {
-                                store.broadcast(&m, path, &headers, &stream.payload)
-                            }
-                            Some(m) => store.handle(&m, path, &headers, &stream.payload),
+            let answer = match rules::authorize(head, self.certified, &self.faults, credential, now)
+            {
+                Err((status, reason)) => channels::Answer::refused(status, reason),
+                Ok(()) => {
+                    let method = head
+                        .get(Field::Method)
+                        .and_then(|m| Method::from_bytes(m.as_bytes()).ok());
+                    let headers = head.header_map();
+                    let store = &self.shared.channels;
+                    match method {
+                        None => channels::Answer::refused(405, ApnsReason::MethodNotAllowed),
+                        Some(m) if path.starts_with(channels::BROADCAST_PATH) => {
+                            store.broadcast(&m, path, &headers, &stream.payload)
                         }
+                        Some(m) => store.handle(&m, path, &headers, &stream.payload),
                     }
-                };
+                }
+            };
             let (status, channel_id, body) = answer.into_parts();
             return Reply::Channel {
                 status,
@@ -121,7 +120,7 @@ impl Judge {
         }
         let payload_len = usize::try_from(stream.received).unwrap_or(usize::MAX);
         let verdict = rules::judge(
-            &stream.head,
+            head,
             payload_len,
             self.certified,
             &self.faults,

@@ -35,7 +35,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::Shared;
 use crate::apns::http2::frame;
-use head::Head;
+use head::{Head, NO_HEAD};
 use judge::Judge;
 use reply::Reply;
 use server::Server;
@@ -112,7 +112,13 @@ enum End {
 /// One request stream.
 #[derive(Debug, Default)]
 struct Stream {
-    head: Head,
+    /// The request's fields, until it is judged: then the connection takes
+    /// them back for its next request, so a thousand answers waiting out a
+    /// delay hold no header storage, and a new request decodes into
+    /// buffers still in the cache rather than ones a delay ago.
+    head: Option<Box<Head>>,
+    /// The request's `apns-id`, echoed in its answer.
+    echo: Option<Echo>,
     /// The body as far as [`MAX_READ`], when something needs its bytes
     /// (a record, a channel request); only counted otherwise.
     payload: Vec<u8>,
@@ -130,9 +136,42 @@ struct Stream {
     unsent_at: usize,
 }
 
+/// An `apns-id` to echo: a UUID's 36 characters in place, anything else
+/// (which Apple refuses) boxed.
+#[derive(Debug)]
+enum Echo {
+    Uuid([u8; 36]),
+    Other(Box<[u8]>),
+}
+
+impl Echo {
+    fn of(id: &[u8]) -> Echo {
+        match id.try_into() {
+            Ok(uuid) => Echo::Uuid(uuid),
+            Err(_) => Echo::Other(id.into()),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Echo::Uuid(uuid) => uuid,
+            Echo::Other(id) => id,
+        }
+    }
+}
+
+/// A stream's header fields, or none once they were handed back.
+fn head_of(head: &Option<Box<Head>>) -> &Head {
+    head.as_deref().unwrap_or(&NO_HEAD)
+}
+
 impl Stream {
+    fn head(&self) -> &Head {
+        head_of(&self.head)
+    }
+
     fn reset(&mut self) {
-        self.head.clear();
+        self.echo = None;
         if self.payload.capacity() > KEEP_CAPACITY {
             self.payload = Vec::new();
         }

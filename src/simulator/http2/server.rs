@@ -17,7 +17,8 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 
 use super::{
-    End, Judge, Stream, CLOSE_GRACE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, WRITE_HIGH_WATER,
+    End, Head, Judge, Stream, CLOSE_GRACE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS,
+    WRITE_HIGH_WATER,
 };
 use crate::apns::http2::frame::{self, code, setting, FrameError, PeerLimits};
 use crate::apns::http2::hpack;
@@ -54,6 +55,9 @@ pub(super) struct Server {
     /// Boxes kept for the next streams, so boxing costs no allocation.
     #[allow(clippy::vec_box)]
     spare: Vec<Box<Stream>>,
+    /// Header fields handed back by judged requests, for the next ones.
+    #[allow(clippy::vec_box)]
+    spare_heads: Vec<Box<Head>>,
     /// Streams whose answer body waits for window, in order.
     blocked: VecDeque<u32>,
     /// A header block arriving in CONTINUATION frames: its stream, END_STREAM.
@@ -150,6 +154,7 @@ impl Server {
             last_id: 0,
             streams: HashMap::default(),
             spare: Vec::new(),
+            spare_heads: Vec::new(),
             blocked: VecDeque::new(),
             continuing: None,
             continuation: Vec::new(),

@@ -520,3 +520,45 @@ async fn answers_wait_out_the_delay_while_the_connection_answers_pings() {
     assert!(sent.elapsed() >= delay, "{:?}", sent.elapsed());
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn answers_after_a_delay_echo_their_own_apns_id() {
+    let sim = start(Faults::default()).await;
+    sim.set_delay(Duration::from_millis(20));
+    let mut client = Client::connect(&sim, &[]).await;
+    let id = "0f6a2f2c-1b9e-8c3d-9a4b-123456789abc";
+    let mut out = Vec::new();
+    // Each stream is judged before the next arrives and hands its header
+    // fields on to it: none of stream 1's may show in stream 3's answer.
+    headers(&mut out, 1, &device(1), &[TOPIC, ("apns-id", id)], false);
+    frame::data(&mut out, 1, PAYLOAD, true, frame::DEFAULT_MAX_FRAME);
+    headers(&mut out, 3, &device(3), &[TOPIC], false);
+    frame::data(&mut out, 3, PAYLOAD, true, frame::DEFAULT_MAX_FRAME);
+    headers(
+        &mut out,
+        5,
+        &device(5),
+        &[TOPIC, ("apns-id", "nope")],
+        false,
+    );
+    frame::data(&mut out, 5, PAYLOAD, true, frame::DEFAULT_MAX_FRAME);
+    client.send(&out).await;
+    let fields = |got: Got| match got {
+        Got::Headers { stream, fields, .. } => (stream, fields),
+        other => panic!("{other:?}"),
+    };
+    let field = |name: &str, value: &str| (name.to_owned(), value.to_owned());
+    assert_eq!(
+        fields(client.next_after_opening().await),
+        (1, vec![field(":status", "200"), field("apns-id", id)])
+    );
+    assert_eq!(
+        fields(client.next().await),
+        (3, vec![field(":status", "200")])
+    );
+    assert_eq!(
+        fields(client.next().await),
+        (5, vec![field(":status", "400"), field("apns-id", "nope")])
+    );
+    sim.shutdown().await;
+}

@@ -7,11 +7,11 @@ use std::sync::atomic::Ordering;
 use super::{compression, flow_control, protocol, sendable, Server};
 use crate::apns::http2::frame::{self, code, Frame, FrameError};
 use crate::job::DeviceToken;
-use crate::simulator::http2::head::Field;
+use crate::simulator::http2::head::{Field, Head};
 use crate::simulator::http2::reply::{self, Reply};
 use crate::simulator::http2::rules::DEVICE_PATH;
 use crate::simulator::http2::{
-    Stream, CONNECTION_WINDOW, MAX_HEADER_BLOCK, MAX_READ, SPARE_STREAMS,
+    Echo, Stream, CONNECTION_WINDOW, MAX_HEADER_BLOCK, MAX_READ, SPARE_STREAMS,
 };
 
 impl Server {
@@ -151,13 +151,15 @@ impl Server {
             return Ok(());
         }
         let mut stream = self.spare.pop().unwrap_or_default();
-        let head = &mut stream.head;
+        let head = stream
+            .head
+            .insert(self.spare_heads.pop().unwrap_or_default());
         if let Err(e) = self.decoder.decode(block, |n, v| head.set(n, v)) {
             self.recycle(stream);
             return Err(compression(e));
         }
         self.last_id = id;
-        if !stream.head.well_formed() {
+        if !stream.head().well_formed() {
             self.refuse(id, stream, code::PROTOCOL_ERROR);
             return Ok(());
         }
@@ -165,7 +167,10 @@ impl Server {
             self.refuse(id, stream, code::REFUSED_STREAM);
             return Ok(());
         }
-        let device = stream.head.path().and_then(|p| p.strip_prefix(DEVICE_PATH));
+        let device = stream
+            .head()
+            .path()
+            .and_then(|p| p.strip_prefix(DEVICE_PATH));
         let faults = &self.judge.faults;
         let refused = !faults.refuse_streams.is_empty()
             && device
@@ -237,12 +242,17 @@ impl Server {
             return;
         };
         stream.ended = true;
-        match stream.head.content_length() {
+        match stream.head().content_length() {
             Ok(None) => {}
             Ok(Some(n)) if n == stream.received => {}
             _ => return self.reset(id, code::PROTOCOL_ERROR),
         }
         stream.reply = Some(self.judge.reply(id, stream));
+        // Judged: what the answer needs of the request is its id.
+        stream.echo = stream.head().bytes(Field::Id).map(Echo::of);
+        if let Some(head) = stream.head.take() {
+            give_back(&mut self.spare_heads, head, self.max_streams);
+        }
         if std::mem::take(&mut self.judge.goaway_due) && self.going_away.is_none() {
             // Streams received so far are answered; the client must send
             // anything after them elsewhere.
@@ -273,7 +283,10 @@ impl Server {
             Reply::Channel { channel_id, .. } => channel_id
                 .as_deref()
                 .map(|c| (&b"apns-channel-id"[..], c.as_bytes())),
-            _ => stream.head.bytes(Field::Id).map(|v| (&b"apns-id"[..], v)),
+            _ => stream
+                .echo
+                .as_ref()
+                .map(|e| (&b"apns-id"[..], e.as_bytes())),
         };
         let max_frame = self.peer.max_frame;
         reply::head(
@@ -350,9 +363,23 @@ impl Server {
     }
 
     fn recycle(&mut self, mut stream: Box<Stream>) {
+        if let Some(head) = stream.head.take() {
+            give_back(&mut self.spare_heads, head, self.max_streams);
+        }
         if self.spare.len() < self.max_streams.min(SPARE_STREAMS) {
             stream.reset();
             self.spare.push(stream);
         }
+    }
+}
+
+/// Keeps a stream's header fields for the next request, emptied, up to as
+/// many as streams may be open (boxed: they move between streams and the
+/// pile as a pointer).
+#[allow(clippy::vec_box)]
+fn give_back(spare: &mut Vec<Box<Head>>, mut head: Box<Head>, max_streams: usize) {
+    if spare.len() < max_streams.min(SPARE_STREAMS) {
+        head.clear();
+        spare.push(head);
     }
 }
