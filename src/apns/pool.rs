@@ -393,53 +393,12 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_growing_pool_hands_a_lane_at_most_one_growing_batch_at_a_time() {
-        let (a, mut rx_a) = mpsc::channel(8);
-        let (b, mut rx_b) = mpsc::channel(8);
-        let lanes = Lanes {
-            members: vec![
-                Member {
-                    tx: a,
-                    ..member(true, 0, 0)
-                },
-                Member {
-                    tx: b,
-                    ..member(true, 0, 0)
-                },
-            ],
-            tasks: Vec::new(),
-            closed: false,
-        };
-        let grower = tokio::spawn(std::future::pending::<()>());
-        let pool = Pool {
-            lanes: Arc::new(Mutex::new(lanes)),
-            grower: Some(grower.abort_handle()),
-            turn: AtomicUsize::new(0),
-        };
-        let tokens: crate::token::Tokens = (0..3000u32)
-            .map(|i| crate::token::DeviceToken::from_bytes([(i % 251) as u8; 32]))
-            .collect();
-        let env = crate::apns::tests::envelope(tokens);
-        let work = (0..3000)
-            .map(|i| Notification::new(env.clone(), i))
-            .collect();
-        pool.submit(work).await.unwrap();
-        drop(pool);
-        let mut sizes = Vec::new();
-        for rx in [&mut rx_a, &mut rx_b] {
-            while let Ok(batch) = rx.try_recv() {
-                sizes.push(batch.len());
-            }
-        }
-        assert_eq!(sizes.iter().sum::<usize>(), 3000);
-        assert!(sizes.iter().all(|&n| n <= GROWING_BATCH), "{sizes:?}");
-        grower.abort();
-    }
-
-    #[tokio::test]
-    async fn a_growing_pool_hands_every_lane_runs_of_consecutive_notifications() {
-        let (senders, mut receivers): (Vec<_>, Vec<_>) = (0..3).map(|_| mpsc::channel(8)).unzip();
+    /// A growing pool of `lanes` connected lanes (the grower never runs),
+    /// with each lane's receiving end.
+    fn growing_pool(
+        lanes: usize,
+    ) -> (Pool, Vec<mpsc::Receiver<Vec<Notification>>>, JoinHandle<()>) {
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..lanes).map(|_| mpsc::channel(8)).unzip();
         let lanes = Lanes {
             members: senders
                 .into_iter()
@@ -457,15 +416,42 @@ mod tests {
             grower: Some(grower.abort_handle()),
             turn: AtomicUsize::new(0),
         };
-        // Every token alike: hashing tokens would send them all to one lane.
-        let tokens: crate::token::Tokens = (0..3000)
-            .map(|_| crate::token::DeviceToken::from_bytes([7; 32]))
+        (pool, receivers, grower)
+    }
+
+    /// The notifications of one job of `count` tokens, token `i` being `token(i)`.
+    fn job(count: u32, token: impl Fn(u32) -> [u8; 32]) -> Vec<Notification> {
+        let tokens: crate::token::Tokens = (0..count)
+            .map(|i| crate::token::DeviceToken::from_bytes(token(i)))
             .collect();
         let env = crate::apns::tests::envelope(tokens);
-        let work = (0..3000)
+        (0..count)
             .map(|i| Notification::new(env.clone(), i))
-            .collect();
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_growing_pool_hands_a_lane_at_most_one_growing_batch_at_a_time() {
+        let (pool, mut receivers, grower) = growing_pool(2);
+        let work = job(3000, |i| [(i % 251) as u8; 32]);
         pool.submit(work).await.unwrap();
+        drop(pool);
+        let mut sizes = Vec::new();
+        for rx in &mut receivers {
+            while let Ok(batch) = rx.try_recv() {
+                sizes.push(batch.len());
+            }
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), 3000);
+        assert!(sizes.iter().all(|&n| n <= GROWING_BATCH), "{sizes:?}");
+        grower.abort();
+    }
+
+    #[tokio::test]
+    async fn a_growing_pool_hands_every_lane_runs_of_consecutive_notifications() {
+        let (pool, mut receivers, grower) = growing_pool(3);
+        // Every token alike: hashing tokens would send them all to one lane.
+        pool.submit(job(3000, |_| [7; 32])).await.unwrap();
         drop(pool);
         let mut seen = vec![false; 3000];
         for rx in &mut receivers {
@@ -486,24 +472,7 @@ mod tests {
 
     #[tokio::test]
     async fn one_notification_jobs_go_round_the_lanes() {
-        let (senders, mut receivers): (Vec<_>, Vec<_>) = (0..2).map(|_| mpsc::channel(8)).unzip();
-        let lanes = Lanes {
-            members: senders
-                .into_iter()
-                .map(|tx| Member {
-                    tx,
-                    ..member(true, 0, 0)
-                })
-                .collect(),
-            tasks: Vec::new(),
-            closed: false,
-        };
-        let grower = tokio::spawn(std::future::pending::<()>());
-        let pool = Pool {
-            lanes: Arc::new(Mutex::new(lanes)),
-            grower: Some(grower.abort_handle()),
-            turn: AtomicUsize::new(0),
-        };
+        let (pool, mut receivers, grower) = growing_pool(2);
         let env = crate::apns::tests::envelope(
             std::iter::once(crate::token::DeviceToken::from_bytes([7; 32])).collect(),
         );
