@@ -121,7 +121,7 @@ impl DeviceToken {
 /// back to back, so a fan-out job of 10,000 tokens costs 36 bytes a token
 /// (not a [`DeviceToken`] of 101 each), and a notification names its token
 /// by index.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Tokens {
     bytes: Vec<u8>,
     /// Where each token ends in `bytes`.
