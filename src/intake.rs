@@ -24,6 +24,7 @@ use crate::amqp::{self, AmqpError};
 use crate::apns::{Envelope, Notification, Outcome};
 use crate::job::JobKey;
 use crate::job::{Job, JobError};
+use crate::ledger::Unacked;
 use crate::metrics::Stats;
 use crate::pipeline::settlement::{Redelivered, Settlement};
 use crate::pipeline::Routes;
@@ -213,19 +214,21 @@ impl Subscription {
         })
     }
 
-    /// Subscribes again when the policy wants another prefetch for the jobs
-    /// and bytes `held`; returns the new prefetch. Waits while the former
-    /// subscription still hands over deliveries.
+    /// Subscribes again when the policy wants another prefetch for the
+    /// deliveries `unacked` and the jobs and bytes `held`; returns the new
+    /// prefetch. Waits while the former subscription still hands over
+    /// deliveries: until then, how many it will is unknown.
     pub async fn adapt(
         &mut self,
         channel: &lapin::Channel,
         queue: &str,
+        unacked: Unacked,
         held: (usize, u64),
     ) -> Result<Option<u16>, lapin::Error> {
         if self.former.is_some() {
             return Ok(None);
         }
-        let Some(prefetch) = self.prefetch.next(held.0, held.1) else {
+        let Some(prefetch) = self.prefetch.next(unacked, held.0, held.1) else {
             return Ok(None);
         };
         // Cancel first: the broker never has two subscriptions' worth out to us.
@@ -241,6 +244,7 @@ impl Subscription {
         self.prefetch.set(prefetch);
         tracing::debug!(
             prefetch,
+            unacked = unacked.total,
             held_jobs = held.0,
             held_bytes = held.1,
             "prefetch adapted"
@@ -325,21 +329,25 @@ impl Prefetch {
     }
 
     /// The prefetch to subscribe with now, when it should change, given the
-    /// jobs held and their bytes. Over budget: as many jobs as fit at their
-    /// average size. Every prefetch slot in use with half the budget free:
-    /// twice as many. Either way no more than `max` less the jobs held, since
-    /// those stay ours after the cancel, outside the new subscription's count:
-    /// `max` bounds what the daemon holds across subscriptions.
-    pub fn next(&self, held_jobs: usize, held_bytes: u64) -> Option<u16> {
+    /// deliveries not acked yet and the jobs and bytes held. Over budget: as
+    /// many jobs as fit at their average size. Every slot of the current
+    /// subscription taken (a final job keeps its slot until acked) with half
+    /// the budget free: twice as many. Either way no more than `max` less
+    /// what the broker may count as unacked after the cancel: every delivery
+    /// not acked yet, and the current subscription's free slots, which it
+    /// may fill before the cancel takes effect. So `max` bounds the
+    /// unacked deliveries across subscriptions, as it bounds one.
+    pub fn next(&self, unacked: Unacked, held_jobs: usize, held_bytes: u64) -> Option<u16> {
         if self.budget == 0 {
             return None;
         }
-        let room = usize::from(self.max).saturating_sub(held_jobs);
         let current = usize::from(self.current);
+        let free = current.saturating_sub(unacked.current);
+        let room = usize::from(self.max).saturating_sub(unacked.total + free);
         let next = if held_bytes > self.budget {
             let fit = u128::from(self.budget) * held_jobs as u128 / u128::from(held_bytes);
             Some((fit as usize).clamp(1, current).min(room)).filter(|&n| n >= 1 && n < current)
-        } else if held_jobs >= current && held_bytes <= self.budget / 2 {
+        } else if free == 0 && held_bytes <= self.budget / 2 {
             Some((2 * current).min(room)).filter(|&n| n > current)
         } else {
             None
@@ -357,19 +365,72 @@ impl Prefetch {
 mod tests {
     use super::*;
 
+    /// `n` deliveries not acked, all of the current subscription.
+    fn taken(n: usize) -> Unacked {
+        Unacked {
+            total: n,
+            current: n,
+        }
+    }
+
     #[test]
     fn small_jobs_double_the_prefetch_while_the_maximum_leaves_room() {
         let mut p = Prefetch::new(300, 1 << 20);
         assert_eq!(p.current(), START);
-        assert_eq!(p.next(15, 15 * 200), None, "a free slot: no need for more");
+        assert_eq!(
+            p.next(taken(15), 15, 15 * 200),
+            None,
+            "a free slot: no need for more"
+        );
         let mut steps = Vec::new();
-        while let Some(next) = p.next(usize::from(p.current()), 200) {
+        while let Some(next) = p.next(taken(usize::from(p.current())), 1, 200) {
             p.set(next);
             steps.push(next);
         }
-        // 128 held and 172 more make the 300 the daemon may hold.
+        // 128 unacked and 172 more make the 300 the daemon may hold.
         assert_eq!(steps, [32, 64, 128, 172]);
-        assert_eq!(p.next(299, 200), None, "no room: no new subscription");
+        assert_eq!(
+            p.next(taken(299), 1, 200),
+            None,
+            "no room: no new subscription"
+        );
+    }
+
+    #[test]
+    fn a_final_job_keeps_its_slot_until_acked() {
+        let p = Prefetch::new(300, 32 << 20);
+        // 10,000-token jobs: 7 still sending, 9 final waiting for their ack
+        // behind a slow one; the broker sends no 17th.
+        assert_eq!(p.next(taken(16), 7, 7 * 670_000), Some(32));
+    }
+
+    #[test]
+    fn the_room_counts_older_deliveries_and_free_slots() {
+        let mut p = Prefetch::new(300, 1 << 20);
+        p.set(128);
+        let older = |n: usize| Unacked {
+            total: 128 + n,
+            current: 128,
+        };
+        assert_eq!(p.next(older(22), 1, 200), Some(150));
+        assert_eq!(
+            p.next(older(100), 1, 200),
+            None,
+            "72 left: fewer than the current prefetch"
+        );
+        // Over budget with 28 slots free: the broker may still fill them
+        // before the cancel, so they count against the maximum.
+        p.set(200);
+        let held = Unacked {
+            total: 172,
+            current: 172,
+        };
+        assert_eq!(p.next(held, 172, 4 << 20), Some(43));
+        let older = Unacked {
+            total: 260,
+            current: 172,
+        };
+        assert_eq!(p.next(older, 172, 4 << 20), Some(12), "300 - 260 - 28");
     }
 
     #[test]
@@ -377,39 +438,61 @@ mod tests {
         let job = 670_000u64;
         let budget = 32 << 20;
         let mut p = Prefetch::new(20_000, budget);
-        p.set(p.next(16, 16 * job).unwrap());
+        p.set(p.next(taken(16), 16, 16 * job).unwrap());
         assert_eq!(p.current(), 32);
-        assert_eq!(p.next(32, 32 * job), None, "over half the budget: it stays");
+        assert_eq!(
+            p.next(taken(32), 32, 32 * job),
+            None,
+            "over half the budget: it stays"
+        );
         // Jobs held from a larger subscription than the bytes allow.
         p.set(100);
-        assert_eq!(p.next(100, 100 * job), Some(50), "over budget: what fits");
-        p.set(50);
-        assert_eq!(p.next(100, 100 * job), None, "it shrinks once, not again");
         assert_eq!(
-            p.next(1, 64 << 20),
+            p.next(taken(100), 100, 100 * job),
+            Some(50),
+            "over budget: what fits"
+        );
+        p.set(50);
+        assert_eq!(
+            p.next(taken(100), 100, 100 * job),
+            None,
+            "it shrinks once, not again"
+        );
+        assert_eq!(
+            p.next(taken(1), 1, 64 << 20),
             Some(1),
             "one job over budget: one slot"
         );
+        let older = Unacked {
+            total: 100,
+            current: 16,
+        };
         assert_eq!(
-            Prefetch::new(100, budget).next(100, 200 << 20),
+            Prefetch::new(100, budget).next(older, 100, 200 << 20),
             None,
             "no room below the maximum: wait for jobs to finish"
         );
     }
 
     proptest::proptest! {
-        /// Whatever is held, a new subscription never lets the daemon hold
-        /// more than `max` jobs, and always has a slot.
+        /// Whatever is unacked and held, a new subscription never lets the
+        /// broker count more than `max` deliveries unacked, even if the
+        /// current one fills its free slots before the cancel, and always
+        /// has a slot.
         #[test]
         fn a_new_prefetch_stays_within_the_maximum(
             max in 1u16..=u16::MAX, budget in 0u64..1 << 30, current in 1u16..=u16::MAX,
+            total in 0usize..70_000, of_current in 0usize..70_000,
             held in 0usize..70_000, bytes in 0u64..1 << 32,
         ) {
             let mut p = Prefetch::new(max, budget);
             p.set(current);
-            if let Some(n) = p.next(held, bytes) {
+            let of_current = of_current.min(total).min(usize::from(p.current()));
+            let unacked = Unacked { total, current: of_current };
+            if let Some(n) = p.next(unacked, held, bytes) {
+                let free = usize::from(p.current()) - of_current;
                 proptest::prop_assert!(n >= 1);
-                proptest::prop_assert!(usize::from(n) + held <= usize::from(max));
+                proptest::prop_assert!(usize::from(n) + total + free <= usize::from(max));
                 proptest::prop_assert_ne!(n, p.current());
             }
         }
@@ -419,7 +502,7 @@ mod tests {
     fn no_budget_leaves_the_configured_prefetch() {
         let p = Prefetch::new(500, 0);
         assert_eq!(p.current(), 500);
-        assert_eq!(p.next(500, u64::MAX), None);
+        assert_eq!(p.next(taken(500), 500, u64::MAX), None);
         assert_eq!(Prefetch::new(8, 1 << 20).current(), 8);
     }
 }

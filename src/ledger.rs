@@ -171,6 +171,32 @@ pub struct AckPlanner {
     /// moved forward when the front run leaves): waiting ones are acked
     /// early, never late.
     waiting_since: Option<Instant>,
+    /// What the broker counts against the prefetch (see [`Unacked`]).
+    unacked: Unacked,
+    /// The first tag of the current subscription (`u64::MAX` until it sends
+    /// one): its deliveries are those from there on, as the broker sends a
+    /// cancelled subscription's last deliveries before the next one's first.
+    current_from: u64,
+}
+
+/// Deliveries not acked yet: the slots they take at the broker, which counts
+/// a final job against the prefetch until its ack, not until it is final.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unacked {
+    /// Of every subscription of the channel.
+    pub total: usize,
+    /// Of the subscription consuming now, which the broker sends no more
+    /// than its prefetch.
+    pub current: usize,
+}
+
+impl Unacked {
+    fn ack(&mut self, tag: u64, current_from: u64) {
+        self.total -= 1;
+        if tag >= current_from {
+            self.current -= 1;
+        }
+    }
 }
 
 impl AckPlanner {
@@ -181,7 +207,29 @@ impl AckPlanner {
             max_wait,
             done: 0,
             waiting_since: None,
+            unacked: Unacked::default(),
+            current_from: 0,
         }
+    }
+
+    /// A new subscription replaced the current one: none of the deliveries
+    /// known so far are its.
+    pub fn resubscribed(&mut self) {
+        self.current_from = u64::MAX;
+        self.unacked.current = 0;
+    }
+
+    /// `tag` is the first delivery of the current subscription, unless it
+    /// already sent one.
+    pub fn current_starts(&mut self, tag: u64) {
+        if self.current_from == u64::MAX {
+            self.current_from = tag;
+        }
+    }
+
+    /// Deliveries the broker counts as unacked, as far as they arrived.
+    pub fn unacked(&self) -> Unacked {
+        self.unacked
     }
 
     /// When `take` will ack final deliveries that wait behind a pending one,
@@ -202,6 +250,10 @@ impl AckPlanner {
             "deliveries must be planned in tag order"
         );
         self.states.push_back((tag, State::Pending));
+        self.unacked.total += 1;
+        if tag >= self.current_from {
+            self.unacked.current += 1;
+        }
     }
 
     /// Delivery `tag` became final at `now`.
@@ -222,11 +274,6 @@ impl AckPlanner {
         }
     }
 
-    /// Deliveries still waiting for their ack.
-    pub fn unacked(&self) -> usize {
-        self.states.iter().filter(|e| e.1 != State::Acked).count()
-    }
-
     /// The acks to send at `now`; `lags` gets, per job acked, how long it
     /// had been final.
     pub fn take(&mut self, now: Instant, out: &mut Vec<Ack>, lags: &mut Vec<Duration>) {
@@ -240,6 +287,7 @@ impl AckPlanner {
                 last_done = Some(tag);
                 run += 1;
                 lags.push(now.saturating_duration_since(at));
+                self.unacked.ack(tag, self.current_from);
             }
             self.states.pop_front();
         }
@@ -260,6 +308,7 @@ impl AckPlanner {
                         tag: entry.0,
                         multiple: false,
                     });
+                    self.unacked.ack(entry.0, self.current_from);
                 }
             }
             self.done = 0;
@@ -372,12 +421,12 @@ mod tests {
         assert_eq!(out, vec![(2, false), (3, false)]);
         assert_eq!(lags, vec![ms(5), ms(3)]);
         assert_eq!(p.deadline(), None);
-        assert_eq!(p.unacked(), 1);
+        assert_eq!(p.unacked().total, 1);
         p.done(1, t0 + ms(9));
         lags.clear();
         p.take(t0 + ms(10), &mut Vec::new(), &mut lags);
         assert_eq!(lags, vec![ms(1)], "the front run's lag, once per job");
-        assert_eq!(p.unacked(), 0);
+        assert_eq!(p.unacked().total, 0);
     }
 
     #[test]
@@ -419,7 +468,7 @@ mod tests {
         );
         p.done(4, now);
         assert_eq!(acks(&mut p, now), vec![(5, true)]);
-        assert_eq!(p.unacked(), 0);
+        assert_eq!(p.unacked().total, 0);
         p.delivered(6);
         p.done(6, now);
         assert_eq!(acks(&mut p, now), vec![(6, false)]);
@@ -438,10 +487,69 @@ mod tests {
             acks(&mut p, now),
             vec![(2, false), (3, false), (4, false), (5, false)]
         );
-        assert_eq!(p.unacked(), 1);
+        assert_eq!(p.unacked().total, 1);
         p.done(1, now);
         // 2..=5 are acked already: a multiple ack up to 1 never covers them twice.
         assert_eq!(acks(&mut p, now), vec![(1, false)]);
-        assert_eq!(p.unacked(), 0);
+        assert_eq!(p.unacked().total, 0);
+    }
+
+    #[test]
+    fn unacked_deliveries_are_counted_per_subscription_until_acked() {
+        let (mut p, now) = planner(8);
+        let count = |p: &AckPlanner| (p.unacked().total, p.unacked().current);
+        for t in 1..=3 {
+            p.delivered(t);
+        }
+        p.done(2, now);
+        assert_eq!(
+            count(&p),
+            (3, 3),
+            "final is not acked: the slot stays taken"
+        );
+        p.resubscribed();
+        assert_eq!(count(&p), (3, 0), "none of them is the new subscription's");
+        // The cancelled subscription still hands over what it had sent.
+        p.delivered(4);
+        p.current_starts(5);
+        p.delivered(5);
+        p.current_starts(6);
+        p.delivered(6);
+        assert_eq!(count(&p), (6, 2));
+        p.done(6, now);
+        assert_eq!(
+            acks(&mut p, now),
+            vec![],
+            "6 waits behind 1 within the slack"
+        );
+        assert_eq!(count(&p), (6, 2));
+        for t in [1, 3, 4] {
+            p.done(t, now);
+        }
+        assert_eq!(acks(&mut p, now), vec![(4, true)]);
+        assert_eq!(count(&p), (2, 2));
+        p.done(5, now);
+        assert_eq!(acks(&mut p, now), vec![(6, true)]);
+        assert_eq!(count(&p), (0, 0));
+    }
+
+    #[test]
+    fn acks_around_a_stuck_delivery_free_their_slots() {
+        let (mut p, now) = planner(1);
+        for t in 1..=4 {
+            p.delivered(t);
+        }
+        p.resubscribed();
+        p.current_starts(5);
+        p.delivered(5);
+        for t in [3, 4, 5] {
+            p.done(t, now);
+        }
+        assert_eq!(acks(&mut p, now), vec![(3, false), (4, false), (5, false)]);
+        assert_eq!((p.unacked().total, p.unacked().current), (2, 0));
+        p.done(1, now);
+        p.done(2, now);
+        assert_eq!(acks(&mut p, now), vec![(2, true)]);
+        assert_eq!(p.unacked(), Unacked::default());
     }
 }

@@ -293,7 +293,12 @@ impl Pipeline {
                     None => sub.former = None,
                 },
                 batch = intake::next_batch(&mut sub.consumer), if consuming => match batch {
-                    Some(Ok(batch)) => if let Err(e) = self.intake.on_deliveries(&self.routes, &mut settle, &mut self.outcomes, batch).await { break Err(e) },
+                    Some(Ok(batch)) => {
+                        if let Some(first) = batch.first() {
+                            settle.current_starts(first.delivery_tag);
+                        }
+                        if let Err(e) = self.intake.on_deliveries(&self.routes, &mut settle, &mut self.outcomes, batch).await { break Err(e) }
+                    }
                     Some(Err(e)) => break Err(e.into()),
                     None => break Err(AmqpError::ConsumerCancelled),
                 },
@@ -303,9 +308,12 @@ impl Pipeline {
             }
             let held = settle.held();
             if consuming {
-                match sub.adapt(&consume, &cfg.topology.queue, held).await {
+                match sub
+                    .adapt(&consume, &cfg.topology.queue, settle.unacked(), held)
+                    .await
+                {
                     Ok(Some(prefetch)) => {
-                        settle.set_prefetch(prefetch);
+                        settle.resubscribed(prefetch);
                         self.stats.prefetch.set(i64::from(prefetch));
                     }
                     Ok(None) => {}

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use crate::amqp::{AmqpError, Confirmed, Owner, Publisher};
 use crate::apns::{Envelope, Failure, Notification, Outcome, Reason, Recipient, Withdrawal};
 use crate::job::{Job, JobError, JobKey};
-use crate::ledger::{Ack, AckPlanner, Ledger, Progress};
+use crate::ledger::{Ack, AckPlanner, Ledger, Progress, Unacked};
 use crate::metrics::Stats;
 use crate::redelivery::{Identity, Positions, Recall};
 use crate::results::Event;
@@ -209,9 +209,22 @@ impl Settlement {
         Ok(Redelivered::Send(skip))
     }
 
-    /// The prefetch changed: so does the slack of the ack plan.
-    pub fn set_prefetch(&mut self, prefetch: u16) {
+    /// A new subscription took over with `prefetch`: the slack of the ack
+    /// plan follows it, and its deliveries are counted apart from here on.
+    pub fn resubscribed(&mut self, prefetch: u16) {
         self.acks.set_slack(usize::from(prefetch) / 2);
+        self.acks.resubscribed();
+    }
+
+    /// `tag` came from the current subscription (the first one it sends
+    /// marks where its deliveries start).
+    pub fn current_starts(&mut self, tag: u64) {
+        self.acks.current_starts(tag);
+    }
+
+    /// Deliveries not acked yet, for the intake policy.
+    pub fn unacked(&self) -> Unacked {
+        self.acks.unacked()
     }
 
     /// The jobs held and their bytes, for the intake policy and the gauges.
