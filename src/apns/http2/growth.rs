@@ -57,7 +57,9 @@ pub struct Load {
     /// Streams the open connections allow together (each the lower of the
     /// server's limit and `max_concurrent_streams`).
     pub capacity: usize,
-    /// Notifications waiting for a stream.
+    /// Work waiting for a stream: notifications a lane holds, and batches
+    /// handed to it and not yet taken (the policy asks only whether any
+    /// waits, so the two units may add up).
     pub waiting: usize,
     /// Streams answered so far over the app's connections (a running count;
     /// it may fall when a lane goes away).
