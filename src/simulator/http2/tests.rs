@@ -562,3 +562,43 @@ async fn answers_after_a_delay_echo_their_own_apns_id() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn streams_waiting_out_the_delay_stay_open() {
+    let sim = start(Faults {
+        max_streams: Some(3),
+        ..Faults::default()
+    })
+    .await;
+    sim.set_delay(Duration::from_millis(50));
+    let mut client = Client::connect(&sim, &[]).await;
+    let Got::Settings(_) = client.next().await else {
+        panic!("SETTINGS first");
+    };
+    let mut out = Vec::new();
+    frame::settings_ack(&mut out);
+    for id in [1, 3, 5] {
+        headers(&mut out, id, &device(id as u8), &[TOPIC], false);
+        frame::data(&mut out, id, PAYLOAD, true, frame::DEFAULT_MAX_FRAME);
+    }
+    // Judged and waiting, the three still count against the limit.
+    headers(&mut out, 7, &device(7), &[TOPIC], true);
+    // A reset one is never answered; trailers after END_STREAM reset one.
+    frame::rst_stream(&mut out, 1, code::CANCEL);
+    headers(&mut out, 3, &device(3), &[TOPIC], true);
+    client.send(&out).await;
+    let reset = |stream, code| Got::Reset { stream, code };
+    assert_eq!(
+        client.next_after_opening().await,
+        reset(7, code::REFUSED_STREAM)
+    );
+    assert_eq!(client.next().await, reset(3, code::PROTOCOL_ERROR));
+    assert_eq!(status(&client.next().await), Some((5, "200")));
+    // The two left the limit: a new stream is taken.
+    let mut out = Vec::new();
+    headers(&mut out, 9, &device(9), &[TOPIC], false);
+    frame::data(&mut out, 9, PAYLOAD, true, frame::DEFAULT_MAX_FRAME);
+    client.send(&out).await;
+    assert_eq!(status(&client.next().await), Some((9, "200")));
+    sim.shutdown().await;
+}
