@@ -453,8 +453,12 @@ mod tests {
             "over budget: what fits"
         );
         p.set(50);
+        let before_the_shrink = Unacked {
+            total: 100,
+            current: 0,
+        };
         assert_eq!(
-            p.next(taken(100), 100, 100 * job),
+            p.next(before_the_shrink, 100, 100 * job),
             None,
             "it shrinks once, not again"
         );
