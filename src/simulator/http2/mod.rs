@@ -113,12 +113,10 @@ enum End {
 #[derive(Debug, Default)]
 struct Stream {
     /// The request's fields, until it is judged: then the connection takes
-    /// them back for its next request, so a thousand answers waiting out a
-    /// delay hold no header storage, and a new request decodes into
+    /// them (and the stream) back for its next request, so answers waiting
+    /// out a delay hold no header storage, and a new request decodes into
     /// buffers still in the cache rather than ones a delay ago.
     head: Option<Box<Head>>,
-    /// The request's `apns-id`, echoed in its answer.
-    echo: Option<Echo>,
     /// The body as far as [`MAX_READ`], when something needs its bytes
     /// (a record, a channel request); only counted otherwise.
     payload: Vec<u8>,
@@ -128,8 +126,6 @@ struct Stream {
     unacked: u32,
     /// The client ended its side (END_STREAM).
     ended: bool,
-    /// The answer, while it waits out the response delay.
-    reply: Option<Reply>,
     send_window: i64,
     /// Answer body not yet sent for want of window, from `unsent_at`.
     unsent: Vec<u8>,
@@ -171,7 +167,6 @@ impl Stream {
     }
 
     fn reset(&mut self) {
-        self.echo = None;
         if self.payload.capacity() > KEEP_CAPACITY {
             self.payload = Vec::new();
         }
@@ -181,7 +176,6 @@ impl Stream {
         self.received = 0;
         self.unacked = 0;
         self.ended = false;
-        self.reply = None;
         self.unsent_at = 0;
     }
 }

@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 
 use super::{
-    End, Head, Judge, Stream, CLOSE_GRACE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS,
+    Echo, End, Head, Judge, Reply, Stream, CLOSE_GRACE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS,
     WRITE_HIGH_WATER,
 };
 use crate::apns::http2::frame::{self, code, setting, FrameError, PeerLimits};
@@ -63,14 +63,28 @@ pub(super) struct Server {
     /// A header block arriving in CONTINUATION frames: its stream, END_STREAM.
     continuing: Option<(u32, bool)>,
     continuation: Vec<u8>,
-    /// Answers waiting out the response delay: when, and which stream.
-    delayed: VecDeque<(Instant, u32)>,
+    /// Answers waiting out the response delay, in arrival (and so deadline)
+    /// order. Their streams left `streams` when judged.
+    delayed: VecDeque<(Instant, Waiting)>,
     delay_timer: Pin<Box<Sleep>>,
     /// The last stream id of the GOAWAY sent.
     going_away: Option<u32>,
     /// A protocol error: the GOAWAY is queued and nothing more is read.
     failing: bool,
     body: Vec<u8>,
+}
+
+/// A judged request's answer, with all it needs of its stream, while it
+/// waits out the response delay. The stream's box goes back to the spares at
+/// judgement, still in the cache, for the next request to reuse. Held for
+/// the delay, 64 connections' thousand streams each were cold when answered
+/// and probed for by id: reading this queue in order instead saves about a
+/// tenth of the simulator's CPU at a 50 ms delay.
+pub(super) struct Waiting {
+    pub(super) id: u32,
+    pub(super) reply: Reply,
+    pub(super) echo: Option<Echo>,
+    pub(super) send_window: i64,
 }
 
 /// Hashes a stream id with one multiply: ids are small and rising, and the
@@ -213,7 +227,7 @@ impl Server {
         let owed = if self.failing {
             false
         } else {
-            self.going_away.is_none() || !self.streams.is_empty()
+            self.going_away.is_none() || !self.streams.is_empty() || !self.delayed.is_empty()
         };
         !owed && self.wire.is_flushed()
     }
@@ -221,7 +235,7 @@ impl Server {
     /// Writes the answers whose delay is over.
     fn poll_delayed(&mut self, cx: &mut Context<'_>) {
         let mut now = Instant::now();
-        while let Some(&(due, id)) = self.delayed.front() {
+        while let Some(&(due, _)) = self.delayed.front() {
             if due > now {
                 now = Instant::now();
             }
@@ -233,8 +247,9 @@ impl Server {
                     return;
                 }
             }
-            self.delayed.pop_front();
-            self.answer(id);
+            if let Some((_, waiting)) = self.delayed.pop_front() {
+                self.answer(waiting);
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{compression, flow_control, protocol, sendable, Server};
+use super::{compression, flow_control, protocol, sendable, Server, Waiting};
 use crate::apns::http2::frame::{self, code, Frame, FrameError};
 use crate::job::DeviceToken;
 use crate::simulator::http2::head::{Field, Head};
@@ -95,8 +95,10 @@ impl Server {
         // This end never indexes (HEADER_TABLE_SIZE) and never pushes.
         let delta = self.peer.apply(id, value)?;
         if delta != 0 {
-            for stream in self.streams.values_mut() {
-                stream.send_window += delta;
+            let waiting = self.delayed.iter_mut().map(|(_, w)| &mut w.send_window);
+            let open = self.streams.values_mut().map(|s| &mut s.send_window);
+            for window in open.chain(waiting) {
+                *window += delta;
             }
         }
         Ok(())
@@ -111,11 +113,11 @@ impl Server {
             if self.send_window > i64::from(frame::MAX_WINDOW) {
                 return Err(flow_control("window beyond 2^31-1"));
             }
-        } else if let Some(stream) = self.streams.get_mut(&id) {
-            stream.send_window += i64::from(increment);
+        } else if let Some(window) = self.send_window_of(id) {
+            *window += i64::from(increment);
             if increment == 0 {
                 self.reset(id, code::PROTOCOL_ERROR);
-            } else if stream.send_window > i64::from(frame::MAX_WINDOW) {
+            } else if *window > i64::from(frame::MAX_WINDOW) {
                 self.reset(id, code::FLOW_CONTROL_ERROR);
             }
         }
@@ -129,7 +131,14 @@ impl Server {
         end_stream: bool,
         block: &[u8],
     ) -> Result<(), FrameError> {
-        if let Some(ended) = self.streams.get(&id).map(|s| s.ended) {
+        let open = if id > self.last_id {
+            None
+        } else if let Some(stream) = self.streams.get(&id) {
+            Some(stream.ended)
+        } else {
+            self.waiting(id).map(|_| true)
+        };
+        if let Some(ended) = open {
             // Trailers: decoded, as every block must be to keep the
             // decoder's table in step, and dropped.
             self.decoder.decode(block, |_, _| {}).map_err(compression)?;
@@ -163,7 +172,7 @@ impl Server {
             self.refuse(id, stream, code::PROTOCOL_ERROR);
             return Ok(());
         }
-        if self.settings_acked && self.streams.len() >= self.max_streams {
+        if self.settings_acked && self.streams.len() + self.delayed.len() >= self.max_streams {
             self.refuse(id, stream, code::REFUSED_STREAM);
             return Ok(());
         }
@@ -238,21 +247,25 @@ impl Server {
 
     /// The client ended stream `id`: judge it, and answer now or after the delay.
     fn on_end(&mut self, id: u32) {
-        let Some(stream) = self.streams.get_mut(&id) else {
+        let Some(mut stream) = self.streams.remove(&id) else {
             return;
         };
         stream.ended = true;
         match stream.head().content_length() {
             Ok(None) => {}
             Ok(Some(n)) if n == stream.received => {}
-            _ => return self.reset(id, code::PROTOCOL_ERROR),
+            _ => return self.refuse(id, stream, code::PROTOCOL_ERROR),
         }
-        stream.reply = Some(self.judge.reply(id, stream));
-        // Judged: what the answer needs of the request is its id.
-        stream.echo = stream.head().bytes(Field::Id).map(Echo::of);
-        if let Some(head) = stream.head.take() {
-            give_back(&mut self.spare_heads, head, self.max_streams);
-        }
+        let reply = self.judge.reply(id, &mut stream);
+        // Judged: what the answer needs of the request is its id, and the
+        // stream's window for a body.
+        let waiting = Waiting {
+            id,
+            reply,
+            echo: stream.head().bytes(Field::Id).map(Echo::of),
+            send_window: stream.send_window,
+        };
+        self.recycle(stream);
         if std::mem::take(&mut self.judge.goaway_due) && self.going_away.is_none() {
             // Streams received so far are answered; the client must send
             // anything after them elsewhere.
@@ -261,21 +274,22 @@ impl Server {
         }
         let delay = self.judge.shared.delay();
         if delay.is_zero() {
-            self.answer(id);
+            self.answer(waiting);
         } else {
             let due = self.judge.instant() + delay;
-            self.delayed.push_back((due, id));
+            self.delayed.push_back((due, waiting));
         }
     }
 
-    /// Writes stream `id`'s answer, its body as far as flow control allows.
-    pub(super) fn answer(&mut self, id: u32) {
-        let Some(stream) = self.streams.get_mut(&id) else {
-            return;
-        };
-        let Some(reply) = stream.reply.take() else {
-            return;
-        };
+    /// Writes a judged request's answer, its body as far as flow control
+    /// allows; a body held back opens a stream again until it is sent.
+    pub(super) fn answer(&mut self, waiting: Waiting) {
+        let Waiting {
+            id,
+            reply,
+            echo,
+            send_window,
+        } = waiting;
         self.body.clear();
         reply.body(&mut self.body);
         let end_stream = self.body.is_empty();
@@ -283,10 +297,7 @@ impl Server {
             Reply::Channel { channel_id, .. } => channel_id
                 .as_deref()
                 .map(|c| (&b"apns-channel-id"[..], c.as_bytes())),
-            _ => stream
-                .echo
-                .as_ref()
-                .map(|e| (&b"apns-id"[..], e.as_bytes())),
+            _ => echo.as_ref().map(|e| (&b"apns-id"[..], e.as_bytes())),
         };
         let max_frame = self.peer.max_frame;
         reply::head(
@@ -298,19 +309,22 @@ impl Server {
             max_frame,
         );
         if end_stream {
-            return self.remove(id);
+            return;
         }
-        let n = sendable(stream.send_window.min(self.send_window), self.body.len());
-        stream.send_window -= n as i64;
+        let n = sendable(send_window.min(self.send_window), self.body.len());
         self.send_window -= n as i64;
         if n == self.body.len() {
             frame::data(&mut self.wire.write, id, &self.body, true, max_frame);
-            return self.remove(id);
+            return;
         }
         if n > 0 {
             frame::data(&mut self.wire.write, id, &self.body[..n], false, max_frame);
         }
+        let mut stream = self.spare.pop().unwrap_or_default();
+        stream.ended = true;
+        stream.send_window = send_window - n as i64;
         stream.unsent.extend_from_slice(&self.body[n..]);
+        self.streams.insert(id, stream);
         self.blocked.push_back(id);
     }
 
@@ -358,8 +372,27 @@ impl Server {
 
     fn remove(&mut self, id: u32) {
         if let Some(stream) = self.streams.remove(&id) {
-            self.recycle(stream);
+            return self.recycle(stream);
         }
+        // Judged and waiting: never answered.
+        if let Some(at) = self.delayed.iter().position(|(_, w)| w.id == id) {
+            self.delayed.remove(at);
+        }
+    }
+
+    /// The answer of stream `id` if it waits out the delay. The queue is
+    /// searched, so only frames that seldom come for a judged stream (a
+    /// reset, a window update, trailers) look there.
+    fn waiting(&mut self, id: u32) -> Option<&mut Waiting> {
+        self.delayed.iter_mut().map(|(_, w)| w).find(|w| w.id == id)
+    }
+
+    /// The send window of stream `id`, open or waiting out the delay.
+    fn send_window_of(&mut self, id: u32) -> Option<&mut i64> {
+        if self.streams.contains_key(&id) {
+            return self.streams.get_mut(&id).map(|s| &mut s.send_window);
+        }
+        self.waiting(id).map(|w| &mut w.send_window)
     }
 
     fn recycle(&mut self, mut stream: Box<Stream>) {
