@@ -347,3 +347,31 @@ async fn a_reload_moves_an_app_to_token_auth_without_losing_work() {
     );
     rig.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_unacked_counts_what_the_broker_holds_against_the_prefetch() {
+    // Answers take a while: the broker hands over its prefetch of five, and
+    // no more until acks free slots.
+    let rig = Rig::builder("h2unacked", Protocol::Http2)
+        .prefetch(5)
+        .delay(Duration::from_millis(300))
+        .start()
+        .await;
+    let stats = rig.stats();
+    let tokens = rig.burst(20, |i| token(0x21, i)).await;
+    eventually(WAIT, "the prefetch taken", || {
+        stats.jobs_unacked.get() == 5 && stats.jobs_in_flight.get() == 5
+    })
+    .await;
+    assert!(
+        rig.broker.queue_depth().await >= 10,
+        "the rest waits in the queue"
+    );
+    rig.wait_acked(20).await;
+    eventually(WAIT, "nothing left unacked", || {
+        stats.jobs_unacked.get() == 0
+    })
+    .await;
+    rig.assert_once(&tokens);
+    rig.finish().await;
+}

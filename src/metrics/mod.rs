@@ -276,7 +276,11 @@ series! {
         /// Jobs of the current broker session not yet final (0 between sessions).
         jobs_in_flight = "jobs_in_flight",
             "Jobs consumed by the current broker session and not yet final";
-        /// Body bytes of those jobs: what `amqp.prefetch_bytes` bounds.
+        /// Deliveries of the current broker session not acked yet, final
+        /// jobs waiting for their ack included: what `amqp.prefetch` bounds.
+        jobs_unacked = "jobs_unacked",
+            "Deliveries of the current broker session not yet acked (bounded by amqp.prefetch)";
+        /// Body bytes of the jobs in flight: what `amqp.prefetch_bytes` bounds.
         job_bytes_held = "job_bytes_held",
             "Body bytes of the jobs in flight (bounded by amqp.prefetch_bytes)";
         /// The prefetch of the current subscription (0 between sessions).
@@ -541,6 +545,7 @@ mod exposition {
             "apnsd_jobs_in_flight gauge {} Jobs consumed by the current broker session and not yet final.",
             "apnsd_jobs_redelivered counter {} Jobs the broker delivered again (an earlier try may have sent some notifications).",
             "apnsd_jobs_rejected counter {} Jobs that were unusable (rejected results).",
+            "apnsd_jobs_unacked gauge {} Deliveries of the current broker session not yet acked (bounded by amqp.prefetch).",
             "apnsd_notifications_accepted counter {} Notifications APNs accepted (settled or implied).",
             "apnsd_notifications_accepted_after_session_loss counter {} Notifications accepted after their broker session ended (sent again on redelivery).",
             "apnsd_notifications_dropped_for_redelivery counter {} Unwritten notifications dropped because their broker session ended.",

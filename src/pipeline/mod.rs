@@ -321,10 +321,12 @@ impl Pipeline {
                 }
             }
             self.stats.jobs_in_flight.set(held.0 as i64);
+            self.stats.jobs_unacked.set(settle.unacked().total as i64);
             self.stats.job_bytes_held.set(held.1 as i64);
         };
         self.stats.health.set_ready(false);
         self.stats.jobs_in_flight.set(0);
+        self.stats.jobs_unacked.set(0);
         self.stats.job_bytes_held.set(0);
         self.stats.prefetch.set(0);
         if result.is_ok() {

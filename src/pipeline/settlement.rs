@@ -222,7 +222,7 @@ impl Settlement {
         self.acks.current_starts(tag);
     }
 
-    /// Deliveries not acked yet, for the intake policy.
+    /// Deliveries not acked yet, for the intake policy and the gauges.
     pub fn unacked(&self) -> Unacked {
         self.acks.unacked()
     }
