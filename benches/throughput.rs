@@ -327,15 +327,23 @@ impl Bench<'_> {
         println!("\nfan-out{over}, {jobs} jobs × {tokens} tokens{answers}");
         self.broker.publish(fan_out_jobs(jobs, tokens)).await?;
         self.sim.set_delay(delay);
+        // On a small machine the simulator (this process) shares the cores
+        // with apnsd and RabbitMQ: its CPU says how much of them it took.
+        let sim_before = process_cpu("self")?;
         let mut daemon = self.start_daemon(case, transport, false)?;
         let span = self.frames(n, &mut daemon).await;
         self.sim.set_delay(Duration::ZERO);
         let span = span?;
+        let sim_cpu = process_cpu("self")?.saturating_sub(sim_before);
         let rate = n as f64 / span.as_secs_f64();
         println!(
             "  apnsd: {} notifications/s ({span:.2?}, {}) ({target})",
             thousands(rate),
             cpu_per(daemon.cpu()?, n, "notification")
+        );
+        println!(
+            "  simulator (this process): CPU {sim_cpu:.2?}, {:.2?} per notification",
+            sim_cpu / n.max(1) as u32
         );
         daemon.wait_acked(jobs).await?;
         let rss = daemon.stop(self.broker).await?;
@@ -559,18 +567,7 @@ impl Daemon {
 
     /// CPU time apnsd used so far (user + system).
     fn cpu(&self) -> anyhow::Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let ticks: Vec<u64> = rest
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        ensure!(ticks.len() == 2, "unreadable /proc/PID/stat");
-        // The kernel reports in USER_HZ, which is 100 on Linux.
-        Ok(Duration::from_millis((ticks[0] + ticks[1]) * 10))
+        process_cpu(&self.child.id().to_string())
     }
 
     /// One counter or gauge from apnsd's `/metrics`.
@@ -975,6 +972,22 @@ fn machine_facts() -> String {
 }
 
 /// "apnsd CPU 1.20s, 24.0µs per job".
+/// CPU time process `pid` (or `self`) used so far (user + system).
+fn process_cpu(pid: &str) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    ensure!(ticks.len() == 2, "unreadable /proc/PID/stat");
+    // The kernel reports in USER_HZ, which is 100 on Linux.
+    Ok(Duration::from_millis((ticks[0] + ticks[1]) * 10))
+}
+
 fn cpu_per(cpu: Duration, n: u64, what: &str) -> String {
     format!(
         "apnsd CPU {cpu:.2?}, {:.2?} per {what}",
