@@ -73,13 +73,6 @@ struct Span {
     text: bool,
 }
 
-/// What a stream whose header fields were handed back reads: nothing.
-pub(super) static NO_HEAD: Head = Head {
-    text: String::new(),
-    other: Vec::new(),
-    spans: [None; FIELDS],
-};
-
 impl Head {
     /// Empties it for the next stream, keeping the buffers.
     pub(super) fn clear(&mut self) {

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::head::{Field, Head};
 use super::reply::Reply;
 use super::rules::{self, Credential};
-use super::{head_of, Stream};
+use super::Stream;
 use crate::apns::http2::ApnsReason;
 use crate::simulator::{channels, Accepted, Faults, Shared};
 
@@ -89,7 +89,7 @@ impl Judge {
     /// accepted one, records a refused one.
     pub(super) fn reply(&mut self, id: u32, stream: &mut Stream) -> Reply {
         let now = self.now();
-        let head = head_of(&stream.head);
+        let head = &stream.head;
         let credential = self.credential(head);
         let path = head.path().unwrap_or_default();
         if path.starts_with(channels::PATH) || path.starts_with(channels::BROADCAST_PATH) {

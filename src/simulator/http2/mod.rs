@@ -35,7 +35,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::Shared;
 use crate::apns::http2::frame;
-use head::{Head, NO_HEAD};
+use head::Head;
 use judge::Judge;
 use reply::Reply;
 use server::Server;
@@ -112,11 +112,11 @@ enum End {
 /// One request stream.
 #[derive(Debug, Default)]
 struct Stream {
-    /// The request's fields, until it is judged: then the connection takes
-    /// them (and the stream) back for its next request, so answers waiting
+    /// The request's fields. Once the request is judged the stream goes
+    /// back to the connection's spares with its buffers, so answers waiting
     /// out a delay hold no header storage, and a new request decodes into
     /// buffers still in the cache rather than ones a delay ago.
-    head: Option<Box<Head>>,
+    head: Head,
     /// The body as far as [`MAX_READ`], when something needs its bytes
     /// (a record, a channel request); only counted otherwise.
     payload: Vec<u8>,
@@ -156,17 +156,9 @@ impl Echo {
     }
 }
 
-/// A stream's header fields, or none once they were handed back.
-fn head_of(head: &Option<Box<Head>>) -> &Head {
-    head.as_deref().unwrap_or(&NO_HEAD)
-}
-
 impl Stream {
-    fn head(&self) -> &Head {
-        head_of(&self.head)
-    }
-
     fn reset(&mut self) {
+        self.head.clear();
         if self.payload.capacity() > KEEP_CAPACITY {
             self.payload = Vec::new();
         }

@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_rustls::server::TlsStream;
 
 use super::{
-    Echo, End, Head, Judge, Reply, Stream, CLOSE_GRACE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS,
+    Echo, End, Judge, Reply, Stream, CLOSE_GRACE, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS,
     WRITE_HIGH_WATER,
 };
 use crate::apns::http2::frame::{self, code, setting, FrameError, PeerLimits};
@@ -55,9 +55,6 @@ pub(super) struct Server {
     /// Boxes kept for the next streams, so boxing costs no allocation.
     #[allow(clippy::vec_box)]
     spare: Vec<Box<Stream>>,
-    /// Header fields handed back by judged requests, for the next ones.
-    #[allow(clippy::vec_box)]
-    spare_heads: Vec<Box<Head>>,
     /// Streams whose answer body waits for window, in order.
     blocked: VecDeque<u32>,
     /// A header block arriving in CONTINUATION frames: its stream, END_STREAM.
@@ -168,7 +165,6 @@ impl Server {
             last_id: 0,
             streams: HashMap::default(),
             spare: Vec::new(),
-            spare_heads: Vec::new(),
             blocked: VecDeque::new(),
             continuing: None,
             continuation: Vec::new(),

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use super::{compression, flow_control, protocol, sendable, Server, Waiting};
 use crate::apns::http2::frame::{self, code, Frame, FrameError};
 use crate::job::DeviceToken;
-use crate::simulator::http2::head::{Field, Head};
+use crate::simulator::http2::head::Field;
 use crate::simulator::http2::reply::{self, Reply};
 use crate::simulator::http2::rules::DEVICE_PATH;
 use crate::simulator::http2::{
@@ -160,15 +160,13 @@ impl Server {
             return Ok(());
         }
         let mut stream = self.spare.pop().unwrap_or_default();
-        let head = stream
-            .head
-            .insert(self.spare_heads.pop().unwrap_or_default());
+        let head = &mut stream.head;
         if let Err(e) = self.decoder.decode(block, |n, v| head.set(n, v)) {
             self.recycle(stream);
             return Err(compression(e));
         }
         self.last_id = id;
-        if !stream.head().well_formed() {
+        if !stream.head.well_formed() {
             self.refuse(id, stream, code::PROTOCOL_ERROR);
             return Ok(());
         }
@@ -176,10 +174,7 @@ impl Server {
             self.refuse(id, stream, code::REFUSED_STREAM);
             return Ok(());
         }
-        let device = stream
-            .head()
-            .path()
-            .and_then(|p| p.strip_prefix(DEVICE_PATH));
+        let device = stream.head.path().and_then(|p| p.strip_prefix(DEVICE_PATH));
         let faults = &self.judge.faults;
         let refused = !faults.refuse_streams.is_empty()
             && device
@@ -251,7 +246,7 @@ impl Server {
             return;
         };
         stream.ended = true;
-        match stream.head().content_length() {
+        match stream.head.content_length() {
             Ok(None) => {}
             Ok(Some(n)) if n == stream.received => {}
             _ => return self.refuse(id, stream, code::PROTOCOL_ERROR),
@@ -262,7 +257,7 @@ impl Server {
         let waiting = Waiting {
             id,
             reply,
-            echo: stream.head().bytes(Field::Id).map(Echo::of),
+            echo: stream.head.bytes(Field::Id).map(Echo::of),
             send_window: stream.send_window,
         };
         self.recycle(stream);
@@ -396,23 +391,9 @@ impl Server {
     }
 
     fn recycle(&mut self, mut stream: Box<Stream>) {
-        if let Some(head) = stream.head.take() {
-            give_back(&mut self.spare_heads, head, self.max_streams);
-        }
         if self.spare.len() < self.max_streams.min(SPARE_STREAMS) {
             stream.reset();
             self.spare.push(stream);
         }
-    }
-}
-
-/// Keeps a stream's header fields for the next request, emptied, up to as
-/// many as streams may be open (boxed: they move between streams and the
-/// pile as a pointer).
-#[allow(clippy::vec_box)]
-fn give_back(spare: &mut Vec<Box<Head>>, mut head: Box<Head>, max_streams: usize) {
-    if spare.len() < max_streams.min(SPARE_STREAMS) {
-        head.clear();
-        spare.push(head);
     }
 }
