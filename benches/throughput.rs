@@ -234,7 +234,7 @@ impl Bench<'_> {
                 thousands(ceiling),
                 thousands(rate),
                 rate / ceiling,
-                cpu_per(cpu, n, "job")
+                cpu_per("apnsd", cpu, n, "job")
             );
             ratios.push((rate / ceiling, ceiling, rate));
         }
@@ -339,11 +339,11 @@ impl Bench<'_> {
         println!(
             "  apnsd: {} notifications/s ({span:.2?}, {}) ({target})",
             thousands(rate),
-            cpu_per(daemon.cpu()?, n, "notification")
+            cpu_per("apnsd", daemon.cpu()?, n, "notification")
         );
         println!(
-            "  simulator (this process): CPU {sim_cpu:.2?}, {:.2?} per notification",
-            sim_cpu / n.max(1) as u32
+            "  {}",
+            cpu_per("simulator (this process)", sim_cpu, n, "notification")
         );
         daemon.wait_acked(jobs).await?;
         let rss = daemon.stop(self.broker).await?;
@@ -395,7 +395,12 @@ fan-out with delivered results, 1 job × {tokens} tokens"
             "  apnsd: {} results confirmed/s ({span:.2?} for {}, {})",
             thousands((tokens - at_first) as f64 / span.as_secs_f64()),
             tokens - at_first,
-            cpu_per(daemon.cpu()?, tokens, "notification with its result")
+            cpu_per(
+                "apnsd",
+                daemon.cpu()?,
+                tokens,
+                "notification with its result"
+            )
         );
         daemon.wait_acked(1).await?;
         let rss = daemon.stop(self.broker).await?;
@@ -971,7 +976,6 @@ fn machine_facts() -> String {
     format!("machine: {cores} cores ({cpu}), RabbitMQ, apnsd and the simulator on the same machine")
 }
 
-/// "apnsd CPU 1.20s, 24.0µs per job".
 /// CPU time process `pid` (or `self`) used so far (user + system).
 fn process_cpu(pid: &str) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -988,9 +992,10 @@ fn process_cpu(pid: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis((ticks[0] + ticks[1]) * 10))
 }
 
-fn cpu_per(cpu: Duration, n: u64, what: &str) -> String {
+/// "apnsd CPU 1.20s, 24.0µs per job", `who` being "apnsd".
+fn cpu_per(who: &str, cpu: Duration, n: u64, what: &str) -> String {
     format!(
-        "apnsd CPU {cpu:.2?}, {:.2?} per {what}",
+        "{who} CPU {cpu:.2?}, {:.2?} per {what}",
         cpu / n.max(1) as u32
     )
 }
