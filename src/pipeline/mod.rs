@@ -306,10 +306,10 @@ impl Pipeline {
             if let Err(e) = settle.flush_acks().await {
                 break Err(e.into());
             }
-            let held = settle.held();
+            let (held, unacked) = (settle.held(), settle.unacked());
             if consuming {
                 match sub
-                    .adapt(&consume, &cfg.topology.queue, settle.unacked(), held)
+                    .adapt(&consume, &cfg.topology.queue, unacked, held)
                     .await
                 {
                     Ok(Some(prefetch)) => {
@@ -321,7 +321,8 @@ impl Pipeline {
                 }
             }
             self.stats.jobs_in_flight.set(held.0 as i64);
-            self.stats.jobs_unacked.set(settle.unacked().total as i64);
+            // A new subscription changes which deliveries are its, not how many.
+            self.stats.jobs_unacked.set(unacked.total as i64);
             self.stats.job_bytes_held.set(held.1 as i64);
         };
         self.stats.health.set_ready(false);
